@@ -1,0 +1,46 @@
+# make test   — create/reuse .venv, install torch and the dependencies, build the extension, run the tests
+# make demo   — the same setup, then run the main example
+# Override the torch requirement for another platform, e.g. `make test TORCH_SPEC="torch==2.13.0+cu128"`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+DEPS_STAMP := $(VENV)/.deps.stamp
+BUILD_STAMP := $(VENV)/.build.stamp
+SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt cmake/lispetorchConfig.cmake pyproject.toml
+
+.PHONY: all build test demo bench clean
+
+all: build
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first and on its own, so that nothing after it can pull another torch build.
+$(DEPS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "scikit-build-core>=0.10" ninja
+	touch $@
+
+# Editable install with a persistent build directory (build/): rebuilds are incremental.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+build: $(BUILD_STAMP)
+
+test: build
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(BIN)/python examples/quickstart.py
+
+bench: build
+	$(BIN)/python benchmarks/bench_lora.py
+
+clean:
+	rm -rf build $(BUILD_STAMP)

@@ -1,0 +1,120 @@
+// Autograd for lora_linear, in C++: forward and backward go through the dispatcher to the
+// lora_linear_forward / lora_linear_backward operators (so fake tensors and torch.compile see registered ops),
+// and only what backward needs is saved: the layer input (only when a gradient needs it: A, R or W), the
+// factors, and hr = drop(x) Aᵀ Rᵀ of shape (N, r). No dropped copy of x and no mask is kept: backward
+// regenerates the mask from the seed.
+#include "lispetorch.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace lispetorch {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const auto& forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_linear_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                           const at::Tensor&, const std::optional<at::Tensor>&, double, double, int64_t)>();
+  return op;
+}
+
+const auto& backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_linear_backward", "")
+                       .typed<std::vector<at::Tensor>(
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double, double,
+                           int64_t, std::array<bool, 6>)>();
+  return op;
+}
+
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Inputs, in order: x, weight, bias, A, B, R (bias and R optional), then scale, dropout, seed. backward returns
+// one entry per argument, undefined where there is no gradient.
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, double scale,
+                            double dropout, int64_t seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, hr] = forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed);
+    const at::Tensor R = lora_R.value_or(at::Tensor());
+    const bool keep_x = lora_A.requires_grad() || weight.requires_grad() || (R.defined() && R.requires_grad());
+    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, lora_A, lora_B, R, hr});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &lora_R = saved[4],
+                     &hr = saved[5];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool(), has_R = lora_R.defined();
+    // needs_input_grad counts only the tensor inputs that were given: x, weight, [bias], A, B, [R].
+    const size_t b = has_bias ? 1 : 0;
+    std::array<bool, 6> mask = {ctx->needs_input_grad(0),         ctx->needs_input_grad(1),
+                                has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(2 + b),
+                                ctx->needs_input_grad(3 + b),     has_R && ctx->needs_input_grad(4 + b)};
+    variable_list out(9);
+    if (!std::any_of(mask.begin(), mask.end(), [](bool b) { return b; })) return out;
+    at::Tensor grad = grad_outputs[0];
+    if (!grad.defined()) return out;
+    const auto grads = backward_op().call(grad, opt(x), weight, lora_A, lora_B, opt(lora_R), hr,
+                                          ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout"].toDouble(),
+                                          ctx->saved_data["seed"].toInt(), mask);
+    size_t k = 0;
+    for (size_t i = 0; i < mask.size(); ++i) {
+      if (mask[i]) out[i] = grads.at(k++);
+    }
+    return out;
+  }
+};
+
+at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                const std::optional<at::Tensor>& lora_R, double scale, double dropout,
+                                int64_t seed) {
+  return LoraLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B,
+                                   opt(lora_R.value_or(at::Tensor())), scale, dropout, seed);
+}
+
+at::Tensor lora_linear_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B,
+                               const std::optional<at::Tensor>& lora_R, double scale, double dropout,
+                               int64_t seed) {
+  return std::get<0>(forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed));
+}
+
+}  // namespace
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B,
+                       const std::optional<at::Tensor>& lora_R, double scale, double dropout, int64_t seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         double, double, int64_t)>();
+  return op.call(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed);
+}
+
+}  // namespace lispetorch
+
+TORCH_LIBRARY_IMPL(lispetorch, Autograd, m) { m.impl("lora_linear", &lispetorch::lora_linear_autograd); }
+
+TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &lispetorch::lora_linear_no_grad);
+}

@@ -1,0 +1,160 @@
+// Counter-based inverted dropout.
+//
+// The keep/drop decision for element i (row-major index into the tensor viewed as (N, in)) is
+//   u = mix32((mix32(lo32(i) ^ k1) + hi32(i) * 0x9E3779B9 + k2) mod 2³²),   keep = u >= round(p · 2³²)
+// with (k1, k2) derived from the seed by splitmix64 and mix32 Wellons' "lowbias32" integer hash. It is a pure
+// function of (seed, i): forward and backward produce the same mask without storing it, and every device
+// produces the same mask (the generic path below is plain ATen integer arithmetic; the CPU kernel is a fused
+// loop that tests check against it bit for bit).
+#include "lispetorch.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace lispetorch {
+namespace {
+
+struct MaskKey {
+  uint32_t k1, k2, threshold;
+  bool drop_all;
+};
+
+inline uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+MaskKey make_key(double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1), got ", p);
+  uint64_t state = static_cast<uint64_t>(seed);
+  MaskKey key;
+  key.k1 = static_cast<uint32_t>(splitmix64(state));
+  key.k2 = static_cast<uint32_t>(splitmix64(state));
+  const double t = std::round(p * 4294967296.0);
+  key.threshold = static_cast<uint32_t>(std::min(t, 4294967295.0));
+  key.drop_all = false;
+  return key;
+}
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t draw(uint64_t i, const MaskKey& key) {
+  const uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(i >> 32);
+  return mix32(mix32(lo ^ key.k1) + hi * 0x9E3779B9u + key.k2);
+}
+
+// Generic path: the same arithmetic in int64 ATen ops, masked to 32 bits after every step that can carry.
+at::Tensor mix32_aten(at::Tensor x) {
+  const int64_t m = 0xFFFFFFFFll;
+  x = at::bitwise_xor(x, at::bitwise_right_shift(x, 16));
+  x = at::bitwise_and(at::mul(x, 0x7feb352dll), m);
+  x = at::bitwise_xor(x, at::bitwise_right_shift(x, 15));
+  x = at::bitwise_and(at::mul(x, 0x846ca68bll), m);
+  x = at::bitwise_xor(x, at::bitwise_right_shift(x, 16));
+  return x;
+}
+
+// One pass: out[i] = keep(i) ? in[i] / (1 - p) : 0. The hash runs on 32-bit lanes over blocks that do not
+// cross a multiple of 2³² in the index, so the loop vectorises.
+template <typename scalar_t>
+void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey key, double p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+  constexpr int64_t kBlock = 1024;
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t block_begin, int64_t block_end) {
+    uint32_t u[kBlock];
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      const int64_t begin = blk * kBlock, len = std::min(kBlock, n - begin);
+      const uint64_t first = static_cast<uint64_t>(begin);
+      const uint32_t lo0 = static_cast<uint32_t>(first);
+      if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(len) <= (1ull << 32)) {
+        const uint32_t add = static_cast<uint32_t>(first >> 32) * 0x9E3779B9u + key.k2;
+        for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ key.k1) + add);
+      } else {
+        for (int64_t j = 0; j < len; ++j) u[j] = draw(first + static_cast<uint64_t>(j), key);
+      }
+      const scalar_t* src = in + begin;
+      scalar_t* dst = out + begin;
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
+        dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) * m);
+      }
+    }
+  });
+}
+
+void check_float(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.defined(), what, " is undefined");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), what, " must be a floating-point tensor, got ", x.scalar_type());
+}
+
+// out = drop(in) for contiguous in/out of the same dtype (out may alias in).
+void apply_dropout(const at::Tensor& in, at::Tensor& out, double p, int64_t seed) {
+  const MaskKey key = make_key(p, seed);
+  const int64_t n = in.numel();
+  if (in.device().is_cpu()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "lispetorch_dropout", [&] {
+      dropout_kernel<scalar_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, key, p);
+    });
+    return;
+  }
+  at::Tensor keep = dropout_mask(in, p, seed);
+  out.copy_(at::mul(in, keep).mul_(1.0 / (1.0 - p)));
+}
+
+}  // namespace
+
+at::Tensor dropout_mask(const at::Tensor& x, double p, int64_t seed) {
+  check_float(x, "dropout input");
+  const MaskKey key = make_key(p, seed);
+  const int64_t m = 0xFFFFFFFFll;
+  at::Tensor i = at::arange(x.numel(), x.options().dtype(at::kLong));
+  at::Tensor lo = at::bitwise_and(i, m), hi = at::bitwise_right_shift(i, 32);
+  at::Tensor u = mix32_aten(at::bitwise_xor(lo, static_cast<int64_t>(key.k1)));
+  u = at::bitwise_and(u + at::mul(hi, 0x9E3779B9ll) + static_cast<int64_t>(key.k2), m);
+  u = mix32_aten(u);
+  return at::ge(u, static_cast<int64_t>(key.threshold)).view(x.sizes());
+}
+
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+  check_float(x, "dropout input");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1), got ", p);
+  at::Tensor in = x.contiguous();
+  if (p == 0.0) return in.clone();
+  at::Tensor out = at::empty_like(in);
+  apply_dropout(in, out, p, seed);
+  return out;
+}
+
+namespace detail {
+void dropout_inplace_(at::Tensor& t, double p, int64_t seed) {
+  TORCH_CHECK(t.is_contiguous(), "dropout_inplace_ needs a contiguous tensor");
+  if (p == 0.0) return;
+  apply_dropout(t, t, p, seed);
+}
+}  // namespace detail
+
+}  // namespace lispetorch
+
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
+  m.impl("dropout", &lispetorch::dropout);
+  m.impl("dropout_mask", &lispetorch::dropout_mask);
+}

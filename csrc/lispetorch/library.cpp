@@ -1,0 +1,25 @@
+// The one place where the operator schemas of the `lispetorch` namespace are declared. Kernels are registered
+// at the end of the source file that implements them.
+#include <torch/library.h>
+
+TORCH_LIBRARY(lispetorch, m) {
+  m.set_python_module("lispetorch.ops");  // holds the fake (meta) implementations
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
+      "float scale, float dropout, int seed) -> Tensor");
+  m.def(
+      "lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
+      "float scale, float dropout, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "lora_linear_backward(Tensor grad, Tensor? x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
+      "Tensor hr, float scale, float dropout, int seed, bool[6] output_mask) -> Tensor[]");
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
+  m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor");
+  m.def("lora_delta(Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale, ScalarType dtype) -> Tensor");
+  m.def(
+      "lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale, bool safe) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale, "
+      "Tensor? distance, Tensor? index, Tensor? values) -> ()");
+}

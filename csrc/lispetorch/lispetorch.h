@@ -1,0 +1,81 @@
+// lispetorch core: one fused low-rank linear operator and its merge/unmerge.
+//
+//   y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ
+//
+// Layout conventions (row-major, as torch.nn.Linear stores them):
+//   x : (..., in)      W : (out, in)     b : (out)
+//   A : (r, in)        R : (r, r)        B : (out, r)
+// R is optional (identity when absent). drop() is inverted dropout with a counter-based mask: the mask of
+// element i of x (flattened to (N, in), row-major) is a pure function of (seed, i), so backward regenerates
+// it instead of keeping a dropped copy of x.
+//
+// Every function here is also registered as an operator in the `lispetorch` namespace
+// (torch.ops.lispetorch.*). Errors are raised with TORCH_CHECK (c10::Error), which Python sees as RuntimeError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+#include <array>
+
+namespace lispetorch {
+
+// Fused low-rank linear, differentiable (gradients for x, A, B, R and, if they require it, W and b).
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B,
+                       const std::optional<at::Tensor>& lora_R, double scale, double dropout, int64_t seed);
+
+// Inverted dropout with the counter-based mask: x * keep(seed, i) / (1 - p).
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed);
+
+// The boolean keep-mask used by dropout(), computed with plain ATen integer ops (any device). dropout() on
+// CPU uses a fused kernel that must agree with it bit for bit.
+at::Tensor dropout_mask(const at::Tensor& x, double p, int64_t seed);
+
+// W += s·B R A, accumulated in float32 (float64 for float64 weights) and written in W's dtype, in place.
+// Returns what unmerge needs to give back the pre-merge W bit for bit (see merge.cpp): int8 per-element
+// distances (out, in), and the exceptions that do not fit in int8, as an index (K, 2) and pre-merge values (K).
+// With safe=true a merge that would put NaN or Inf into W raises and leaves W untouched.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_(at::Tensor& weight, const at::Tensor& lora_A,
+                                                           const at::Tensor& lora_B,
+                                                           const std::optional<at::Tensor>& lora_R, double scale,
+                                                           bool safe);
+
+// W -= s·B R A. Given what lora_merge_ returned (and W, A, B, R unchanged since), W is restored bit for bit;
+// without it, it is the plain subtraction in float32.
+void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                   const std::optional<at::Tensor>& lora_R, double scale, const std::optional<at::Tensor>& distance,
+                   const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& values);
+
+// s·B R A in float32 (float64 for float64 factors): the dense delta, shape (out, in).
+at::Tensor lora_delta(const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                      double scale, c10::ScalarType dtype);
+
+namespace detail {
+// Input checks shared by every entry point; each message names the argument and the shapes it got.
+void check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B,
+                       const std::optional<at::Tensor>& lora_R, double scale, double dropout);
+void check_factors(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                   const std::optional<at::Tensor>& lora_R, double scale);
+
+// Forward kernel: returns (y, hr) with hr = drop(x) Aᵀ Rᵀ (drop(x) Aᵀ when R is absent).
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, double scale, double dropout, int64_t seed);
+
+// Backward kernel: the gradients whose output_mask entry is true, in the order (x, weight, bias, A, B, R); the
+// others are left out of the list. x is needed only for the gradients of weight, A and R.
+std::vector<at::Tensor> lora_linear_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr,
+    double scale, double dropout, int64_t seed, std::array<bool, 6> output_mask);
+
+// In-place dropout on a contiguous tensor whose flattened index is the mask's counter.
+void dropout_inplace_(at::Tensor& t, double p, int64_t seed);
+}  // namespace detail
+
+}  // namespace lispetorch

@@ -1,0 +1,55 @@
+"""lispetorch: low-rank adaptation for Hugging Face models, on one native fused operator.
+
+    import lispetorch as lt
+    cfg = lt.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "v_proj"])
+    lt.inject(model, cfg)
+    lt.save_adapter(model, "out/adapter")  # PEFT layout
+"""
+
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+from . import _C, ops  # noqa: F401  (loading _C registers torch.ops.lispetorch)
+from .config import LoraConfig
+from .layer import LoraLinear
+from .model import (
+    active_adapter,
+    adapter_layers,
+    adapter_names,
+    delete_adapter,
+    disabled,
+    inject,
+    is_merged,
+    match_modules,
+    memory_usage,
+    merge,
+    set_adapter,
+    set_enabled,
+    trainable_parameters,
+    unmerge,
+)
+from .peft_io import AdapterFormatError, load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFormatError",
+    "LoraConfig",
+    "LoraLinear",
+    "active_adapter",
+    "adapter_layers",
+    "adapter_names",
+    "delete_adapter",
+    "disabled",
+    "inject",
+    "is_merged",
+    "load_adapter",
+    "match_modules",
+    "memory_usage",
+    "merge",
+    "ops",
+    "save_adapter",
+    "set_adapter",
+    "set_enabled",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -1,0 +1,161 @@
+"""Typed wrappers of the native operators (``torch.ops.lispetorch``), with their fake implementations.
+
+The operators are defined and differentiated in C++ (``csrc/lispetorch``); this module gives each a Python
+signature, a docstring and a ``register_fake`` so that ``torch.compile`` and ``torch.library.opcheck`` can
+trace them. Users call these functions, never ``torch.ops.lispetorch`` directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers the operators)
+
+_ops = torch.ops.lispetorch
+
+__all__ = ["lora_linear", "dropout", "dropout_mask", "lora_delta", "lora_merge_", "lora_unmerge_"]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None = None,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Fused low-rank linear ``y = x Wᵀ + b + scale · ((drop(x) Aᵀ) Rᵀ) Bᵀ``, differentiable.
+
+    Args:
+        x (Tensor): input ``(..., in)``.
+        weight (Tensor): frozen base weight ``(out, in)``.
+        bias (Tensor | None): base bias ``(out,)``.
+        lora_A (Tensor): ``(r, in)``. lora_B (Tensor): ``(out, r)``. lora_R (Tensor | None): ``(r, r)``.
+        scale (float): the adapter scaling (``alpha / r`` for LoRA). Default 1.0.
+        dropout (float): dropout probability on the adapter's input, in ``[0, 1)``. Default 0.0.
+        seed (int): seed of the counter-based dropout mask; backward regenerates the same mask from it.
+
+    Returns:
+        Tensor: ``(..., out)``.
+
+    Raises:
+        RuntimeError: shapes, dtypes or devices that do not fit, named in the message.
+    """
+    return _ops.lora_linear(x, weight, bias, lora_A, lora_B, lora_R, float(scale), float(dropout), int(seed))
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout ``x · keep / (1 - p)`` with the counter-based mask of ``seed`` (not differentiable)."""
+    return _ops.dropout(x, float(p), int(seed))
+
+
+def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The boolean keep-mask, shaped like ``x``, that :func:`dropout` and :func:`lora_linear` use for ``seed``."""
+    return _ops.dropout_mask(x, float(p), int(seed))
+
+
+def lora_delta(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None = None,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dense delta ``scale · B R A`` ``(out, in)``, computed in ``dtype``."""
+    return _ops.lora_delta(lora_A, lora_B, lora_R, float(scale), dtype)
+
+
+def lora_merge_(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None = None,
+    scale: float = 1.0,
+    safe: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W += scale · B R A`` in place (fp32 accumulation), returning the state that makes unmerge exact.
+
+    Returns:
+        tuple: int8 distances ``(out, in)``, exception index ``(K, 2)`` and exception values ``(K,)``; pass them
+        to :func:`lora_unmerge_` to get the pre-merge weight back bit for bit.
+
+    Raises:
+        RuntimeError: with ``safe=True``, when the merged weight would hold NaN or Inf (W is left untouched).
+    """
+    return _ops.lora_merge_(weight, lora_A, lora_B, lora_R, float(scale), bool(safe))
+
+
+def lora_unmerge_(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None = None,
+    scale: float = 1.0,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """``W -= scale · B R A`` in place; exact when given the ``state`` that :func:`lora_merge_` returned."""
+    distance, index, values = state if state is not None else (None, None, None)
+    _ops.lora_unmerge_(weight, lora_A, lora_B, lora_R, float(scale), distance, index, values)
+
+
+def _rows(x: torch.Tensor):
+    return functools.reduce(operator.mul, x.shape[:-1], 1)
+
+
+@torch.library.register_fake("lispetorch::lora_linear")
+def _(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("lispetorch::lora_linear_forward")
+def _(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed):
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((_rows(x), lora_A.shape[0]))
+
+
+@torch.library.register_fake("lispetorch::lora_linear_backward")
+def _(grad, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed, output_mask):
+    shapes = [
+        (*grad.shape[:-1], weight.shape[1]),
+        tuple(weight.shape),
+        (weight.shape[0],),
+        tuple(lora_A.shape),
+        tuple(lora_B.shape),
+        tuple(lora_R.shape) if lora_R is not None else (),
+    ]
+    return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask) if wanted]
+
+
+@torch.library.register_fake("lispetorch::dropout")
+def _(x, p, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lispetorch::dropout_mask")
+def _(x, p, seed):
+    return x.new_empty(x.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("lispetorch::lora_delta")
+def _(lora_A, lora_B, lora_R, scale, dtype):
+    return lora_A.new_empty((lora_B.shape[0], lora_A.shape[1]), dtype=dtype)
+
+
+@torch.library.register_fake("lispetorch::lora_merge_")
+def _(weight, lora_A, lora_B, lora_R, scale, safe):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return (
+        weight.new_empty(weight.shape, dtype=torch.int8),
+        weight.new_empty((k, 2), dtype=torch.long),
+        weight.new_empty((k,)),
+    )
+
+
+@torch.library.register_fake("lispetorch::lora_unmerge_")
+def _(weight, lora_A, lora_B, lora_R, scale, distance, index, values):
+    return None
