@@ -59,6 +59,7 @@ class LoraLinear(nn.Module):
         self._merge_versions: tuple[int, ...] | None = None
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
 
     # --- factors -------------------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:

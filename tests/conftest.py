@@ -1,0 +1,77 @@
+"""Fixtures: tiny Hugging Face models built from a config, saved to a temporary directory and loaded back
+through ``from_pretrained`` (the real loading path), and a seed for reproducible runs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0,
+                             eos_token_id=0)
+    if arch == "starcoder2":
+        return tf.Starcoder2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Saved tiny models by architecture: ``{arch: directory}``."""
+    from transformers import AutoModelForCausalLM
+
+    dirs = {}
+    for arch in (*ARCHS, "starcoder2"):
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch))
+        d = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(d)
+        dirs[arch] = d
+    return dirs
+
+
+def load(directory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 128, (2, 12))
+
+
+def randomize_adapters(model, adapter_name="default", std=0.05):
+    """Gives every adapter a non-zero B (and a fresh A), so adapted and base outputs differ."""
+    import lispetorch as lt
+
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for layer in lt.adapter_layers(model).values():
+            if adapter_name in layer.lora_A:
+                A, B, _ = layer.factors(adapter_name)
+                A.copy_(torch.randn(A.shape, generator=g) * std)
+                B.copy_(torch.randn(B.shape, generator=g) * std)
