@@ -1,0 +1,333 @@
+"""lispetorch against PEFT, side by side in one process, on a small Llama model (CPU, float32).
+
+One base ``LlamaForCausalLM`` (hidden 512, intermediate 1376, 8 layers, 8 heads, vocabulary 32000, SDPA
+attention) is built from a fixed seed; every model measured is a ``copy.deepcopy`` of it taken before
+adapting: a frozen copy (no parameter requires grad), a lispetorch copy (``lt.inject``) and a PEFT copy
+(``peft.get_peft_model``), both with r=16, alpha=32, dropout=0.05. lispetorch's randomly initialised A and a
+small random B are copied into PEFT's layers, so both compute the same function (checked on the logits
+before anything is timed). Inputs are random token ids (batch 4 x 256, fixed seed); labels are the inputs.
+
+For each target set (q,k,v,o and all-linear) the script measures:
+
+1. Training step: forward + backward + ``torch.optim.AdamW`` step (lr 1e-4) over the trainable parameters,
+   in train mode. Two warm-up steps each, then lispetorch and PEFT alternate (A B A B ...) for ``--reps``
+   repetitions; the medians are compared (ratio lispetorch / PEFT).
+2. Adapter activation memory: during one train-mode forward, ``torch.autograd.graph.saved_tensors_hooks``
+   records every tensor autograd saves for backward; each storage is counted once (keyed by its data pointer
+   and device) by its ``nbytes``, and storages of model parameters are left out. A forward hook on the input
+   embedding makes its output require grad, in every model alike, so that the frozen model saves what the
+   gradient of its input needs. Adapter memory = saved(model) - saved(frozen). PEFT is measured with dropout
+   0.05 and, on a separate copy, with dropout 0, its floor without dropout.
+3. Unmerged inference: eval mode, ``torch.no_grad()``, forward only, alternated, medians compared.
+4. Merged inference: ``lt.merge`` on the lispetorch model, then its forward is timed against the frozen base
+   model, alternated (ratio merged / base, ideally 1 within noise); ``lt.unmerge`` afterwards, and the base
+   weights are checked to be bit-identical to the saved base state.
+
+Times use ``time.perf_counter``. The results are printed as Markdown tables (ratio = lispetorch / PEFT) and,
+with ``--out``, written to a file.
+
+    python benchmarks/bench_lora.py            # full benchmark
+    python benchmarks/bench_lora.py --quick    # smoke test: 2 layers, batch 2 x 64, 2 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import peft
+import torch
+import transformers
+
+import lispetorch as lt
+
+RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
+B_STD = 0.01
+TARGETS: dict[str, list[str] | str] = {
+    "q,k,v,o": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all-linear": "all-linear",
+}
+MIB = 2**20
+
+# PEFT 0.21 still calls transformers' deprecated is_gradient_checkpointing; the notice is noise here.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+# --- models ------------------------------------------------------------------------------------------------
+def build_base(layers: int, seed: int) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512, attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(torch.float32)
+
+
+def make_frozen(base: torch.nn.Module) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_lispetorch(base: torch.nn.Module, targets, seed: int) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    lt.inject(model, lt.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=targets))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in lt.adapter_layers(model).values():
+            B = layer.lora_B["default"]
+            B.copy_(torch.randn(B.shape, generator=g) * B_STD)
+    return model
+
+
+def make_peft(base: torch.nn.Module, targets, dropout: float, source: torch.nn.Module) -> peft.PeftModel:
+    """A PEFT copy of ``base`` whose adapters hold the factors of the lispetorch model ``source``."""
+    model = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=targets),
+    )
+    inner = model.get_base_model()
+    ours = lt.adapter_layers(source)
+    theirs = {n for n, m in inner.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    if set(ours) != theirs:
+        raise RuntimeError(f"lispetorch and PEFT adapt different layers: {sorted(set(ours) ^ theirs)[:5]}")
+    with torch.no_grad():
+        for name, layer in ours.items():
+            target = inner.get_submodule(name)
+            theirs_s, ours_s = target.scaling["default"], layer.scaling["default"]
+            if theirs_s != ours_s:
+                raise RuntimeError(f"{name}: PEFT scaling {theirs_s} != lispetorch scaling {ours_s}")
+            target.lora_A["default"].weight.copy_(layer.lora_A["default"])
+            target.lora_B["default"].weight.copy_(layer.lora_B["default"])
+    return model
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- measurements ------------------------------------------------------------------------------------------
+def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in one train-mode forward, each storage once, parameters excluded."""
+    params = {(p.untyped_storage().data_ptr(), p.device) for p in model.parameters()}
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key not in params and key not in seen:
+            seen[key] = storage.nbytes()
+        return t
+
+    def input_requires_grad(module, inputs, output):
+        output.requires_grad_()
+
+    handle = hf_model(model).get_input_embeddings().register_forward_hook(input_requires_grad)
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        del loss
+    finally:
+        handle.remove()
+    return sum(seen.values())
+
+
+def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], ids: torch.Tensor) -> Callable:
+    opt = torch.optim.AdamW(params, lr=LR)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+
+    return step
+
+
+def forward_only(model: torch.nn.Module, ids: torch.Tensor) -> Callable:
+    def run() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    return run
+
+
+def alternate(fa: Callable, fb: Callable, warmup: int, reps: int) -> tuple[list[float], list[float]]:
+    """Warm each up, then time them alternately (A B A B ...); seconds per run of each."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def spread(times: list[float]) -> str:
+    med, lo, hi = (f(times) * 1e3 for f in (statistics.median, min, max))
+    return f"median {med:8.1f} ms [{lo:.1f} .. {hi:.1f}]"
+
+
+@torch.no_grad()
+def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) -> float:
+    a.eval()
+    b.eval()
+    diff = a(input_ids=ids, use_cache=False).logits - b(input_ids=ids, use_cache=False).logits
+    return diff.abs().max().item()
+
+
+# --- report ------------------------------------------------------------------------------------------------
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def bench_targets(label: str, targets, base, frozen, base_state, ids, args, rows, mem_rows) -> None:
+    log(f"\n## targets {label}")
+    ltm = make_lispetorch(base, targets, args.seed)
+    pm = make_peft(base, targets, DROPOUT, ltm)
+    pm0 = make_peft(base, targets, 0.0, ltm)
+    n_lt, n_peft = sum(p.numel() for p in lt.trainable_parameters(ltm)), sum(p.numel() for p in trainable(pm))
+    if n_lt != n_peft:
+        raise RuntimeError(f"trainable parameters differ: lispetorch {n_lt}, PEFT {n_peft}")
+    log(f"adapted layers {len(lt.adapter_layers(ltm))}, trainable parameters {n_lt:,}")
+    log(f"max |logits lispetorch - PEFT| = {max_logit_diff(ltm, pm, ids):.2e}, "
+        f"max |logits lispetorch - base| = {max_logit_diff(ltm, frozen, ids):.2e}")
+
+    # activation memory, first, on the untouched copies
+    torch.manual_seed(args.seed)
+    models = {"frozen": frozen, "lt": ltm, "peft": pm, "peft0": pm0}
+    saved = {name: saved_bytes(m, ids) for name, m in models.items()}
+    del models, pm0
+    gc.collect()
+    adapter = {k: saved[k] - saved["frozen"] for k in ("lt", "peft", "peft0")}
+    log("saved for backward (MiB): " + ", ".join(f"{k} {v / MIB:.2f}" for k, v in saved.items()))
+    mem_rows.append([label] + [f"{saved[k] / MIB:.2f} ({adapter[k] / MIB:+.2f})" if k != "frozen"
+                               else f"{saved[k] / MIB:.2f}" for k in ("frozen", "lt", "peft", "peft0")])
+
+    # training step
+    ta, tb = alternate(train_step(ltm, lt.trainable_parameters(ltm), ids), train_step(pm, trainable(pm), ids),
+                       args.warmup, args.reps)
+    log(f"train step   lispetorch {spread(ta)}   PEFT {spread(tb)}")
+    train = (statistics.median(ta), statistics.median(tb))
+    gc.collect()
+
+    # unmerged inference
+    ltm.eval()
+    pm.eval()
+    ia, ib = alternate(forward_only(ltm, ids), forward_only(pm, ids), args.warmup, args.reps)
+    log(f"inference    lispetorch {spread(ia)}   PEFT {spread(ib)}")
+    infer = (statistics.median(ia), statistics.median(ib))
+    del pm
+    gc.collect()
+
+    # merged inference against the frozen base
+    frozen.eval()
+    lt.merge(ltm)
+    ma, mb = alternate(forward_only(ltm, ids), forward_only(frozen, ids), args.warmup, args.reps)
+    log(f"merged       lispetorch {spread(ma)}   base {spread(mb)}")
+    merged = (statistics.median(ma), statistics.median(mb))
+    lt.unmerge(ltm)
+    exact = all(torch.equal(layer.base_layer.weight, base_state[name + ".weight"])
+                for name, layer in lt.adapter_layers(ltm).items())
+    log(f"unmerge restores the base weights bit for bit: {'yes' if exact else 'NO'}")
+    del ltm
+    gc.collect()
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1e3:.1f}"
+
+    def mib(nbytes: int) -> str:
+        return f"{nbytes / MIB:.2f}"
+
+    rows += [
+        ["train step (ms)", label, ms(train[0]), ms(train[1]), f"{ratio(*train):.3f}", "≤ 0.85"],
+        ["adapter activations (MiB), PEFT without dropout", label, mib(adapter["lt"]), mib(adapter["peft0"]),
+         f"{ratio(adapter['lt'], adapter['peft0']):.3f}", "≤ 1.10"],
+        ["adapter activations (MiB), PEFT with dropout", label, mib(adapter["lt"]), mib(adapter["peft"]),
+         f"{ratio(adapter['lt'], adapter['peft']):.3f}", "—"],
+        ["unmerged inference (ms)", label, ms(infer[0]), ms(infer[1]), f"{ratio(*infer):.3f}", "≤ 0.9"],
+        ["merged inference (ms), PEFT column: frozen base", label, ms(merged[0]), ms(merged[1]),
+         f"{ratio(*merged):.3f}", "≈ 1.0 (noise)"],
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 2 layers, batch 2 x 64, 2 repetitions")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions of each (default 7, quick 2)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="warm-up runs of each before timing (default 2)")
+    parser.add_argument("--targets", choices=list(TARGETS), nargs="+", default=list(TARGETS),
+                        help="target sets to measure (default all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the Markdown tables to this file")
+    args = parser.parse_args(argv)
+    layers, batch, seq = (2, 2, 64) if args.quick else (8, 4, 256)
+    if args.reps is None:
+        args.reps = 2 if args.quick else 7
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    header = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"lispetorch {lt.__version__}; threads {torch.get_num_threads()}\n"
+        f"LlamaForCausalLM hidden 512, intermediate 1376, layers {layers}, heads 8/8, vocab 32000, "
+        f"float32, sdpa; "
+        f"batch {batch} x {seq}; LoRA r {RANK}, alpha {ALPHA}, dropout {DROPOUT}; AdamW lr {LR}; "
+        f"warm-up {args.warmup}, repetitions {args.reps} (medians){' [quick]' if args.quick else ''}"
+    )
+    log(header)
+
+    base = build_base(layers, args.seed)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    frozen = make_frozen(base)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=g)
+
+    rows: list[list[str]] = []
+    mem_rows: list[list[str]] = []
+    for label in args.targets:
+        bench_targets(label, TARGETS[label], base, frozen, base_state, ids, args, rows, mem_rows)
+
+    table = markdown(["metric", "targets", "lispetorch", "PEFT", "ratio", "goal"], rows)
+    mem_table = markdown(
+        ["targets", "frozen", "lispetorch", f"PEFT, dropout {DROPOUT}", "PEFT, dropout 0"], mem_rows)
+    report = (f"{header}\n\n{table}\n\nSaved for backward, MiB (in brackets: minus the frozen model's, i.e. "
+              f"the adapters' share)\n\n{mem_table}\n")
+    print("\n" + report, end="", flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
