@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .config import scaling
 
 
 def conv1d_type():
@@ -118,7 +119,7 @@ class LoraLinear(nn.Module):
         self.r[name] = r
         self.lora_alpha[name] = float(alpha)
         self.use_rslora[name] = bool(use_rslora)
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling[name] = scaling(alpha, r, use_rslora)
         self.lora_dropout[name] = float(dropout)
         if self.active_adapter is None:
             self.active_adapter = name
