@@ -114,10 +114,6 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, peft.PeftModel) else model
 
 
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 # --- measurements ------------------------------------------------------------------------------------------
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     """Bytes autograd saves for backward in one train-mode forward, each storage once, parameters excluded."""
@@ -211,7 +207,7 @@ def bench_targets(label: str, targets, base, frozen, base_state, ids, args, rows
     ltm = make_lispetorch(base, targets, args.seed)
     pm = make_peft(base, targets, DROPOUT, ltm)
     pm0 = make_peft(base, targets, 0.0, ltm)
-    n_lt, n_peft = sum(p.numel() for p in lt.trainable_parameters(ltm)), sum(p.numel() for p in trainable(pm))
+    n_lt, n_peft = sum(p.numel() for p in lt.trainable_parameters(ltm)), sum(p.numel() for p in lt.trainable_parameters(pm))
     if n_lt != n_peft:
         raise RuntimeError(f"trainable parameters differ: lispetorch {n_lt}, PEFT {n_peft}")
     log(f"adapted layers {len(lt.adapter_layers(ltm))}, trainable parameters {n_lt:,}")
@@ -230,7 +226,7 @@ def bench_targets(label: str, targets, base, frozen, base_state, ids, args, rows
                                else f"{saved[k] / MIB:.2f}" for k in ("frozen", "lt", "peft", "peft0")])
 
     # training step
-    ta, tb = alternate(train_step(ltm, lt.trainable_parameters(ltm), ids), train_step(pm, trainable(pm), ids),
+    ta, tb = alternate(train_step(ltm, lt.trainable_parameters(ltm), ids), train_step(pm, lt.trainable_parameters(pm), ids),
                        args.warmup, args.reps)
     log(f"train step   lispetorch {spread(ta)}   PEFT {spread(tb)}")
     train = (statistics.median(ta), statistics.median(tb))

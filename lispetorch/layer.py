@@ -27,6 +27,11 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The weight of an adaptable layer as ``(out, in)``: a transposed view for ``Conv1D`` (stored ``(in, out)``)."""
+    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
+
+
 class LoraLinear(nn.Module):
     """A frozen linear layer with low-rank adapters: ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
 
@@ -65,8 +70,7 @@ class LoraLinear(nn.Module):
     # --- factors -------------------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``(out, in)`` (a transposed view for ``Conv1D``)."""
-        w = self.base_layer.weight
-        return w.t() if self.fan_in_fan_out else w
+        return weight_out_in(self.base_layer)
 
     def add_adapter(
         self,

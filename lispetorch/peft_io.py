@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from . import _atomic
-from .layer import LoraLinear, is_adaptable
-from .model import _replace, adapter_layers, set_adapter
+from .layer import LoraLinear, is_adaptable, weight_out_in
+from .model import _replace, adaptable_modules, adapter_layers, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,11 +33,7 @@ class AdapterFormatError(ValueError):
 def _targets_for(names: list[str], model: nn.Module) -> list[str] | str:
     """The leaf names of ``names`` if they select exactly those modules, else an exact regular expression."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {
-        n for n, m in model.named_modules()
-        if (isinstance(m, LoraLinear) or is_adaptable(m)) and ".base_layer" not in n
-        and n.rsplit(".", 1)[-1] in leaves
-    }
+    selected = {n for n in adaptable_modules(model) if n.rsplit(".", 1)[-1] in leaves}
     if selected == set(names):
         return leaves
     return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
@@ -237,7 +233,7 @@ def load_adapter(
         module = modules[name]
         layer = module if isinstance(module, LoraLinear) else None
         base = layer.base_layer if layer else module
-        w = base.weight.t() if not isinstance(base, nn.Linear) else base.weight
+        w = weight_out_in(base)
         out_f, in_f = w.shape
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0] if A.dim() == 2 else -1

@@ -59,6 +59,12 @@ def load(directory):
     return model
 
 
+def logits(model, ids):
+    """The model's logits for ``ids``, without autograd."""
+    with torch.no_grad():
+        return model(ids).logits
+
+
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 128, (2, 12))

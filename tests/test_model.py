@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load, randomize_adapters
+from conftest import load, logits, randomize_adapters
 
 import lispetorch as lt
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def test_inject_freezes_all_but_adapters(model_dirs):

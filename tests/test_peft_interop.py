@@ -8,18 +8,13 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHS, load, randomize_adapters
+from conftest import ARCHS, load, logits, randomize_adapters
 
 import lispetorch as lt
 
 peft = pytest.importorskip("peft")
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": "all-linear", "gpt2": ["c_attn", "c_proj"]}
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
