@@ -10,7 +10,9 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps.stamp
 BUILD_STAMP := $(VENV)/.build.stamp
-SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt cmake/lispetorchConfig.cmake pyproject.toml
+# Subpackages too: the editable install maps the package tree it saw when it was made.
+SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt cmake/lispetorchConfig.cmake pyproject.toml \
+	$(wildcard lispetorch/*/__init__.py lispetorch/*/*/__init__.py)
 
 .PHONY: all build test demo bench clean
 

@@ -8,7 +8,11 @@
 
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
-from . import _C, ops  # noqa: F401  (loading _C registers torch.ops.lispetorch)
+from . import (  # noqa: F401
+    _C,  # loading it registers torch.ops.lispetorch
+    ops,
+    train,  # lt.train: the training engine
+)
 from .config import LoraConfig
 from .layer import LoraLinear
 from .model import (
@@ -38,6 +42,7 @@ __all__ = [
     "active_adapter",
     "adapter_layers",
     "adapter_names",
+    "combine",
     "delete_adapter",
     "disabled",
     "inject",
@@ -50,6 +55,7 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_enabled",
+    "train",
     "trainable_parameters",
     "unmerge",
 ]

@@ -113,14 +113,26 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     Returns:
         Path: the directory.
     """
+    directory = Path(directory)
+    adapter_state(model, adapter_name)  # fail before touching the file system
+    with _atomic.directory(directory) as tmp:
+        write_adapter_files(model, tmp, adapter_name)
+    return directory
+
+
+def write_adapter_files(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None,
+                        base_model: str | None = None) -> None:
+    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into an existing directory (one that
+    is itself being written atomically, such as a checkpoint). ``base_model`` overrides the recorded
+    ``base_model_name_or_path``."""
     from safetensors.torch import save_file
 
     tensors, config = adapter_state(model, adapter_name)
+    if base_model is not None:
+        config["base_model_name_or_path"] = str(base_model)
     directory = Path(directory)
-    with _atomic.directory(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return directory
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --- load --------------------------------------------------------------------------------------------------

@@ -81,3 +81,12 @@ def randomize_adapters(model, adapter_name="default", std=0.05):
                 A, B, _ = layer.factors(adapter_name)
                 A.copy_(torch.randn(A.shape, generator=g) * std)
                 B.copy_(torch.randn(B.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="session")
+def tiny_default_model(tmp_path_factory):
+    """The embedded default model at its tiny size, built through the same code path as the real one."""
+    from lispetorch import default_model
+
+    root = tmp_path_factory.mktemp("lispetorch-cache")
+    return default_model.ensure(default_model.TINY, root=root, progress=False)

@@ -1,0 +1,63 @@
+"""The `lispetorch` command.
+
+Each subcommand lives in the module that implements it; that module provides
+`configure(parser)` (adds its arguments) and `main(args) -> int` (runs it). Bad input raises
+ValueError/TypeError/OSError with a message naming what was wrong; the command prints that message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help). Modules are imported only when their subcommand runs.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lispetorch.train.cli", "train a LoRA adapter from a YAML config"),
+    "default-model": ("lispetorch.default_model", "build (once) and show the embedded default model"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lispetorch", description="Low-rank adaptation for Hugging Face models.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv)
+        if args.version:
+            from . import __version__
+
+            print(__version__)
+            return 0
+        parser.print_help()
+        return 0 if not argv else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"lispetorch {name}", description=SUBCOMMANDS[name][1])
+    module.configure(sub)
+    args = sub.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except (ValueError, TypeError, OSError) as err:
+        # Bad input: the library's messages name what was wrong; a traceback would only hide it.
+        # LISPETORCH_DEBUG=1 shows the traceback anyway.
+        if os.environ.get("LISPETORCH_DEBUG"):
+            raise
+        print(f"lispetorch {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lispetorch {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

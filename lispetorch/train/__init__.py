@@ -1,0 +1,31 @@
+"""Training: ``lispetorch.train.train(config)`` or ``lispetorch train CONFIG.yaml``.
+
+    import lispetorch as lt
+    result = lt.train.train({"data": "corpus/", "output_dir": "runs/a", "max_steps": 200,
+                             "lora": {"rank": 16, "alpha": 32}})
+    result.adapter_dir  # a PEFT adapter directory
+"""
+
+from .config import ConfigError, LoraSection, TrainConfig
+from .data import DataError, Dataset, load_dataset, read_documents
+from .engine import Trainer, TrainResult, available_devices, checkpoints, resolve_device, train
+from .schedule import SCHEDULER_TYPES, lr_at, make_scheduler
+
+__all__ = [
+    "SCHEDULER_TYPES",
+    "ConfigError",
+    "DataError",
+    "Dataset",
+    "LoraSection",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "available_devices",
+    "checkpoints",
+    "load_dataset",
+    "lr_at",
+    "make_scheduler",
+    "read_documents",
+    "resolve_device",
+    "train",
+]

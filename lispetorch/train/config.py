@@ -1,0 +1,248 @@
+"""The training configuration: the LispeTorch guide's keys, checked by name and type before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from .schedule import SCHEDULER_TYPES
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: the message names the key (and file and line, for YAML)."""
+
+
+_NUMBER = "a number"
+_INT = "an integer"
+_BOOL = "true or false"
+_STR = "a string"
+_PATHS = "a path or a list of paths"
+_NAMES = "a list of module names, a regular expression, or \"all-linear\""
+
+
+@dataclasses.dataclass
+class LoraSection:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj"])
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every key of a training config, with the guide's defaults. ``data`` and ``output_dir`` are required."""
+
+    data: list[str]
+    output_dir: str
+    model: str | None = None  # a Hugging Face model directory; the embedded default model when None
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    num_epochs: int = 3
+    max_steps: int = 0  # when > 0: this many optimizer steps, whatever num_epochs says
+    batch_size: int = 1
+    eval_batch_size: int = 0  # 0: batch_size
+    gradient_accumulation_steps: int = 4
+    max_seq_length: int = 256
+    packing: bool = True
+    mask_prompt: bool = False
+    validation_split: float = 0.1
+    logging_steps: int = 10
+    save_steps: int = 100  # 0: only the final adapter
+    eval_steps: int = 50  # 0: no periodic validation
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0  # 0: no clipping
+    scheduler_type: str = "linear_warmup_cosine"
+    min_lr: float = 1e-6
+    gamma: float = 0.1
+    step_size: int = 100
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 42
+    report_to: list[str] = dataclasses.field(default_factory=list)  # "tensorboard", "wandb"
+    plot: bool = True
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+
+    # --- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping, source: str = "config") -> TrainConfig:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: the config must be a mapping of keys to values, got {type(raw).__name__}")
+        raw = dict(raw)
+        for key in ("data", "output_dir"):
+            if key not in raw or raw[key] is None:
+                raise ConfigError(f"{source}: missing required key {key!r}")
+        values = {}
+        for key, value in raw.items():
+            if key == "lora":
+                values["lora"] = _lora_section(value, source)
+                continue
+            if key not in _FIELDS:
+                raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, _FIELDS)}")
+            values[key] = _check(key, value, _FIELDS[key], source)
+        config = cls(**values)
+        config._validate(source)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raw = raw or {}
+        config = cls.from_dict(raw, str(path))
+        # Relative paths in a config file are relative to the file.
+        base = path.resolve().parent
+        config.data = [str(base / d) if not Path(d).expanduser().is_absolute() else d for d in config.data]
+        config.output_dir = str(base / config.output_dir) if not Path(config.output_dir).is_absolute() \
+            else config.output_dir
+        if config.model is not None and not Path(config.model).is_absolute() and (base / config.model).exists():
+            config.model = str(base / config.model)
+        return config
+
+    @classmethod
+    def load(cls, config: TrainConfig | Mapping | str | os.PathLike) -> TrainConfig:
+        """A TrainConfig from itself, a mapping, or a YAML file path."""
+        if isinstance(config, TrainConfig):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_yaml(config)
+        raise ConfigError(f"a training config is a mapping or a YAML path, got {type(config).__name__}")
+
+    def _validate(self, source: str) -> None:
+        positive = ("learning_rate", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length",
+                    "step_size")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{source}: {key!r} must be > 0, got {getattr(self, key)}")
+        non_negative = ("weight_decay", "max_steps", "eval_batch_size", "logging_steps", "save_steps", "eval_steps",
+                        "warmup_steps", "max_grad_norm", "min_lr")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{source}: {key!r} must be ≥ 0, got {getattr(self, key)}")
+        if self.gamma <= 0:
+            raise ConfigError(f"{source}: 'gamma' must be > 0, got {self.gamma}")
+        if not 0 <= self.validation_split < 1:
+            raise ConfigError(f"{source}: 'validation_split' must be in [0, 1), got {self.validation_split}")
+        if self.scheduler_type not in SCHEDULER_TYPES:
+            raise ConfigError(f"{source}: unknown scheduler_type {self.scheduler_type!r}; choose one of "
+                              f"{', '.join(SCHEDULER_TYPES)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{source}: 'dtype' must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in self.report_to:
+            if name not in ("tensorboard", "wandb"):
+                raise ConfigError(f"{source}: 'report_to' names {name!r}; choose tensorboard and/or wandb")
+        lora = self.lora
+        if lora.rank <= 0:
+            raise ConfigError(f"{source}: 'lora.rank' must be > 0, got {lora.rank}")
+        if lora.alpha <= 0:
+            raise ConfigError(f"{source}: 'lora.alpha' must be > 0, got {lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"{source}: 'lora.dropout' must be in [0, 1), got {lora.dropout}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def training_dict(self) -> dict:
+        """The keys other than ``lora`` (what ``training_info.json`` calls ``training_config``)."""
+        d = self.to_dict()
+        d.pop("lora")
+        return d
+
+
+# key -> expected kind
+_FIELDS: dict[str, str] = {}
+for _f in dataclasses.fields(TrainConfig):
+    if _f.name == "lora":
+        continue
+    _FIELDS[_f.name] = {"data": _PATHS, "report_to": "names", "model": "optional str"}.get(_f.name) or {
+        float: _NUMBER, int: _INT, bool: _BOOL, str: _STR, "float": _NUMBER, "int": _INT, "bool": _BOOL,
+        "str": _STR}[_f.type]
+_LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES}
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; the keys are {', '.join(sorted(known))}"
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check(key: str, value, kind: str, source: str):
+    def fail():
+        raise ConfigError(f"{source}: {key!r} must be {kind}, got {value!r} ({_type_name(value)})")
+
+    if kind == _NUMBER:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if kind == _INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            fail()
+        return value
+    if kind == _BOOL:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if kind == _STR:
+        if not isinstance(value, str):
+            fail()
+        return value
+    if kind == "optional str":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            fail()
+        return None if value is None else str(value)
+    if kind == _PATHS:
+        if isinstance(value, (str, os.PathLike)):
+            return [str(value)]
+        if isinstance(value, list) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+            return [str(v) for v in value]
+        fail()
+    if kind == "names":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            kind = "a list of names"
+            fail()
+        return value
+    if kind == _NAMES:
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        fail()
+    raise AssertionError(kind)
+
+
+def _lora_section(value, source: str) -> LoraSection:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: 'lora' must be a mapping (rank, alpha, dropout, target_modules), "
+                          f"got {_type_name(value)}")
+    values = {}
+    for key, v in value.items():
+        if key not in _LORA_FIELDS:
+            raise ConfigError(f"{source}: unknown key 'lora.{key}'{_suggest(key, _LORA_FIELDS)}")
+        values[key] = _check(f"lora.{key}", v, _LORA_FIELDS[key], source)
+    return LoraSection(**values)

@@ -1,0 +1,450 @@
+"""The training loop: AdamW over the adapter, LispE's schedules, accumulation, clipping, validation,
+atomic checkpoints with exact resume, a progress bar, metrics, and a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import _atomic
+from ..config import LoraConfig
+from ..model import inject, trainable_parameters
+from ..peft_io import write_adapter_files
+from . import data as data_mod
+from .config import ConfigError, TrainConfig
+from .schedule import make_scheduler
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+INFO_NAME = "training_info.json"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "training_curves.png"
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                    "rng_state.pth", INFO_NAME)
+
+
+# --- devices -------------------------------------------------------------------------------------------------
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; a named device must be available here."""
+    devices = available_devices()
+    if name == "auto":
+        return torch.device("cuda" if "cuda" in devices else "mps" if "mps" in devices else "cpu")
+    if name not in devices:
+        raise ConfigError(f"device {name!r} is not available here; available: {', '.join(devices)} (or auto)")
+    return torch.device(name)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete checkpoints under ``output_dir``, oldest first."""
+    out = []
+    d = Path(output_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            m = CHECKPOINT_RE.fullmatch(p.name)
+            if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    global_step: int
+    epoch: int
+    train_loss: float  # mean over the last logging window
+    eval_loss: float | None  # on the whole validation split, at the end
+    initial_eval_loss: float | None  # before the first step (None when resumed or without validation)
+    best_loss: float
+    tokens: int
+    seconds: float
+    trainable_parameters: int
+    total_parameters: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+class Trainer:
+    """Trains a LoRA adapter as ``config`` says. ``model``/``tokenizer`` may be given already loaded (the
+    config's ``model`` is then only recorded); otherwise they are loaded from ``config.model`` or the embedded
+    default model.
+
+    ``on_step(trainer)`` is called after every optimizer step (and its logging, validation and checkpoint).
+    """
+
+    def __init__(self, config: TrainConfig | dict | str | os.PathLike, model=None, tokenizer=None,
+                 progress: bool = True, on_step: Callable[[Trainer], None] | None = None):
+        self.config = TrainConfig.load(config)
+        self.device = resolve_device(self.config.device)
+        self.progress = progress
+        self.on_step = on_step
+        self.model, self.tokenizer = model, tokenizer
+        self.output_dir = Path(self.config.output_dir)
+        self.global_step = 0
+        self.epoch = 0
+        self.best_loss = math.inf
+        self.history: list[dict] = []
+
+    # --- setup -----------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        docs = data_mod.read_documents(cfg.data)  # bad files are reported before any model is loaded
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"output_dir {self.output_dir} exists and is not a directory")
+        model_path = cfg.model
+        if self.model is None or self.tokenizer is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if model_path is None:
+                from .. import default_model
+
+                model_path = str(default_model.ensure(progress=self.progress))
+            elif not Path(model_path).is_dir():
+                raise ConfigError(f"model {model_path!r} is not a directory (a Hugging Face model directory "
+                                  "with config.json and weights)")
+            if self.tokenizer is None:
+                self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            if self.model is None:
+                dtype = getattr(torch, cfg.dtype)
+                self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model_path = model_path
+        self.dataset = data_mod.load_dataset(None, self.tokenizer, cfg.max_seq_length, packing=cfg.packing,
+                                             mask_prompt=cfg.mask_prompt, validation_split=cfg.validation_split,
+                                             seed=cfg.seed, documents=docs)
+        self.pad_id = data_mod.pad_id(self.tokenizer)
+        self.model.to(self.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        lora = cfg.lora
+        self.lora_config = LoraConfig(r=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                      target_modules=lora.target_modules)
+        inject(self.model, self.lora_config)
+        self.params = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        n_batches = math.ceil(len(self.dataset.train) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.num_epochs
+        self.scheduler = make_scheduler(self.optimizer, cfg.scheduler_type, {
+            "initial_lr": cfg.learning_rate, "min_lr": cfg.min_lr, "total_steps": self.total_steps,
+            "warmup_steps": cfg.warmup_steps, "gamma": cfg.gamma, "step_size": cfg.step_size})
+
+    # --- one step --------------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of next-token cross-entropies over the batch's targets."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                 batch["labels"][:, 1:].reshape(-1),
+                                                 ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
+
+    def accumulate(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """Backward over the micro-batches of one optimizer step; returns (mean loss, target tokens).
+
+        Each micro-batch's summed loss is divided by the targets of all of them, so the accumulated gradient is
+        exactly the gradient of the mean loss over one batch made of all the micro-batches.
+        """
+        total = sum(data_mod.target_tokens(b) for b in batches)
+        loss_sum = 0.0
+        for b in batches:
+            loss = self._loss_sum(b)
+            (loss / max(total, 1)).backward()
+            loss_sum += loss.item()
+        return loss_sum / max(total, 1), total
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean next-token loss over the whole validation split (None when there is none)."""
+        if not self.dataset.validation:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        size = self.config.eval_batch_size or self.config.batch_size
+        total, count = 0.0, 0
+        val = self.dataset.validation
+        for i in range(0, len(val), size):
+            batch = data_mod.collate(val[i:i + size], self.pad_id)
+            total += self._loss_sum(batch).item()
+            count += data_mod.target_tokens(batch)
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def _info(self, train_loss: float | None) -> dict:
+        lora = dataclasses.asdict(self.config.lora)
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_loss": None if math.isinf(self.best_loss) else self.best_loss,
+            "current_lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "total_steps": self.total_steps,
+            "model": self.model_path,
+            "lora_config": lora,
+            "training_config": self.config.training_dict(),
+        }
+
+    def save_checkpoint(self, train_loss: float | None) -> Path:
+        """``output_dir/checkpoint-N``: adapter (PEFT layout), optimizer, scheduler, RNG, training_info.json;
+        written into a temporary directory and renamed, so it is complete or absent."""
+        path = self.output_dir / f"checkpoint-{self.global_step}"
+        with _atomic.directory(path) as tmp:
+            write_adapter_files(self.model, tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng_state.pth")
+            (tmp / INFO_NAME).write_text(json.dumps(self._info(train_loss), indent=2) + "\n")
+        return path
+
+    def _resume(self) -> int:
+        found = checkpoints(self.output_dir)
+        if not found:
+            warnings.warn(f"no complete checkpoint in {self.output_dir}: starting from the beginning", stacklevel=3)
+            return 0
+        step, path = found[-1]
+        from safetensors.torch import load_file
+
+        info = json.loads((path / INFO_NAME).read_text())
+        weights = load_file(str(path / "adapter_model.safetensors"))
+        by_key = {}
+        from ..peft_io import adapter_state
+
+        keys, _ = adapter_state(self.model)
+        if set(keys) != set(weights):
+            raise ConfigError(f"{path}: the checkpoint adapts other modules than this config "
+                              f"({len(weights)} tensors against {len(keys)})")
+        layers = dict(self.model.named_modules())
+        for key, tensor in weights.items():
+            m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+            layer = layers[m.group(1)]
+            param = getattr(layer, m.group(2))[layer.active_adapter]
+            if param.shape != tensor.shape:
+                raise ConfigError(f"{path}: {key} has shape {tuple(tensor.shape)}, this config makes "
+                                  f"{tuple(param.shape)}")
+            by_key[key] = (param, tensor)
+        with torch.no_grad():
+            for param, tensor in by_key.values():
+                param.copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(path / "rng_state.pth", weights_only=True))
+        self.global_step = info["global_step"]
+        self.epoch = info["epoch"]
+        self.best_loss = math.inf if info["best_loss"] is None else info["best_loss"]
+        self._trim_metrics(step)
+        self._resumed_loss = info.get("train_loss")
+        return step
+
+    # --- metrics ---------------------------------------------------------------------------------------------
+    def _trim_metrics(self, step: int) -> None:
+        path = self.output_dir / METRICS_NAME
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= step]
+            _atomic.write_text(path, "".join(line + "\n" for line in keep))
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.output_dir / METRICS_NAME, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for writer in self._writers:
+            writer(record)
+
+    def _open_writers(self) -> list[Callable[[dict], None]]:
+        writers = []
+        if "tensorboard" in self.config.report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("report_to names tensorboard, which is not installed: metrics go to "
+                              f"{METRICS_NAME} only", stacklevel=3)
+            else:
+                tb = SummaryWriter(str(self.output_dir / "runs"))
+                self._closers.append(tb.close)
+                writers.append(lambda r: [tb.add_scalar(k, v, r["step"]) for k, v in r.items()
+                                          if k != "step" and isinstance(v, (int, float))])
+        if "wandb" in self.config.report_to:
+            try:
+                import wandb
+            except ImportError:
+                warnings.warn(f"report_to names wandb, which is not installed: metrics go to {METRICS_NAME} only",
+                              stacklevel=3)
+            else:
+                run = wandb.init(config=self.config.to_dict(), dir=str(self.output_dir))
+                self._closers.append(run.finish)
+                writers.append(lambda r: run.log({k: v for k, v in r.items() if k != "step"}, step=r["step"]))
+        return writers
+
+    def plot(self) -> Path | None:
+        """Loss (train and validation) and learning rate against the step, as a PNG in output_dir."""
+        path = self.output_dir / METRICS_NAME
+        if not path.exists():
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        lr = [(r["step"], r["lr"]) for r in records if "lr" in r]
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        if train:
+            ax1.plot(*zip(*train, strict=True), label="train")
+        if val:
+            ax1.plot(*zip(*val, strict=True), "o-", label="validation")
+        ax1.set_ylabel("loss")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        if lr:
+            ax2.plot(*zip(*lr, strict=True))
+        ax2.set_ylabel("learning rate")
+        ax2.set_xlabel("optimizer step")
+        ax2.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.output_dir / PLOT_NAME
+        tmp = out.with_name(f".{out.name}.tmp")
+        fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> TrainResult:
+        """Runs to ``max_steps`` (or ``num_epochs``); with ``resume`` continues from the newest complete
+        checkpoint in ``output_dir`` and ends with the same adapter as an uninterrupted run."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self._setup()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        start_step = self._resume() if resume else 0
+        if not resume:
+            self._trim_metrics(0)
+        self._closers: list[Callable[[], None]] = []
+        self._writers = self._open_writers()
+        n_train = sum(p.numel() for p in self.params)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        initial_eval = None
+        if start_step == 0 and cfg.eval_steps > 0:
+            initial_eval = self.evaluate()
+            if initial_eval is not None:
+                self._log({"step": 0, "eval_loss": initial_eval, "eval_perplexity": math.exp(initial_eval)})
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="training", disable=not self.progress,
+                   dynamic_ncols=True, unit="step")
+        accum = cfg.gradient_accumulation_steps
+        tokens_total, started = 0, time.perf_counter()
+        window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        last_loss = getattr(self, "_resumed_loss", None)
+        last_loss = float("nan") if last_loss is None else last_loss
+        try:
+            while self.global_step < self.total_steps:
+                order = self.dataset.epoch_order(cfg.seed, self.epoch)
+                micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+                windows = [micro[i:i + accum] for i in range(0, len(micro), accum)]
+                done_in_epoch = self.global_step - self.epoch * self.steps_per_epoch
+                for window in windows[done_in_epoch:]:
+                    batches = [data_mod.collate([self.dataset.train[j] for j in idx], self.pad_id) for idx in window]
+                    step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                    loss, _ = self.accumulate(batches)
+                    grad_norm = None
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+                    tokens_total += step_tokens
+                    window_loss += loss
+                    window_tokens += step_tokens
+                    window_steps += 1
+                    elapsed = time.perf_counter() - window_start
+                    bar.update(1)
+                    rate = window_tokens / max(elapsed, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                    if cfg.logging_steps > 0 and self.global_step % cfg.logging_steps == 0 \
+                            or self.global_step == self.total_steps:
+                        last_loss = window_loss / window_steps
+                        record = {"step": self.global_step, "epoch": self.epoch, "loss": last_loss, "lr": lr,
+                                  "tokens_per_second": window_tokens / max(elapsed, 1e-9)}
+                        if grad_norm is not None:
+                            record["grad_norm"] = grad_norm
+                        self._log(record)
+                        window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+                    if cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0:
+                        ev = self.evaluate()
+                        if ev is not None:
+                            self.best_loss = min(self.best_loss, ev)
+                            self._log({"step": self.global_step, "eval_loss": ev, "eval_perplexity": math.exp(ev)})
+                    if not self.dataset.validation:
+                        self.best_loss = min(self.best_loss, loss)
+                    if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0:
+                        self.save_checkpoint(loss)
+                    if self.on_step is not None:
+                        self.on_step(self)
+                    if self.global_step >= self.total_steps:
+                        break
+                else:
+                    self.epoch += 1
+        finally:
+            bar.close()
+            for close in self._closers:
+                close()
+        seconds = time.perf_counter() - started
+        final_eval = self.evaluate()
+        if final_eval is not None:
+            self.best_loss = min(self.best_loss, final_eval)
+            if not (cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0):
+                self._log({"step": self.global_step, "eval_loss": final_eval, "eval_perplexity": math.exp(final_eval)})
+        adapter_dir = self.output_dir / "adapter"
+        with _atomic.directory(adapter_dir) as tmp:
+            write_adapter_files(self.model, tmp, base_model=self.model_path)
+        _atomic.write_text(self.output_dir / INFO_NAME, json.dumps(self._info(last_loss), indent=2) + "\n")
+        if cfg.plot:
+            self.plot()
+        return TrainResult(self.output_dir, adapter_dir, self.global_step, self.epoch, last_loss, final_eval,
+                           initial_eval, self.best_loss, tokens_total, seconds, n_train, n_total)
+
+
+def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = False, model=None, tokenizer=None,
+          progress: bool = True) -> TrainResult:
+    """Trains a LoRA adapter as ``config`` (a TrainConfig, a mapping, or a YAML path) says."""
+    return Trainer(config, model=model, tokenizer=tokenizer, progress=progress).train(resume=resume)
