@@ -43,6 +43,7 @@ demo: build
 
 bench: build
 	$(BIN)/python benchmarks/bench_lora.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf build $(BUILD_STAMP)
