@@ -222,6 +222,9 @@ def test_training_lowers_loss_and_writes_everything(tiny_default_model, corpus, 
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]
     assert all(r["tokens_per_second"] > 0 for r in records if "loss" in r)
     assert [s for s, _ in lt.train.checkpoints(out)] == [4, 8, 12]
+    with pytest.raises(lt.train.ConfigError, match="holds checkpoints of an earlier run"):
+        lt.train.train(config(tiny_default_model, corpus, out, max_steps=12), progress=False)
+    assert [s for s, _ in lt.train.checkpoints(out)] == [4, 8, 12]
     info = json.loads((out / "checkpoint-8" / "training_info.json").read_text())
     assert {"epoch", "global_step", "best_loss", "current_lr", "lora_config", "training_config"} <= set(info)
     assert info["global_step"] == 8 and info["lora_config"]["rank"] == 4

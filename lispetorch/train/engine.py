@@ -121,11 +121,16 @@ class Trainer:
         self.history: list[dict] = []
 
     # --- setup -----------------------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def _setup(self, resume: bool = False) -> None:
         cfg = self.config
         docs = data_mod.read_documents(cfg.data)  # bad files are reported before any model is loaded
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ConfigError(f"output_dir {self.output_dir} exists and is not a directory")
+        if not resume and checkpoints(self.output_dir):
+            # Starting over would mix this run's checkpoints with an earlier run's, and a later resume could
+            # pick the wrong one: nothing of the earlier run is overwritten.
+            raise ConfigError(f"output_dir {self.output_dir} holds checkpoints of an earlier run: resume it "
+                              "(resume=True, --resume) or choose another output_dir")
         model_path = cfg.model
         if self.model is None or self.tokenizer is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -352,7 +357,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        self._setup()
+        self._setup(resume)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         start_step = self._resume() if resume else 0
         if not resume:
