@@ -399,3 +399,16 @@ def test_xdg_cache_home_is_respected(tmp_path, monkeypatch):
     monkeypatch.delenv("LISPETORCH_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert dm.cache_root() == tmp_path / "lispetorch"
+
+
+def test_report_to_a_missing_package_warns_and_keeps_the_jsonl(tiny_default_model, corpus, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    out = tmp_path / "o"
+    with pytest.warns(UserWarning, match="tensorboard, which is not installed") as record:
+        lt.train.train(config(tiny_default_model, corpus, out, max_steps=2, save_steps=0,
+                              report_to=["tensorboard", "wandb"]), progress=False)
+    assert any("wandb, which is not installed" in str(w.message) for w in record)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 2]
