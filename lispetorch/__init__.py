@@ -10,6 +10,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import (  # noqa: F401
     _C,  # loading it registers torch.ops.lispetorch
+    combine,  # lt.combine: the checkpoint optimizer
     ops,
     train,  # lt.train: the training engine
 )

@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lispetorch.train.cli", "train a LoRA adapter from a YAML config"),
     "default-model": ("lispetorch.default_model", "build (once) and show the embedded default model"),
+    "combine": ("lispetorch.combine.cli", "find the best combination of LoRA checkpoints and build it"),
 }
 
 

@@ -16,7 +16,16 @@ from . import _C  # noqa: F401  (loads the library that registers the operators)
 
 _ops = torch.ops.lispetorch
 
-__all__ = ["lora_linear", "dropout", "dropout_mask", "lora_delta", "lora_merge_", "lora_unmerge_"]
+__all__ = [
+    "lora_linear",
+    "dropout",
+    "dropout_mask",
+    "lora_delta",
+    "lora_merge_",
+    "lora_unmerge_",
+    "lora_gram",
+    "lora_factored_svd",
+]
 
 
 def lora_linear(
@@ -104,6 +113,55 @@ def lora_unmerge_(
     _ops.lora_unmerge_(weight, lora_A, lora_B, lora_R, float(scale), distance, index, values)
 
 
+def lora_gram(
+    lora_A: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    lora_B: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    scales: list[float] | tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """The float64 Gram ``G[i, j] = ⟨sᵢ Bᵢ Aᵢ, sⱼ Bⱼ Aⱼ⟩_F`` of k checkpoints of one module, from the factors only.
+
+    Computed as ``sum((Bᵢᵀ Bⱼ) ⊙ (Aᵢ Aⱼᵀ))`` over the stacked factors in one call: cost ``O((in + out)·R²)``
+    with ``R = Σ rᵢ``, never the ``(out, in)`` deltas.
+
+    Args:
+        lora_A (list[Tensor]): ``Aᵢ`` of shape ``(rᵢ, in)``; ranks may differ.
+        lora_B (list[Tensor]): ``Bᵢ`` of shape ``(out, rᵢ)``.
+        scales (list[float] | None): ``sᵢ`` (``alpha / r`` for LoRA). Default all 1.
+
+    Returns:
+        Tensor: ``(k, k)`` float64, symmetric positive semi-definite.
+
+    Raises:
+        RuntimeError: lists of different lengths, or factors whose shapes do not fit (named with their index).
+    """
+    scales = [1.0] * len(lora_A) if scales is None else [float(s) for s in scales]
+    return _ops.lora_gram(list(lora_A), list(lora_B), scales)
+
+
+def lora_factored_svd(
+    lora_A: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    lora_B: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    scales: list[float] | tuple[float, ...] | None,
+    rank: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of ``Σᵢ sᵢ Bᵢ Aᵢ`` (Eckart–Young), from QR of the stacked factors, in float64.
+
+    ``B = [s₁B₁ | …] = Q_B R_B`` and ``Aᵀ = [A₁; …]ᵀ = Q_A R_A``; the SVD ``U Σ Vᵀ`` of the small core
+    ``R_B R_Aᵀ`` gives the SVD of the sum, ``(Q_B U) Σ (Q_A V)ᵀ``. The ``(out, in)`` sum is never formed.
+
+    Args:
+        lora_A (list[Tensor]): ``Aᵢ`` ``(rᵢ, in)``. lora_B (list[Tensor]): ``Bᵢ`` ``(out, rᵢ)``.
+        scales (list[float] | None): ``sᵢ`` (combination weight × adapter scaling). Default all 1.
+        rank (int): the rank to keep; capped at ``min(Σ rᵢ, out, in)``.
+
+    Returns:
+        tuple: ``B (out, q)``, ``A (q, in)`` with ``B A`` the truncated SVD (``√σ`` on each side), and all
+        singular values ``S`` ``(min(Σ rᵢ, out, in),)`` of the sum, descending; float64.
+    """
+    scales = [1.0] * len(lora_A) if scales is None else [float(s) for s in scales]
+    return _ops.lora_factored_svd(list(lora_A), list(lora_B), scales, int(rank))
+
+
 def _rows(x: torch.Tensor):
     return functools.reduce(operator.mul, x.shape[:-1], 1)
 
@@ -159,3 +217,20 @@ def _(weight, lora_A, lora_B, lora_R, scale, safe):
 @torch.library.register_fake("lispetorch::lora_unmerge_")
 def _(weight, lora_A, lora_B, lora_R, scale, distance, index, values):
     return None
+
+
+@torch.library.register_fake("lispetorch::lora_gram")
+def _(lora_A, lora_B, scales):
+    return lora_A[0].new_empty((len(lora_A), len(lora_A)), dtype=torch.float64)
+
+
+@torch.library.register_fake("lispetorch::lora_factored_svd")
+def _(lora_A, lora_B, scales, rank):
+    total = sum(A.shape[0] for A in lora_A)
+    out, inp = lora_B[0].shape[0], lora_A[0].shape[1]
+    p = min(total, out, inp)
+    q = min(rank, p)
+    f64 = torch.float64
+    return lora_B[0].new_empty((out, q), dtype=f64), lora_A[0].new_empty((q, inp), dtype=f64), \
+        lora_A[0].new_empty((p,), dtype=f64)
+

@@ -22,4 +22,6 @@ TORCH_LIBRARY(lispetorch, m) {
   m.def(
       "lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale, "
       "Tensor? distance, Tensor? index, Tensor? values) -> ()");
+  m.def("lora_gram(Tensor[] lora_A, Tensor[] lora_B, float[] scales) -> Tensor");
+  m.def("lora_factored_svd(Tensor[] lora_A, Tensor[] lora_B, float[] scales, int rank) -> (Tensor, Tensor, Tensor)");
 }

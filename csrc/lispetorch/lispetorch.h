@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 #include <array>
+#include <utility>
 
 namespace lispetorch {
 
@@ -54,7 +55,25 @@ void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tenso
 at::Tensor lora_delta(const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
                       double scale, c10::ScalarType dtype);
 
+// The k×k Gram of the deltas sᵢBᵢAᵢ of k checkpoints of one module, G[i][j] = ⟨sᵢBᵢAᵢ, sⱼBⱼAⱼ⟩_F, computed in
+// float64 from the factors only: Aᵢ (rᵢ, in), Bᵢ (out, rᵢ); ranks may differ. See gram.cpp.
+at::Tensor lora_gram(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales);
+
+// Truncated SVD of Σᵢ sᵢBᵢAᵢ from QR factorisations of the stacked factors and an SVD of the small core,
+// never forming the (out, in) sum. Returns (B (out, q), A (q, in), S (min(Σrᵢ, out, in))) in float64 with
+// B A the best rank-q approximation, q = min(rank, S.size(0)), and S all singular values of the sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_factored_svd(at::TensorList lora_A, at::TensorList lora_B,
+                                                                 at::ArrayRef<double> scales, int64_t rank);
+
 namespace detail {
+// Checks k stacked checkpoints' factors (same in/out, matching ranks, one device, finite scales) and returns
+// their ranks; every message names the list entry and its shape.
+std::vector<int64_t> check_stacked_factors(at::TensorList lora_A, at::TensorList lora_B,
+                                           at::ArrayRef<double> scales);
+// Stacks the factors in float64: A (Σr, in) and B (out, Σr), block i of B multiplied by scales_B[i] when given.
+std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::TensorList lora_B,
+                                                const std::vector<int64_t>& ranks, at::ArrayRef<double> scales_B);
+
 // Input checks shared by every entry point; each message names the argument and the shapes it got.
 void check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B,

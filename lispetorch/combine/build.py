@@ -1,0 +1,269 @@
+"""Writing the combined adapter: a PEFT adapter directory holding ``Σᵢ wᵢ ΔWᵢ`` (exactly, recompressed, or the
+A/B-averaged approximation).
+
+Modes, for every module, with ``sᵢ`` checkpoint i's scaling and ``wᵢ`` its weight:
+
+- ``cat`` (exact): ``A = [A₁; …; A_k]``, ``B = [w₁s₁B₁ | … | w_k s_k B_k]``, rank ``Σ rᵢ``, scaling 1, so
+  ``B A = Σ wᵢ sᵢ Bᵢ Aᵢ``.
+- ``svd``: the best rank-``rank`` approximation of that sum in the Frobenius norm, from QR factorisations of the
+  stacked factors and an SVD of the small core (:func:`lispetorch.ops.lora_factored_svd`); scaling 1.
+- ``linear``: ``A = Σ wᵢ Aᵢ``, ``B = Σ wᵢ (sᵢ/s) Bᵢ`` with ``s`` the output's scaling (the original optimizer's
+  method; needs equal ranks). Its product holds cross terms ``wᵢwⱼ Bᵢ Aⱼ``: it is an approximation, and the
+  output says how far it is from the exact sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .. import _atomic, ops
+from ..peft_io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config
+from .config import CombineConfig, load_config
+from .optimize import open_checkpoints
+from .reader import Checkpoint, check_finite, common_modules, peft_key, single_thread, stream
+
+MODES = ("cat", "svd", "linear")
+README_NAME = "COMBINATION_README.md"
+_NOT_COPIED = {WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME, README_NAME}
+
+
+def weights_of(weights) -> dict[str, float]:
+    """A mapping name → weight from a mapping or an :func:`~lispetorch.combine.optimize` result."""
+    if isinstance(weights, Mapping) and "global_weights" in weights:
+        names = weights.get("checkpoint_names")
+        if not isinstance(names, list) or len(names) != len(weights["global_weights"]):
+            raise ValueError("the optimization result has global_weights but no matching checkpoint_names")
+        weights = dict(zip(names, weights["global_weights"], strict=True))
+    if not isinstance(weights, Mapping) or not weights:
+        raise TypeError(f"weights must be a non-empty mapping name -> weight or an optimize() result, got "
+                        f"{type(weights).__name__}")
+    out = {}
+    for n, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"the weight of checkpoint {n!r} must be a finite number, got {w!r}")
+        out[str(n)] = float(w)
+    return out
+
+
+def _targets(modules: list[str], base_config: dict, base_modules: set[str] | None) -> list[str] | str:
+    if base_modules is not None and set(modules) == base_modules and base_config.get("target_modules"):
+        return base_config["target_modules"]
+    return "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+
+
+def _ranked_config(base: dict, ranks: dict[str, int], alphas: dict[str, float], use_rslora: bool) -> dict:
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg = dict(base)
+    cfg.update({
+        "r": r, "lora_alpha": alpha, "use_rslora": use_rslora,
+        "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
+    })
+    return cfg
+
+
+def build(
+    config: str | os.PathLike | Mapping | CombineConfig,
+    weights,
+    output_dir: str | os.PathLike,
+    mode: str = "cat",
+    rank: int | None = None,
+    template: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    on_mismatch: str = "error",
+    dtype: torch.dtype | None = None,
+    verbose: bool | None = None,
+    log=print,
+) -> dict:
+    """Writes the combined adapter ``Σ wᵢ ΔWᵢ`` as a PEFT adapter directory, atomically.
+
+    Args:
+        config (str | PathLike | Mapping): the checkpoint list (YAML path) or a mapping name → checkpoint path.
+        weights (Mapping | dict): name → weight, or an :func:`optimize` result (its ``global_weights``).
+            Checkpoints with weight 0 are left out.
+        output_dir (str | PathLike): the directory to write; built next to its place and renamed into it, so a
+            failed build leaves nothing.
+        mode (str): ``"cat"`` (exact; default), ``"svd"`` (best rank-``rank`` approximation) or ``"linear"``
+            (A and B averaged separately: an approximation with cross terms).
+        rank (int | None): the rank of ``svd`` mode; default the largest rank of the combined checkpoints.
+        template (str | PathLike | None): a checkpoint directory whose other files (tokenizer, configs, training
+            state, README) are copied and whose ``adapter_config.json`` is the base of the new one. Default: none
+            copied, and the first combined checkpoint's config as the base.
+        overwrite (bool): replace an existing non-empty ``output_dir``. Default False.
+        on_mismatch (str): ``"error"`` (default) or ``"intersect"`` when checkpoints adapt different modules.
+        dtype (torch.dtype | None): dtype of the written factors; default the checkpoints' widest dtype.
+
+    Returns:
+        dict: ``output_dir``, ``mode``, ``weights``, ``rank`` (most common) and ``relative_deviation``: the
+        Frobenius distance of the written adapter from the exact ``Σ wᵢ ΔWᵢ``, relative to its norm (0 up to
+        rounding for ``cat``; the discarded singular values for ``svd``; the cross terms for ``linear``).
+
+    Raises:
+        ValueError: unknown mode or names, bad rank, linear mode with unequal ranks, NaN/Inf, different modules.
+        FileExistsError: ``output_dir`` exists, is not empty and ``overwrite`` is False.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if rank is not None and mode != "svd":
+        raise ValueError(f"rank applies to mode 'svd' only (mode is {mode!r})")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    cfg = load_config(config)
+    wmap = weights_of(weights)
+    names = cfg.select(list(wmap))
+    names = [n for n in cfg.names if n in names]  # the list's order
+    used = [n for n in names if wmap[n] != 0.0]
+    if not used:
+        raise ValueError("every weight is 0: the combined adapter would be empty")
+    output_dir = Path(output_dir)
+    verbose = cfg.verbose_paths if verbose is None else verbose
+    opened = open_checkpoints(cfg, used, verbose=verbose, log=log)
+    for e in cfg.checkpoints.values():
+        if output_dir.resolve() == e.path.resolve():
+            raise ValueError(f"output_dir {output_dir} is checkpoint {e.name!r} of the list: refusing to "
+                             "overwrite an input")
+    template = Path(template) if template is not None else None
+    if template is not None:
+        if not template.is_dir():
+            raise FileNotFoundError(f"template checkpoint {template} does not exist or is not a directory")
+        if output_dir.resolve() == template.resolve():
+            raise ValueError(f"output_dir {output_dir} is the template: refusing to overwrite an input")
+        base_config = read_config(template)
+    else:
+        base_config = dict(opened[0].config)
+    if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to "
+                              "replace it")
+    modules, dropped = common_modules(opened, on_mismatch)
+    out_dtype = dtype or max((c.dtype for c in opened), key=lambda d: torch.finfo(d).bits)
+    w = [wmap[c.name] for c in opened]
+    first = opened[0]
+    if rank is None and mode == "svd":
+        rank = max(c.modules[m].rank for c in opened for m in modules)
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dev_sq = 0.0
+    norm_sq = 0.0
+    with single_thread(), stream(opened, modules) as it:
+        for m, As, Bs in it:
+            check_finite(opened, m, As, Bs)
+            s = [wi * c.modules[m].scale for wi, c in zip(w, opened, strict=True)]
+            if mode == "cat":
+                A = torch.cat([a.double() for a in As], 0)                               # (R, in)
+                B = torch.cat([b.double() * si for b, si in zip(Bs, s, strict=True)], 1)  # (out, R)
+                out_scale = 1.0
+                ranks[m] = alphas[m] = A.shape[0]
+            elif mode == "svd":
+                B, A, _ = ops.lora_factored_svd(As, Bs, s, rank)                       # (out, q), (q, in)
+                out_scale = 1.0
+                ranks[m] = alphas[m] = A.shape[0]
+            else:
+                rs = {c.name: c.modules[m].rank for c in opened}
+                if len(set(rs.values())) > 1:
+                    raise ValueError(f"mode 'linear' needs equal ranks, but module {m!r} has ranks {rs}; use mode "
+                                     "'cat' (exact) or 'svd'")
+                f = first.modules[m]
+                out_scale = f.scale
+                A = sum(wi * a.double() for wi, a in zip(w, As, strict=True))  # (r, in)
+                B = sum(si / out_scale * b.double() for si, b in zip(s, Bs, strict=True))  # (out, r)
+                ranks[m], alphas[m] = f.rank, f.alpha
+            A, B = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
+            # distance of what is written from the exact sum, by the same factored Gram
+            G = ops.lora_gram([A, *As], [B, *Bs], [1.0, *s]).numpy()
+            sign = [out_scale] + [-1.0] * len(As)
+            norm_sq += float(G[1:, 1:].sum())
+            dev_sq += float(sum(sign[i] * sign[j] * G[i, j] for i in range(len(sign)) for j in range(len(sign))))
+            tensors[peft_key(m, "lora_A")] = A
+            tensors[peft_key(m, "lora_B")] = B
+
+    if mode == "linear":
+        # the factors were scaled for the first checkpoint's scaling: its config fields say exactly that
+        out_cfg = dict(base_config)
+        defaults = {"r": first.modules[modules[0]].rank, "lora_alpha": 8, "use_rslora": False,
+                    "rank_pattern": {}, "alpha_pattern": {}}
+        for key, default in defaults.items():
+            out_cfg[key] = first.config.get(key, default)
+    else:
+        out_cfg = _ranked_config(base_config, ranks, alphas, False)
+    base_modules = None
+    if template is not None and (template / WEIGHTS_NAME).is_file():
+        from .reader import open_checkpoint
+
+        base_modules = set(open_checkpoint("template", template).modules)
+    elif template is None:
+        base_modules = set(first.modules)
+    out_cfg["target_modules"] = _targets(modules, base_config, base_modules)
+    out_cfg["fan_in_fan_out"] = first.fan_in_fan_out
+    out_cfg["peft_type"] = "LORA"
+    out_cfg["inference_mode"] = True
+    out_cfg["use_dora"] = False
+
+    rel_dev = math.sqrt(max(dev_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0
+    used_weights = {c.name: wi for c, wi in zip(opened, w, strict=True)}
+    summary = {"output_dir": str(output_dir), "mode": mode, "weights": used_weights,
+               "rank": out_cfg["r"], "relative_deviation": rel_dev, "num_modules": len(modules),
+               "dropped_modules": dropped}
+    from safetensors.torch import save
+
+    with _atomic.directory(output_dir) as tmp:
+        if template is not None:
+            for item in sorted(template.iterdir()):
+                if item.name in _NOT_COPIED:
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name, symlinks=True)
+                else:
+                    shutil.copy2(item, tmp / item.name)
+        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
+        (tmp / CONFIG_NAME).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / README_NAME).write_text(_readme(cfg, opened, w, mode, summary, template, modules, out_dtype))
+    return summary
+
+
+def _readme(cfg, opened: list[Checkpoint], w, mode, summary, template, modules, dtype) -> str:
+    lines = [
+        "# Combined LoRA adapter", "",
+        f"Written by `lispetorch combine build` (mode `{mode}`) from the checkpoint list `{cfg.source}`.", "",
+        "| checkpoint | weight | path | description |", "|---|---|---|---|",
+    ]
+    for c, wi in zip(opened, w, strict=True):
+        lines.append(f"| {c.name} | {wi:.6f} | `{c.path}` | {c.description} |")
+    lines += ["", f"Modules: {len(modules)}; factors stored as {str(dtype).replace('torch.', '')}; rank "
+              f"{summary['rank']} (per-module ranks in `rank_pattern`)."]
+    if summary["dropped_modules"]:
+        lines.append(f"Modules left out (not adapted by every checkpoint): {', '.join(summary['dropped_modules'])}.")
+    lines.append("")
+    dev = summary["relative_deviation"]
+    if mode == "cat":
+        lines += ["Mode `cat` is exact: for every module `A = [A₁; …; A_k]` and `B = [w₁s₁B₁ | … | w_k s_k B_k]` "
+                  "(sᵢ the checkpoint's scaling), so `B A = Σ wᵢ ΔWᵢ`; the adapter's scaling is 1 (lora_alpha = r).",
+                  f"Measured distance from the exact sum, relative to its norm: {dev:.3e} (rounding only)."]
+    elif mode == "svd":
+        lines += ["Mode `svd` is the best approximation of `Σ wᵢ ΔWᵢ` of the stated rank in the Frobenius norm "
+                  "(Eckart–Young), computed from QR factorisations of the stacked factors and an SVD of the small "
+                  "core, without forming the sum; scaling 1 (lora_alpha = r).",
+                  f"Distance from the exact sum, relative to its norm (the discarded singular values): {dev:.6f}."]
+    else:
+        lines += ["Mode `linear` combines A and B separately (`A = Σ wᵢ Aᵢ`, `B = Σ wᵢ (sᵢ/s) Bᵢ`), as the original "
+                  "optimizer did. **This is an approximation**: `B A` contains the cross terms `wᵢ wⱼ Bᵢ Aⱼ` (i ≠ j) "
+                  "and scales each `Bᵢ Aᵢ` by `wᵢ²` rather than `wᵢ`. Use mode `cat` for the exact sum.",
+                  f"Measured distance from the exact sum `Σ wᵢ ΔWᵢ`, relative to its norm: {dev:.6f}."]
+    if template is not None:
+        lines += ["", f"Other files (tokenizer, configs, training state) were copied from the template `{template}`; "
+                  "training state such as optimizer.pt belongs to the template's adapter, not to this one."]
+    lines += ["", "Load it with:", "", "```python", "from peft import PeftModel",
+              "model = PeftModel.from_pretrained(base_model, \"path/to/this/directory\")", "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""The checkpoint list: a YAML file in the optimizer's format, or a mapping name → path.
+
+    checkpoints:
+      annotated:
+        path: "../runs/annotated/checkpoint-40000"     # relative paths are relative to this file
+        description: "Annotated training data checkpoint"
+      concatenationTrained:
+        path: "../runs/concatenationTrained/checkpoint-40000"
+    settings:
+      verify_paths: true     # check every path before reading anything, and say which file is missing
+      verbose_paths: true    # print what was checked
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import _atomic
+from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
+
+DEFAULT_CONFIG = """\
+# LoRA checkpoints to combine. Relative paths are relative to this file.
+# The target (the checkpoint to approximate) is named on the command line: --target NAME.
+checkpoints:
+  annotated:
+    path: "checkpoints/annotated/checkpoint-40000"
+    description: "Annotated training data checkpoint"
+
+  multiline:
+    path: "checkpoints/multiline/checkpoint-40000"
+    description: "Multiline training data checkpoint"
+
+  singleline:
+    path: "checkpoints/singleline/checkpoint-40000"
+    description: "Singleline training data checkpoint"
+
+  concatenationTrained:
+    path: "checkpoints/concatenationTrained/checkpoint-40000"
+    description: "Concatenation trained checkpoint (target for optimization)"
+
+settings:
+  verify_paths: true
+  verbose_paths: true
+"""
+
+
+@dataclass
+class CheckpointEntry:
+    """One checkpoint of the list: its name, its adapter directory and a free-text description."""
+
+    name: str
+    path: Path
+    description: str = ""
+
+
+@dataclass
+class CombineConfig:
+    """The parsed checkpoint list, in the file's order, with its settings."""
+
+    checkpoints: dict[str, CheckpointEntry]
+    verify_paths: bool = True
+    verbose_paths: bool = False
+    source: str = "<mapping>"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.checkpoints)
+
+    def select(self, names: Iterable[str] | None) -> list[str]:
+        """The given names (checked against the list), or all names in the list's order when None."""
+        if names is None:
+            return self.names
+        names = list(names)
+        unknown = [n for n in names if n not in self.checkpoints]
+        if unknown:
+            raise ValueError(f"checkpoint(s) {', '.join(map(repr, unknown))} are not in {self.source} "
+                             f"(it lists {', '.join(self.names)})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"checkpoint names given more than once: {names}")
+        return names
+
+
+def _flag(value, key: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{source}: settings.{key} must be true or false, got {value!r}")
+    return value
+
+
+def load_config(config: str | os.PathLike | Mapping | CombineConfig) -> CombineConfig:
+    """Reads a checkpoint list: a YAML path, a mapping ``name → path`` (or ``name → {path, description}``).
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ValueError: YAML that does not parse (with its line and column) or a list that is malformed (named).
+    """
+    if isinstance(config, CombineConfig):
+        return config
+    if isinstance(config, Mapping):
+        data = {"checkpoints": dict(config)} if "checkpoints" not in config else dict(config)
+        return _parse(data, "<mapping>", Path.cwd())
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config must be a YAML path or a mapping name -> checkpoint path, got "
+                        f"{type(config).__name__}")
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint list {path} does not exist (write one with "
+                                "`lispetorch combine init-config`)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with a 'checkpoints' key, got {type(data).__name__}")
+    return _parse(data, str(path), path.parent)
+
+
+def _parse(data: dict, source: str, base: Path) -> CombineConfig:
+    entries = data.get("checkpoints")
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{source}: 'checkpoints' must be a non-empty mapping name -> {{path, description}}")
+    unknown = set(data) - {"checkpoints", "settings"}
+    checkpoints: dict[str, CheckpointEntry] = {}
+    for name, entry in entries.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{source}: checkpoint names must be non-empty strings, got {name!r}")
+        if isinstance(entry, (str, os.PathLike)):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), (str, os.PathLike)) \
+                or not str(entry["path"]):
+            raise ValueError(f"{source}: checkpoint {name!r} needs a 'path' (a string), got {entry!r}")
+        path = Path(os.path.expanduser(str(entry["path"])))
+        if not path.is_absolute():
+            path = base / path
+        description = entry.get("description") or ""
+        checkpoints[name] = CheckpointEntry(name, path, str(description))
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{source}: 'settings' must be a mapping, got {settings!r}")
+    return CombineConfig(
+        checkpoints,
+        verify_paths=_flag(settings.get("verify_paths", True), "verify_paths", source),
+        verbose_paths=_flag(settings.get("verbose_paths", False), "verbose_paths", source),
+        source=source,
+        extra={k: data[k] for k in unknown},
+    )
+
+
+def verify_paths(config: CombineConfig, names: Iterable[str], verbose: bool = False, log=print) -> None:
+    """Checks that every named checkpoint is a directory holding the two adapter files.
+
+    Raises:
+        FileNotFoundError: one message listing each checkpoint that fails and why (which file is missing).
+    """
+    problems = []
+    for name in names:
+        path = config.checkpoints[name].path
+        if not path.exists():
+            problems.append(f"{name}: {path} does not exist")
+        elif not path.is_dir():
+            problems.append(f"{name}: {path} is not a directory")
+        else:
+            missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (path / f).is_file()]
+            if missing:
+                problems.append(f"{name}: {path} lacks {' and '.join(missing)}")
+            elif verbose:
+                log(f"  ok  {name}: {path} ({CONFIG_NAME}, {WEIGHTS_NAME})")
+        if verbose and problems and problems[-1].startswith(f"{name}:"):
+            log(f"  BAD {problems[-1]}")
+    if problems:
+        raise FileNotFoundError(f"{config.source}: checkpoint paths that cannot be used:\n  " + "\n  ".join(problems))
+
+
+def write_default_config(path: str | os.PathLike, checkpoints: Mapping[str, str] | None = None,
+                         force: bool = False) -> Path:
+    """Writes a checkpoint list in the optimizer's format (atomically); refuses to overwrite unless ``force``."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+    if checkpoints:
+        import yaml
+
+        body = {"checkpoints": {n: {"path": str(p), "description": ""} for n, p in checkpoints.items()},
+                "settings": {"verify_paths": True, "verbose_paths": True}}
+        text = "# LoRA checkpoints to combine. Relative paths are relative to this file.\n" + \
+            yaml.safe_dump(body, sort_keys=False)
+    else:
+        text = DEFAULT_CONFIG
+    _atomic.write_text(path, text)
+    return path

@@ -1,0 +1,193 @@
+"""The optimal combination weights of LoRA checkpoints, by fused Gram accumulation.
+
+For every adapted module, checkpoint i contributes ``ΔWᵢ = sᵢ Bᵢ Aᵢ``. The weights minimise
+``Σ_modules ‖Σᵢ wᵢ ΔWᵢ − ΔW_target‖²_F``; all the solver needs is the Gram of the deltas, which the native
+:func:`lispetorch.ops.lora_gram` computes per module from the factors (sources and target stacked, one call),
+in float64, streaming module by module from the memory-mapped checkpoint files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .. import ops
+from .config import CombineConfig, load_config, verify_paths
+from .reader import Checkpoint, check_finite, common_modules, layer_of, open_checkpoint, single_thread, stream
+from .solver import CONSTRAINTS, objective, solve
+
+
+def open_checkpoints(cfg: CombineConfig, names: list[str], verbose: bool = False, log=print) -> list[Checkpoint]:
+    """Verifies the paths (when the list's ``verify_paths`` says so) and opens the named checkpoints."""
+    if cfg.verify_paths or verbose:
+        if verbose:
+            log(f"checking {len(names)} checkpoint path(s) from {cfg.source}:")
+        verify_paths(cfg, names, verbose=verbose, log=log)
+    return [open_checkpoint(n, cfg.checkpoints[n].path, cfg.checkpoints[n].description) for n in names]
+
+
+def module_grams(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None,
+                 scales: list[float] | None = None) -> dict[str, np.ndarray]:
+    """``{module: G}`` with ``G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩`` over ``checkpoints`` (k×k, float64), streamed module by module.
+
+    Raises:
+        ValueError: a checkpoint holding NaN or Inf (named with its key).
+    """
+    timer = {} if timer is None else timer
+    grams: dict[str, np.ndarray] = {}
+    with single_thread(), stream(checkpoints, modules, timer) as it:
+        for m, As, Bs in it:
+            t0 = time.perf_counter()
+            s = [c.modules[m].scale for c in checkpoints]
+            if scales is not None:
+                s = [a * b for a, b in zip(s, scales, strict=True)]
+            G = ops.lora_gram(As, Bs, s).numpy()
+            if not np.isfinite(np.diag(G)).all():
+                check_finite(checkpoints, m, As, Bs)
+            timer["gram_s"] = timer.get("gram_s", 0.0) + time.perf_counter() - t0
+            grams[m] = G
+    return grams
+
+
+def _evaluation(G, b, c, w, constraint) -> dict:
+    obj = objective(G, b, c, w)
+    resid = math.sqrt(obj)
+    tnorm = math.sqrt(max(c, 0.0))
+    rel = resid / tnorm if tnorm > 0 else None
+    violation = float(max(-w.min(), 0.0))
+    if constraint == "simplex":
+        violation = max(violation, abs(float(w.sum()) - 1.0))
+    return {"objective_value": obj, "residual_norm": resid, "target_norm": tnorm, "relative_error": rel,
+            "r_squared": 1.0 - rel * rel if rel is not None else None, "constraint_violation": violation}
+
+
+def _split(G):
+    """(k+1)×(k+1) Gram with the target last → sources' G, cross products b, target norm² c."""
+    return G[:-1, :-1], G[:-1, -1], float(G[-1, -1])
+
+
+def optimize(
+    config: str | os.PathLike | Mapping | CombineConfig,
+    target: str,
+    layerwise: bool = False,
+    *,
+    constraint: str = "simplex",
+    checkpoints: Iterable[str] | None = None,
+    on_mismatch: str = "error",
+    verbose: bool | None = None,
+    log=print,
+) -> dict:
+    """Finds the weights w minimising ``Σ_modules ‖Σᵢ wᵢ ΔWᵢ − ΔW_target‖²_F``.
+
+    Args:
+        config (str | PathLike | Mapping): a checkpoint list (YAML path) or a mapping name → checkpoint path.
+        target (str): the name of the checkpoint to approximate; every other listed checkpoint is a source.
+        layerwise (bool): also solve per module and per layer, and report how much closer that gets. Default False.
+        constraint (str): ``"simplex"`` (Σw = 1, w ≥ 0; default), ``"nonnegative"`` or ``"unconstrained"``.
+        checkpoints (Iterable[str] | None): restrict the sources to these names. Default all but the target.
+        on_mismatch (str): ``"error"`` (default) or ``"intersect"`` when checkpoints adapt different modules.
+        verbose (bool | None): explain the path validation; default the list's ``verbose_paths``.
+        log (callable): where verbose messages go. Default ``print``.
+
+    Returns:
+        dict: the results (JSON-serialisable): ``global_weights`` (sources in the list's order) with
+        ``checkpoint_names``, ``weights`` (name → weight), ``method``, ``evaluation`` (``objective_value`` =
+        squared residual, ``residual_norm``, ``relative_error`` = residual / target norm, ``r_squared`` = 1 −
+        relative error², ``constraint_violation``), ``kkt``, ``gram``, ``modules`` (per-module breakdown),
+        ``layerwise`` (when asked), ``timings``.
+
+    Raises:
+        ValueError: a target not in the list, no source, different module sets, shapes that differ, NaN/Inf.
+        FileNotFoundError: checkpoint paths that do not exist or lack the adapter files (each named).
+    """
+    t_start = time.perf_counter()
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+    cfg = load_config(config)
+    if not isinstance(target, str) or target not in cfg.checkpoints:
+        raise ValueError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")
+    names = [n for n in cfg.select(checkpoints) if n != target]
+    if not names:
+        raise ValueError(f"no checkpoint to combine: {cfg.source} lists only the target {target!r}")
+    verbose = cfg.verbose_paths if verbose is None else verbose
+    opened = open_checkpoints(cfg, [*names, target], verbose=verbose, log=log)
+    modules, dropped = common_modules(opened, on_mismatch)
+    timer: dict[str, float] = {}
+    grams = module_grams(opened, modules, timer)
+    t0 = time.perf_counter()
+    total = sum(grams.values())
+    G, b, c = _split(total)
+    sol = solve(G, b, c, constraint)
+    w = sol.weights
+    per_module = {}
+    for m, Gm in grams.items():
+        Gs, bs, cs = _split(Gm)
+        f = opened[0].modules[m]
+        resid = math.sqrt(objective(Gs, bs, cs, w))
+        tn = math.sqrt(max(cs, 0.0))
+        per_module[m] = {
+            "layer": layer_of(m), "shape": [f.out_features, f.in_features],
+            "ranks": {c.name: c.modules[m].rank for c in opened},
+            "scales": {c.name: c.modules[m].scale for c in opened},
+            "residual_norm": resid, "target_norm": tn, "relative_error": resid / tn if tn > 0 else None,
+        }
+    result = {
+        "target": target,
+        "checkpoint_names": names,
+        "global_weights": [float(x) for x in w],
+        "weights": {n: float(x) for n, x in zip(names, w, strict=True)},
+        "method": sol.method,
+        "constraint": constraint,
+        "evaluation": _evaluation(G, b, c, w, constraint),
+        "kkt": sol.kkt,
+        "gram": {"G": G.tolist(), "b": b.tolist(), "target_norm_sq": c},
+        "num_modules": len(modules),
+        "total_elements": int(sum(m["shape"][0] * m["shape"][1] for m in per_module.values())),
+        "dropped_modules": dropped,
+        "checkpoints": {c.name: {"path": str(c.path), "description": c.description} for c in opened},
+        "modules": per_module,
+    }
+    if layerwise:
+        result["layerwise"] = _layerwise(grams, constraint, result["evaluation"]["objective_value"], names)
+    timer["solve_s"] = time.perf_counter() - t0
+    timer["total_s"] = time.perf_counter() - t_start
+    result["timings"] = timer
+    return result
+
+
+def _layerwise(grams: dict[str, np.ndarray], constraint: str, global_obj: float, names: list[str]) -> dict:
+    """Per-module and per-layer optimal weights, and how much closer they get than the global weights."""
+    modules = {}
+    obj_modules = 0.0
+    for m, Gm in grams.items():
+        Gs, bs, cs = _split(Gm)
+        s = solve(Gs, bs, cs, constraint)
+        modules[m] = {"weights": [float(x) for x in s.weights], "residual_norm": math.sqrt(s.objective),
+                      "kkt_satisfied": s.kkt["satisfied"]}
+        obj_modules += s.objective
+    by_layer: dict[int | None, np.ndarray] = {}
+    for m, Gm in grams.items():
+        L = layer_of(m)
+        by_layer[L] = by_layer.get(L, 0) + Gm
+    layers = {}
+    obj_layers = 0.0
+    for L, Gl in sorted(by_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        Gs, bs, cs = _split(Gl)
+        s = solve(Gs, bs, cs, constraint)
+        layers["none" if L is None else str(L)] = {"weights": [float(x) for x in s.weights],
+                                                   "residual_norm": math.sqrt(s.objective),
+                                                   "kkt_satisfied": s.kkt["satisfied"]}
+        obj_layers += s.objective
+    g = math.sqrt(global_obj)
+
+    def gain(obj):
+        r = math.sqrt(obj)
+        return {"residual_norm": r, "relative_to_global": r / g if g > 0 else None,
+                "improvement": 1.0 - r / g if g > 0 else 0.0}
+
+    return {"checkpoint_names": names, "per_module": gain(obj_modules), "per_layer": gain(obj_layers),
+            "global_residual_norm": g, "modules": modules, "layers": layers}
