@@ -16,6 +16,14 @@ from . import (  # noqa: F401
 )
 from .config import LoraConfig
 from .layer import LoraLinear
+from .methods import (
+    RotationalPiSSAConfig,
+    TinyLoraConfig,
+    orthogonality_loss,
+    restore_tinylora,
+    save_as_lora,
+    save_tinylora,
+)
 from .model import (
     active_adapter,
     adapter_layers,
@@ -40,6 +48,8 @@ __all__ = [
     "AdapterFormatError",
     "LoraConfig",
     "LoraLinear",
+    "RotationalPiSSAConfig",
+    "TinyLoraConfig",
     "active_adapter",
     "adapter_layers",
     "adapter_names",
@@ -53,6 +63,10 @@ __all__ = [
     "memory_usage",
     "merge",
     "ops",
+    "orthogonality_loss",
+    "restore_tinylora",
+    "save_as_lora",
+    "save_tinylora",
     "save_adapter",
     "set_adapter",
     "set_enabled",

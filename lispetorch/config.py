@@ -6,7 +6,14 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "lora_ga")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # K, the number of subspace iterations
+
+
+def pissa_niter(init: str) -> int | None:
+    """K of ``"pissa_niter_K"``; None for a full SVD (``"pissa"``) or any other init."""
+    m = _PISSA_NITER.fullmatch(init)
+    return int(m.group(1)) if m else None
 
 
 @dataclass
@@ -25,8 +32,11 @@ class LoraConfig:
             output head). Default ``["q_proj", "v_proj"]``.
         exclude_modules (list[str] | str | None): names, suffixes or a regular expression never to adapt.
         use_rslora (bool): rank-stabilised scaling ``alpha / √r``. Default False.
-        init (str): ``"kaiming"`` (A Kaiming-uniform with a=√5, B zeros; PEFT's default) or ``"gaussian"``
-            (A normal with std 1/r, B zeros). Default ``"kaiming"``.
+        init (str): ``"kaiming"`` (A Kaiming-uniform with a=√5, B zeros; PEFT's default), ``"gaussian"``
+            (A normal with std 1/r, B zeros), ``"pissa"`` (principal singular vectors of W, the base becoming the
+            residual; Meng et al., 2024), ``"pissa_niter_K"`` (the same from a randomised SVD with K subspace
+            iterations) or ``"lora_ga"`` (from the SVD of the averaged gradient of W over calibration batches
+            passed to ``inject``; Wang et al., 2024). Default ``"kaiming"``.
         dtype (str | torch.dtype | None): dtype of the adapter factors; the base weight's when None.
 
     Raises:
@@ -51,7 +61,8 @@ class LoraConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in _INITS:
+        if not isinstance(self.init, str) or not (self.init in _INITS and self.init != "pissa_niter_K"
+                                                  or _PISSA_NITER.fullmatch(self.init)):
             raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
         self.target_modules = _check_targets(self.target_modules, "target_modules")
         if self.exclude_modules is not None:

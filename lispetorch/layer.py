@@ -54,6 +54,14 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_R = nn.ParameterDict()
+        # Adapters whose r×r core is computed from parameters at every forward (rotations, TinyLoRA's Σ vᵢPᵢ):
+        # a module whose forward() returns R (r, r); autograd flows through it into the operator's R input.
+        self.lora_R_fn = nn.ModuleDict()
+        # Which of "A", "B", "R" stay frozen when the adapter is active (empty: all train, as in LoRA).
+        self.frozen_factors: dict[str, frozenset[str]] = {}
+        # Adapters whose init took a delta out of the base weight (PiSSA, LoRA-GA, Rotational PiSSA): a module
+        # holding that delta's factors (buffers A, B, R and its scale), so W_original = W + scale·B R A.
+        self.base_offset = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -104,8 +112,17 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         R: torch.Tensor | None = None,
+        R_fn: nn.Module | None = None,
+        frozen: tuple[str, ...] | frozenset[str] = (),
     ) -> None:
-        """Installs (or replaces) adapter ``name`` with the given factors ``A (r, in)``, ``B (out, r)``."""
+        """Installs (or replaces) adapter ``name`` with the given factors ``A (r, in)``, ``B (out, r)``.
+
+        Args:
+            R (Tensor | None): a trained (or frozen) core ``(r, r)``.
+            R_fn (nn.Module | None): instead of ``R``, a module whose ``forward()`` returns the core ``(r, r)``,
+                called at every forward; its parameters are the core's trainable parameters.
+            frozen (tuple[str, ...]): which of ``"A"``, ``"B"``, ``"R"`` do not train when the adapter is active.
+        """
         if self.merged_adapter == name:
             raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge it first")
         r = A.shape[0]
@@ -114,12 +131,24 @@ class LoraLinear(nn.Module):
                 f"adapter {name!r}: expected A ({r}, {self.in_features}) and B ({self.out_features}, {r}), "
                 f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
             )
+        if R is not None and R_fn is not None:
+            raise ValueError(f"adapter {name!r}: give R or R_fn, not both")
+        if R is not None and R.shape != (r, r):
+            raise ValueError(f"adapter {name!r}: expected R ({r}, {r}), got {tuple(R.shape)}")
+        unknown = set(frozen) - {"A", "B", "R"}
+        if unknown:
+            raise ValueError(f"adapter {name!r}: frozen names factors {sorted(unknown)}; factors are A, B, R")
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         if R is not None:
             self.lora_R[name] = nn.Parameter(R)
         elif name in self.lora_R:
             del self.lora_R[name]
+        if R_fn is not None:
+            self.lora_R_fn[name] = R_fn
+        elif name in self.lora_R_fn:
+            del self.lora_R_fn[name]
+        self.frozen_factors[name] = frozenset(frozen)
         self.r[name] = r
         self.lora_alpha[name] = float(alpha)
         self.use_rslora[name] = bool(use_rslora)
@@ -132,16 +161,37 @@ class LoraLinear(nn.Module):
         """Removes adapter ``name`` (it must not be merged)."""
         if self.merged_adapter == name:
             raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge it first")
-        for d in (self.lora_A, self.lora_B, self.lora_R):
+        for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_R_fn, self.base_offset):
             if name in d:
                 del d[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora, self.frozen_factors):
             d.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.lora_A.keys()), None)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.lora_A[name], self.lora_B[name], (self.lora_R[name] if name in self.lora_R else None)
+        """``(A, B, R)`` of adapter ``name``; R is None without a core, and computed when it is parametrised."""
+        if name in self.lora_R_fn:
+            R = self.lora_R_fn[name]()
+        else:
+            R = self.lora_R[name] if name in self.lora_R else None
+        return self.lora_A[name], self.lora_B[name], R
+
+    def adapter_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
+        """The parameters of adapter ``name`` by factor: ``{"A": [...], "B": [...], "R": [...]}``."""
+        params = {"A": [self.lora_A[name]], "B": [self.lora_B[name]], "R": []}
+        if name in self.lora_R:
+            params["R"].append(self.lora_R[name])
+        if name in self.lora_R_fn:
+            params["R"].extend(self.lora_R_fn[name].parameters())
+        return params
+
+    def set_trainable(self, name: str, trainable: bool) -> None:
+        """Turns training of adapter ``name`` on (its factors that are not frozen) or off (all of them)."""
+        frozen = self.frozen_factors.get(name, frozenset())
+        for which, params in self.adapter_parameters(name).items():
+            for p in params:
+                p.requires_grad_(trainable and which not in frozen)
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +200,8 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         w = self.base_weight()
         A, B, R = self.factors(name)
-        if A.dtype != w.dtype:  # adapters kept in another dtype: compute in the base's
-            A, B, R = A.to(w.dtype), B.to(w.dtype), (R.to(w.dtype) if R is not None else None)
+        if A.dtype != w.dtype or B.dtype != w.dtype or (R is not None and R.dtype != w.dtype):
+            A, B, R = A.to(w.dtype), B.to(w.dtype), (R.to(w.dtype) if R is not None else None)  # compute in W's
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
         p = self.lora_dropout[name] if self.training else 0.0
@@ -164,7 +214,8 @@ class LoraLinear(nn.Module):
         return self.merged_adapter is not None
 
     def _versions(self, name: str) -> tuple[int, ...]:
-        return tuple(t._version for t in (self.base_layer.weight, *self.factors(name)) if t is not None)
+        params = [p for ps in self.adapter_parameters(name).values() for p in ps]
+        return tuple(t._version for t in (self.base_layer.weight, *params))
 
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:

@@ -85,15 +85,19 @@ def _dtype(value) -> torch.dtype | None:
 
 
 # --- public API --------------------------------------------------------------------------------------------
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> dict[str, LoraLinear]:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+           calibration_batches=None) -> dict[str, LoraLinear]:
     """Adapts the layers of ``model`` that ``config.target_modules`` selects, in place.
 
     Every parameter of the model is frozen except the new adapter's factors, which become the active adapter.
 
     Args:
         model (nn.Module): any module; transformers models included.
-        config (LoraConfig): rank, alpha, dropout, targets, init.
+        config (LoraConfig | RotationalPiSSAConfig | TinyLoraConfig): the method and its rank, alpha, dropout,
+            targets, init (``LoraConfig.init`` ``"pissa"``, ``"pissa_niter_K"`` and ``"lora_ga"`` are SVD inits).
         adapter_name (str): name of the adapter. Default ``"default"``.
+        calibration_batches (Iterable | None): for ``init="lora_ga"``: input_ids tensors or dicts of model inputs
+            whose averaged loss gradient initialises the adapter.
 
     Returns:
         dict[str, LoraLinear]: the adapted layers by module name.
@@ -102,8 +106,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         ValueError: no module matches, or a matched layer already has an adapter of this name (the model is
             left unchanged).
     """
+    from . import methods
+
+    if isinstance(config, methods.RotationalPiSSAConfig):
+        return methods.inject_rotational_pissa(model, config, adapter_name)
+    if isinstance(config, methods.TinyLoraConfig):
+        return methods.inject_tinylora(model, config, adapter_name)
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a LoraConfig, RotationalPiSSAConfig or TinyLoraConfig, got "
+                        f"{type(config).__name__}")
+    if config.init not in ("kaiming", "gaussian"):
+        return methods.inject_lora_init(model, config, adapter_name, calibration_batches)
     dtype = _dtype(config.dtype)
     chosen = match_modules(model, config.target_modules, config.exclude_modules)
     twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
@@ -165,9 +178,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         else:
             layer.active_adapter = None
         for name in layer.lora_A:
-            for p in layer.factors(name):
-                if p is not None:
-                    p.requires_grad_(name == adapter_name)
+            layer.set_trainable(name, name == adapter_name)
 
 
 def active_adapter(model: nn.Module) -> str | None:

@@ -25,6 +25,11 @@ __all__ = [
     "lora_unmerge_",
     "lora_gram",
     "lora_factored_svd",
+    "svd_lowrank",
+    "blockwise_quantize",
+    "blockwise_dequantize",
+    "nf4_quantize",
+    "nf4_dequantize",
 ]
 
 
@@ -162,6 +167,58 @@ def lora_factored_svd(
     return _ops.lora_factored_svd(list(lora_A), list(lora_B), scales, int(rank))
 
 
+def svd_lowrank(
+    weight: torch.Tensor, rank: int, niter: int, oversample: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomised truncated SVD with ``niter`` subspace iterations (Halko, Martinsson & Tropp, 2011).
+
+    Args:
+        weight (Tensor): ``(out, in)`` floating point.
+        rank (int): triplets to return, in ``[1, min(out, in)]``.
+        niter (int): subspace (power) iterations; more is closer to the exact SVD.
+        oversample (int): extra columns of the random sketch. Default 10.
+        seed (int): seed of the (CPU) generator that draws the sketch. Default 0.
+
+    Returns:
+        tuple: ``U (out, rank)``, ``S (rank,)`` descending, ``Vh (rank, in)``; float32 (float64 for float64 input).
+
+    Raises:
+        RuntimeError: a rank out of range or a non-float weight, named in the message.
+    """
+    return _ops.svd_lowrank(weight, int(rank), int(niter), int(oversample), int(seed))
+
+
+def blockwise_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of ``blocksize`` flattened values, the uint8 index of the ``code`` entry nearest ``x / absmax``.
+
+    Returns:
+        tuple: indices ``(numel,)`` uint8 and absmax ``(ceil(numel / blocksize),)`` float32.
+    """
+    return _ops.blockwise_quantize(x, code, int(blocksize))
+
+
+def blockwise_dequantize(index: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``code[index] · absmax[block]``, flattened ``(numel,)``, in ``dtype``."""
+    return _ops.blockwise_dequantize(index, absmax, code, int(blocksize), dtype)
+
+
+def nf4_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 as bitsandbytes stores it: 4-bit codes, two per byte (first element in the high nibble), and a
+    float32 absmax per block of ``blocksize`` flattened values.
+
+    Returns:
+        tuple: packed ``(ceil(numel / 2),)`` uint8 and absmax ``(ceil(numel / blocksize),)`` float32.
+    """
+    return _ops.nf4_quantize(x, int(blocksize))
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int = 64,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``numel`` values of :func:`nf4_quantize`'s output, flattened, in ``dtype``."""
+    return _ops.nf4_dequantize(packed, absmax, int(numel), int(blocksize), dtype)
+
+
 def _rows(x: torch.Tensor):
     return functools.reduce(operator.mul, x.shape[:-1], 1)
 
@@ -234,3 +291,33 @@ def _(lora_A, lora_B, scales, rank):
     return lora_B[0].new_empty((out, q), dtype=f64), lora_A[0].new_empty((q, inp), dtype=f64), \
         lora_A[0].new_empty((p,), dtype=f64)
 
+
+@torch.library.register_fake("lispetorch::svd_lowrank")
+def _(weight, rank, niter, oversample=10, seed=0):
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    out, inp = weight.shape
+    return weight.new_empty((out, rank), dtype=dt), weight.new_empty((rank,), dtype=dt), \
+        weight.new_empty((rank, inp), dtype=dt)
+
+
+@torch.library.register_fake("lispetorch::blockwise_quantize")
+def _(x, code, blocksize):
+    n = x.numel()
+    return x.new_empty((n,), dtype=torch.uint8), x.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+
+
+@torch.library.register_fake("lispetorch::blockwise_dequantize")
+def _(index, absmax, code, blocksize, dtype):
+    return index.new_empty((index.numel(),), dtype=dtype)
+
+
+@torch.library.register_fake("lispetorch::nf4_quantize")
+def _(x, blocksize=64):
+    n = x.numel()
+    return x.new_empty(((n + 1) // 2,), dtype=torch.uint8), \
+        x.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+
+
+@torch.library.register_fake("lispetorch::nf4_dequantize")
+def _(packed, absmax, numel, blocksize, dtype):
+    return packed.new_empty((numel,), dtype=dtype)

@@ -59,10 +59,10 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> tuple[di
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas, dropouts, rslora, fan = {}, {}, {}, set(), set()
     for name, layer in holding.items():
-        if adapter_name in layer.lora_R:
+        if adapter_name in layer.lora_R or adapter_name in layer.lora_R_fn:
             raise ValueError(
                 f"adapter {adapter_name!r} on {name!r} has an r×r core (lora_R), which PEFT's LoRA layout cannot "
-                "hold"
+                "hold; lispetorch.save_as_lora writes it as a plain LoRA on the original weights"
             )
         A, B, _ = layer.factors(adapter_name)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.detach().contiguous()

@@ -24,4 +24,9 @@ TORCH_LIBRARY(lispetorch, m) {
       "Tensor? distance, Tensor? index, Tensor? values) -> ()");
   m.def("lora_gram(Tensor[] lora_A, Tensor[] lora_B, float[] scales) -> Tensor");
   m.def("lora_factored_svd(Tensor[] lora_A, Tensor[] lora_B, float[] scales, int rank) -> (Tensor, Tensor, Tensor)");
+  m.def("svd_lowrank(Tensor weight, int rank, int niter, int oversample=10, int seed=0) -> (Tensor, Tensor, Tensor)");
+  m.def("blockwise_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  m.def("blockwise_dequantize(Tensor index, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
+  m.def("nf4_quantize(Tensor x, int blocksize=64) -> (Tensor, Tensor)");
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, int numel, int blocksize, ScalarType dtype) -> Tensor");
 }

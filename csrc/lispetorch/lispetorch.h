@@ -65,6 +65,21 @@ at::Tensor lora_gram(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_factored_svd(at::TensorList lora_A, at::TensorList lora_B,
                                                                  at::ArrayRef<double> scales, int64_t rank);
 
+// Randomised truncated SVD of weight (out, in) with `niter` subspace iterations (Halko et al. 2011): returns
+// U (out, rank), S (rank,), Vh (rank, in) in float32 (float64 for float64 input). See svd_lowrank.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_lowrank(const at::Tensor& weight, int64_t rank, int64_t niter,
+                                                           int64_t oversample, int64_t seed);
+
+// Blockwise quantisation with a code table (nearest entry of x / absmax per block of `blocksize`): returns
+// uint8 indices (numel,) and float32 absmax (blocks,); and its inverse, flattened, in `dtype`. See nf4.cpp.
+std::tuple<at::Tensor, at::Tensor> blockwise_quantize(const at::Tensor& x, const at::Tensor& code, int64_t blocksize);
+at::Tensor blockwise_dequantize(const at::Tensor& index, const at::Tensor& absmax, const at::Tensor& code,
+                                int64_t blocksize, c10::ScalarType dtype);
+// NF4 as bitsandbytes stores it: two 4-bit codes per byte, first element in the high nibble, float32 absmax.
+std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& x, int64_t blocksize);
+at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t blocksize,
+                          c10::ScalarType dtype);
+
 namespace detail {
 // Checks k stacked checkpoints' factors (same in/out, matching ranks, one device, finite scales) and returns
 // their ranks; every message names the list entry and its shape.
