@@ -40,6 +40,7 @@ from .model import (
     trainable_parameters,
     unmerge,
 )
+from .nf4 import NF4Linear, quantize_nf4
 from .peft_io import AdapterFormatError, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "AdapterFormatError",
     "LoraConfig",
     "LoraLinear",
+    "NF4Linear",
     "RotationalPiSSAConfig",
     "TinyLoraConfig",
     "active_adapter",
@@ -63,6 +65,7 @@ __all__ = [
     "memory_usage",
     "merge",
     "ops",
+    "quantize_nf4",
     "orthogonality_loss",
     "restore_tinylora",
     "save_as_lora",

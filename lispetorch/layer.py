@@ -22,14 +22,17 @@ def conv1d_type():
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """True for the layers an adapter can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    """True for the layers an adapter can wrap: ``nn.Linear``, transformers' ``Conv1D`` and ``NF4Linear``."""
     conv1d = conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) or \
+        getattr(module, "quantized", False)
 
 
 def weight_out_in(layer: nn.Module) -> torch.Tensor:
-    """The weight of an adaptable layer as ``(out, in)``: a transposed view for ``Conv1D`` (stored ``(in, out)``)."""
-    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
+    """The weight of an adaptable layer as ``(out, in)``: a transposed view for ``Conv1D`` (stored ``(in, out)``),
+    the dequantised weight for ``NF4Linear``."""
+    conv1d = conv1d_type()
+    return layer.weight.t() if conv1d is not None and isinstance(layer, conv1d) else layer.weight
 
 
 class LoraLinear(nn.Module):
@@ -48,7 +51,7 @@ class LoraLinear(nn.Module):
         if not is_adaptable(base_layer):
             raise TypeError(f"can only adapt nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+        self.fan_in_fan_out = isinstance(base_layer, conv1d_type() or ())
         out_features, in_features = self.base_weight().shape
         self.in_features, self.out_features = in_features, out_features
         self.lora_A = nn.ParameterDict()
@@ -225,6 +228,9 @@ class LoraLinear(nn.Module):
         """
         if self.merged_adapter is not None or self.active_adapter is None:
             return
+        if getattr(self.base_layer, "quantized", False):
+            raise RuntimeError("cannot merge into a quantised (NF4) base weight; use lispetorch.save_as_lora, or "
+                               "dequantise the base first")
         name = self.active_adapter
         A, B, R = self.factors(name)
         distance, index, values = ops.lora_merge_(self.base_weight(), A, B, R, self.scaling[name], safe)

@@ -98,7 +98,8 @@ def lora_equivalent(model: nn.Module, adapter_name: str | None = None) -> tuple[
 def save_as_lora(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Writes ``adapter_name`` (the active one by default) as a plain PEFT LoRA directory that applies to the
     original base weights, atomically. PEFT's ``PeftModel.from_pretrained`` on the original model then gives
-    this model's outputs.
+    this model's outputs (up to the rounding of an NF4-quantised residual, which the original weights do not
+    have).
 
     Returns:
         Path: the directory.

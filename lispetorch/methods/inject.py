@@ -19,6 +19,7 @@ adapted model's output equals the base model's at init up to float rounding.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .. import ops
 from ..config import LoraConfig, pissa_niter
 from ..layer import LoraLinear, weight_out_in
 from ..model import _dtype, _replace, match_modules, set_adapter
+from ..nf4 import NF4Weight, quantize_nf4
 from .config import RotationalPiSSAConfig, TinyLoraConfig
 from .cores import RotationalCore, TinyLoraCore
 
@@ -235,11 +237,16 @@ def inject_rotational_pissa(model: nn.Module, config: RotationalPiSSAConfig,
     for name, module in chosen.items():
         w = _base(module)
         U, S, Vh = svd_factors(w, config.r)
+        if config.quantize_base_components:  # U_r and V_r through NF4 (the residual absorbs the rounding)
+            U, Vh = NF4Weight(U).dequantize(), NF4Weight(Vh).dequantize()
         core = RotationalCore(S / s, config.method, config.skew_rank, config.init_identity,
                               config.freeze_singular_values, generator, config.orthogonality_reg_weight).to(w.device)
         plans[name] = _Plan(Vh.to(dtype or w.dtype), U.to(dtype or w.dtype), config.lora_alpha, config.dropout,
                             R_fn=core, frozen=("A", "B"), offset=True)
-    return _apply(model, chosen, plans, adapter_name)
+    layers = _apply(model, chosen, plans, adapter_name)
+    if config.quantize_residual:
+        quantize_nf4(model, "^(" + "|".join(re.escape(n) for n in layers) + ")$")
+    return layers
 
 
 def orthogonality_loss(model: nn.Module, adapter_name: str | None = None, weight: float | None = None) -> torch.Tensor:

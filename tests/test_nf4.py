@@ -1,0 +1,133 @@
+"""NF4 against the published table and layout (QLoRA / bitsandbytes), round-trip error, and NF4 bases under
+adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import load, logits
+
+import lispetorch as lt
+from lispetorch.nf4 import NF4Weight, dynamic_map
+
+# bitsandbytes' NF4 table (QLoRA, appendix E), typed in from the publication.
+NF4_TABLE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+
+
+def _unpack(packed, n):
+    return torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n].long()
+
+
+def test_nf4_codes_and_nibble_order():
+    x = NF4_TABLE.clone() * 3.0  # one block whose absmax is 3: the codes are 0..15 in order
+    packed, absmax = lt.ops.nf4_quantize(x)
+    assert packed.dtype == torch.uint8 and absmax.dtype == torch.float32
+    assert packed.tolist() == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]  # first element in the high nibble
+    assert absmax.tolist() == [3.0]
+    torch.testing.assert_close(lt.ops.nf4_dequantize(packed, absmax, 16), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (7, 33)])
+def test_nf4_nearest_code_and_round_trip_error(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    packed, absmax = lt.ops.nf4_quantize(x, 64)
+    n = x.numel()
+    assert packed.shape == ((n + 1) // 2,) and absmax.shape == ((n + 63) // 64,)
+    flat = x.reshape(-1)
+    blocks = torch.nn.functional.pad(flat, (0, absmax.numel() * 64 - n)).view(-1, 64)
+    torch.testing.assert_close(absmax, blocks.abs().amax(1), rtol=0, atol=0)
+    scale = absmax.repeat_interleave(64)[:n]
+    # each code is the nearest table entry to x / absmax (brute force)
+    expected = (flat[:, None] / scale[:, None] - NF4_TABLE[None, :]).abs().argmin(1)
+    assert torch.equal(_unpack(packed, n), expected)
+    y = lt.ops.nf4_dequantize(packed, absmax, n, 64).view(shape)
+    assert torch.equal(y.reshape(-1), NF4_TABLE[expected] * scale)
+    half_gap = (NF4_TABLE[1:] - NF4_TABLE[:-1]).max() / 2
+    assert ((y - x).abs().reshape(-1) <= half_gap * scale + 1e-7).all()
+    rel = ((y - x).norm() / x.norm()).item()
+    assert 0.01 < rel < 0.15  # 4 bits on Gaussian data
+    for dtype in (torch.bfloat16, torch.float16):
+        assert lt.ops.nf4_dequantize(packed, absmax, n, 64, dtype).dtype == dtype
+
+
+def test_nf4_double_quant():
+    code = dynamic_map()
+    assert code.shape == (256,) and torch.equal(code, code.unique()) and code.abs().max() == 1 and (code == 0).any()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 256, generator=g) * torch.rand(300, 1, generator=g)
+    plain, double = NF4Weight(w), NF4Weight(w, double_quant=True)
+    assert double.absmax_index.dtype == torch.uint8 and double.absmax2.shape == (5,)  # 1200 blocks / 256
+    # each absmax is off by at most half the code's widest gap times its block's scale (absmax2)
+    err = (double.absmax_values() - plain.absmax_values()).abs()
+    half_gap = ((dynamic_map()[1:] - dynamic_map()[:-1]).max() / 2).item()
+    assert (err <= half_gap * double.absmax2.repeat_interleave(256)[:1200] + 1e-6).all()
+    assert err.max() > 0
+    assert double.nbytes() < plain.nbytes()
+    err_plain = (plain.dequantize() - w).norm() / w.norm()
+    err_double = (double.dequantize() - w).norm() / w.norm()
+    assert err_double < err_plain * 1.05
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_nf4_matches_bitsandbytes():
+    import bitsandbytes.functional as bnbf
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(128, 96, device=device)
+    q, state = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    packed, absmax = lt.ops.nf4_quantize(x, 64)
+    assert torch.equal(q.reshape(-1).cpu(), packed.cpu())
+    torch.testing.assert_close(state.absmax.float().cpu(), absmax.cpu(), rtol=0, atol=0)
+    assert torch.equal(bnbf.create_dynamic_map(signed=True).float().cpu(), dynamic_map())
+    deq = bnbf.dequantize_4bit(q, state, quant_type="nf4")
+    torch.testing.assert_close(lt.ops.nf4_dequantize(packed, absmax, x.numel(), 64).view_as(x).cpu(), deq.float().cpu())
+
+
+def test_nf4_base_trains_under_an_adapter(model_dirs, input_ids):
+    model = load(model_dirs["llama"])
+    dense = {n: m.weight.detach().clone() for n, m in lt.match_modules(model, "all-linear").items()}
+    before = lt.memory_usage(model)
+    lt.quantize_nf4(model)
+    assert lt.memory_usage(model) < before
+    for name, layer in lt.match_modules(model, "all-linear").items():
+        assert isinstance(layer, lt.NF4Linear)
+        torch.testing.assert_close(layer.weight, NF4Weight(dense[name]).dequantize(), rtol=0, atol=0)
+    base = logits(model, input_ids)
+    lt.inject(model, lt.LoraConfig(r=4, target_modules="all-linear"))
+    assert torch.allclose(logits(model, input_ids), base, atol=1e-5)
+    opt = torch.optim.Adam(lt.trainable_parameters(model), lr=1e-2)
+    loss0 = None
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids, labels=input_ids).loss
+        loss0 = loss0 if loss0 is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < loss0
+    with pytest.raises(RuntimeError, match="quantised"):
+        lt.merge(model)
+
+
+def test_rotational_pissa_quantized_residual(model_dirs, input_ids):
+    model = load(model_dirs["llama"])
+    reference = load(model_dirs["llama"])
+    layers = lt.inject(model, lt.RotationalPiSSAConfig(r=4, method="way3", quantize_residual=True))
+    lt.inject(reference, lt.RotationalPiSSAConfig(r=4, method="way3"))
+    for name, layer in layers.items():
+        assert isinstance(layer.base_layer, lt.NF4Linear)
+        residual = lt.adapter_layers(reference)[name].base_weight()
+        torch.testing.assert_close(layer.base_weight(), NF4Weight(residual).dequantize(), rtol=0, atol=0)
+    # the principal part stays exact and only the (smaller) residual is rounded: closer to the unquantised
+    # model than NF4 applied to the whole weights
+    out, ref = logits(model, input_ids), logits(reference, input_ids)
+    whole = load(model_dirs["llama"])
+    lt.quantize_nf4(whole, ["q_proj", "v_proj"])
+    assert (out - ref).norm() < (logits(whole, input_ids) - ref).norm()
