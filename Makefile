@@ -1,5 +1,5 @@
 # make test   — create/reuse .venv, install torch and the dependencies, build the extension, run the tests
-# make demo   — the same setup, then run the main example
+# make demo   — the same setup, then run the main job (examples/lora_training.hy; builds the default model once)
 # Override the torch requirement for another platform, e.g. `make test TORCH_SPEC="torch==2.13.0+cu128"`.
 
 PYTHON ?= python3
@@ -39,7 +39,7 @@ test: build
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: build
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/lispetorch run examples/lora_training.hy
 
 bench: build
 	$(BIN)/python benchmarks/bench_lora.py
