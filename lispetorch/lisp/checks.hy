@@ -55,8 +55,9 @@ message starts with the script's ``file:line`` and the primitive's LispE name::
         (isinstance value #(list tuple))
           f"a list of {(len value)}{(if value (+ " starting with " (describe (get value 0))) "")}"
         (isinstance value dict) f"a dictionary with keys {(list (.keys value))}"
-        True (let [text (repr value)]
-               f"{(cut text 60)}{(if (> (len text) 60) "…" "")} (a {(. (type value) __name__)})")))
+        True (let [text (repr value)
+                   kind (. (type value) __name__)]
+               f"{(cut text 60)}{(if (> (len text) 60) "…" "")} ({(if (in (get kind 0) "aeiouAEIOU") "an" "a")} {kind})")))
 
 
 (defn usage [name signature]

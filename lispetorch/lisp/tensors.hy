@@ -103,7 +103,7 @@ Examples::
 
 (defn [primitive] tensor-in-memory []
   "How many tensors are alive in this process (parameters and buffers included)."
-  (sum (gfor o (gc.get-objects) :if (isinstance o torch.Tensor) 1)))
+  (sum (gfor o (gc.get-objects) :if (issubclass (type o) torch.Tensor) 1)))
 
 
 (defn [primitive] torch-cross-entropy [predictions targets]
