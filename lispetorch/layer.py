@@ -161,9 +161,19 @@ class LoraLinear(nn.Module):
             self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
-        """Removes adapter ``name`` (it must not be merged)."""
+        """Removes adapter ``name`` (it must not be merged). An adapter whose init took a delta out of the base
+        weight (PiSSA, LoRA-GA, Rotational PiSSA) puts it back (to float rounding; not into an NF4 base)."""
         if self.merged_adapter == name:
             raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge it first")
+        if name in self.base_offset:
+            if getattr(self.base_layer, "quantized", False):
+                warnings.warn(f"adapter {name!r}: the base weight is quantised, its init offset is not put back",
+                              stacklevel=2)
+            else:
+                off = self.base_offset[name]
+                with torch.no_grad():
+                    w = self.base_weight()
+                    w.copy_((w.float() + ops.lora_delta(off.A, off.B, off.R, off.scale, torch.float32)).to(w.dtype))
         for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_R_fn, self.base_offset):
             if name in d:
                 del d[name]
@@ -176,6 +186,9 @@ class LoraLinear(nn.Module):
         """``(A, B, R)`` of adapter ``name``; R is None without a core, and computed when it is parametrised."""
         if name in self.lora_R_fn:
             R = self.lora_R_fn[name]()
+            A = self.lora_A[name]
+            if R.dtype != A.dtype:  # cores compute in float32; the factors may be kept in another dtype
+                R = R.to(A.dtype)
         else:
             R = self.lora_R[name] if name in self.lora_R else None
         return self.lora_A[name], self.lora_B[name], R

@@ -63,6 +63,21 @@ def test_pissa_output_unchanged_at_init(model_dirs, input_ids, arch, init):
             torch.testing.assert_close(B.t() @ B, torch.diag(S[:4] / s), atol=1e-4, rtol=1e-4)
 
 
+def test_deleting_an_svd_init_adapter_puts_the_base_back(model_dirs, input_ids):
+    model = load(model_dirs["llama"])
+    base = logits(model, input_ids)
+    originals = {n: m.weight.detach().clone() for n, m in lt.match_modules(model, "all-linear").items()}
+    lt.inject(model, lt.LoraConfig(r=4, init="pissa", target_modules="all-linear"))
+    lt.inject(model, lt.RotationalPiSSAConfig(r=2, method="way3"), adapter_name="rot")
+    _train(model, input_ids, steps=1)
+    lt.delete_adapter(model, "rot")
+    lt.delete_adapter(model, "default")
+    assert not lt.adapter_layers(model)
+    for name, module in lt.match_modules(model, "all-linear").items():
+        torch.testing.assert_close(module.weight, originals[name], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), base, atol=2e-5, rtol=0)
+
+
 def test_svd_lowrank_matches_full_svd():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(96, 40, generator=g) @ torch.diag(torch.logspace(0, -3, 40)) @ torch.randn(40, 64, generator=g)
@@ -361,3 +376,23 @@ def test_lora_ga(model_dirs):
     out = logits(model, ids)
     lt.merge(model)
     torch.testing.assert_close(logits(model, ids), out, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", [
+    lt.LoraConfig(r=4, init="pissa", target_modules="all-linear"),
+    lt.RotationalPiSSAConfig(r=4, method="way1"),
+    lt.TinyLoraConfig(r=2, u=3),
+], ids=["pissa", "rotational", "tinylora"])
+def test_methods_in_bfloat16(model_dirs, input_ids, config):
+    model = load(model_dirs["llama"]).to(torch.bfloat16)
+    base = logits(model, input_ids).float()
+    lt.inject(model, config)
+    out = logits(model, input_ids).float()
+    assert (out - base).abs().max() <= 2 * 2**-8 * base.abs().max()  # bf16 rounding of the residual
+    _train(model, input_ids, steps=1)
+    trained = logits(model, input_ids)
+    weights = {n: layer.base_weight().clone() for n, layer in lt.adapter_layers(model).items()}
+    lt.merge(model)
+    lt.unmerge(model)
+    assert all(torch.equal(layer.base_weight(), weights[n]) for n, layer in lt.adapter_layers(model).items())
+    assert torch.equal(logits(model, input_ids), trained)
