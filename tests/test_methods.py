@@ -396,3 +396,24 @@ def test_methods_in_bfloat16(model_dirs, input_ids, config):
     lt.unmerge(model)
     assert all(torch.equal(layer.base_weight(), weights[n]) for n, layer in lt.adapter_layers(model).items())
     assert torch.equal(logits(model, input_ids), trained)
+
+
+@pytest.mark.parametrize("extra", [["--method", "way0"], ["--baseline", "lora_ga", "--sample_size", "4"]],
+                         ids=["way0", "lora_ga"])
+def test_rotational_pissa_example(tiny_default_model, tmp_path, capsys, extra):
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "rotational_pissa_train.py"
+    spec = importlib.util.spec_from_file_location("rotational_pissa_train", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--steps", "3", "--log_every", "1", "--batch", "2", "--seq", "32", "--lora_rank", "4",
+                         "--model_dir", str(tiny_default_model), "--output_dir", str(tmp_path), *extra]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"step +\d+  task_loss [\d.]+  ortho_loss \S+  total_loss [\d.]+", out)) == 3
+    assert float(re.search(r"at init ([\d.e+-]+)", out).group(1)) < 1e-4
+    assert float(re.search(r"merged vs unmerged: max \|diff\| ([\d.e+-]+)", out).group(1)) < 1e-4
+    adapted = load(tiny_default_model)
+    lt.load_adapter(adapted, tmp_path / "adapter")  # a plain LoRA on the original weights

@@ -131,3 +131,21 @@ def test_rotational_pissa_quantized_residual(model_dirs, input_ids):
     whole = load(model_dirs["llama"])
     lt.quantize_nf4(whole, ["q_proj", "v_proj"])
     assert (out - ref).norm() < (logits(whole, input_ids) - ref).norm()
+
+
+def test_opcheck_native_svd_and_quantisation_ops():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(40, 24, generator=g)
+    torch.library.opcheck(torch.ops.lispetorch.svd_lowrank.default, (W, 4, 2, 4, 0))
+    torch.library.opcheck(torch.ops.lispetorch.nf4_quantize.default, (W, 64))
+    packed, absmax = lt.ops.nf4_quantize(W, 64)
+    torch.library.opcheck(torch.ops.lispetorch.nf4_dequantize.default, (packed, absmax, W.numel(), 64, torch.bfloat16))
+    code = dynamic_map()
+    torch.library.opcheck(torch.ops.lispetorch.blockwise_quantize.default, (absmax, code, 256))
+    index, absmax2 = lt.ops.blockwise_quantize(absmax, code, 256)
+    torch.library.opcheck(torch.ops.lispetorch.blockwise_dequantize.default,
+                          (index, absmax2, code, 256, torch.float32))
+    with pytest.raises(RuntimeError, match="10 values need 5 bytes, got 6"):
+        lt.ops.nf4_dequantize(torch.zeros(6, dtype=torch.uint8), torch.ones(1), 10, 64)
+    with pytest.raises(RuntimeError, match="need absmax"):
+        lt.ops.blockwise_dequantize(index, absmax2[:0], code, 256)
