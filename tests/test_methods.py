@@ -417,3 +417,24 @@ def test_rotational_pissa_example(tiny_default_model, tmp_path, capsys, extra):
     assert float(re.search(r"merged vs unmerged: max \|diff\| ([\d.e+-]+)", out).group(1)) < 1e-4
     adapted = load(tiny_default_model)
     lt.load_adapter(adapted, tmp_path / "adapter")  # a plain LoRA on the original weights
+
+
+def test_method_config_by_name(model_dirs, input_ids):
+    from lispetorch.methods import method_config
+
+    assert method_config("lora", 4, 8).init == "kaiming"
+    assert method_config("pissa_niter_3", 4, 8, ["q_proj"]).init == "pissa_niter_3"
+    rot = method_config("rotational_pissa", 4, 8, method="way2", skew_rank=1)
+    assert isinstance(rot, lt.RotationalPiSSAConfig) and rot.method == "way2" and rot.lora_alpha == 8
+    tiny = method_config("tinylora", 2, 1, u=3, seed=5)
+    assert isinstance(tiny, lt.TinyLoraConfig) and (tiny.u, tiny.seed, tiny.r) == (3, 5, 2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        method_config("dora", 4, 8)
+    with pytest.raises(ValueError, match="method 'tinylora': .*unexpected keyword argument 'method'"):
+        method_config("tinylora", 2, 1, method="way1")
+    with pytest.raises(ValueError, match="u must be a positive integer"):
+        method_config("tinylora", 2, 1, u=0)
+    model = load(model_dirs["llama"])
+    base = logits(model, input_ids)
+    lt.inject(model, method_config("pissa", 4, 8, "all-linear"))
+    torch.testing.assert_close(logits(model, input_ids), base, atol=2e-5, rtol=0)

@@ -11,9 +11,11 @@ from .inject import (
     orthogonality_loss,
     svd_factors,
 )
+from .select import METHODS, method_config
 from .tinylora import restore_tinylora, save_tinylora
 
 __all__ = [
+    "METHODS",
     "ROTATION_METHODS",
     "RotationalPiSSAConfig",
     "TinyLoraConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "inject_rotational_pissa",
     "inject_tinylora",
     "lora_equivalent",
+    "method_config",
     "orthogonality_loss",
     "restore_tinylora",
     "save_as_lora",
