@@ -438,3 +438,20 @@ def test_method_config_by_name(model_dirs, input_ids):
     base = logits(model, input_ids)
     lt.inject(model, method_config("pissa", 4, 8, "all-linear"))
     torch.testing.assert_close(logits(model, input_ids), base, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("r", [1, 2, 5, 8])
+def test_givens_product_matches_sequential_rotations(r):
+    from lispetorch.methods.cores import GivensRotation, _round_robin
+
+    angles = torch.randn(r * (r - 1) // 2, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+    rot = GivensRotation(r, angles)
+    Q = torch.eye(r, dtype=torch.float64)
+    planes = [p for rnd in _round_robin(r) for p in rnd]
+    assert sorted(planes) == [(i, j) for i in range(r) for j in range(i + 1, r)]
+    for (i, j), theta in zip(planes, angles.tolist(), strict=True):  # one plane after another
+        G = torch.eye(r, dtype=torch.float64)
+        G[i, i] = G[j, j] = math.cos(theta)
+        G[i, j], G[j, i] = -math.sin(theta), math.sin(theta)
+        Q = G @ Q
+    torch.testing.assert_close(rot().double(), Q, atol=1e-6, rtol=0)

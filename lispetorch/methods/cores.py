@@ -39,32 +39,36 @@ class FreeMatrix(nn.Module):
 
 
 class GivensRotation(nn.Module):
-    """``way1``: ``Q = Πₖ G(iₖ, jₖ, θₖ)`` over all planes, grouped in rounds of disjoint planes (angles from 0)."""
+    """``way1``: ``Q = Πₖ G(iₖ, jₖ, θₖ)`` over all ``r(r−1)/2`` planes (angles from 0).
+
+    The planes are grouped in ``r−1`` rounds of disjoint planes; each round is one matrix, all rounds are built in
+    one batched ``index_put`` and multiplied in a balanced tree (``⌈log₂(r−1)⌉`` batched products), so
+    ``Q = G_{r−2} ⋯ G₁ G₀`` with ``G_t = Π_{(i, j) ∈ round t} G(i, j, θ)``.
+    """
 
     def __init__(self, r: int, angles: torch.Tensor | None = None) -> None:
         super().__init__()
         self.r = r
         rounds = _round_robin(r)
-        count = sum(len(p) for p in rounds)
-        self.angles = nn.Parameter(torch.zeros(count) if angles is None else angles.clone().float())
-        i = torch.tensor([p[0] for rnd in rounds for p in rnd], dtype=torch.long)
-        j = torch.tensor([p[1] for rnd in rounds for p in rnd], dtype=torch.long)
-        self.register_buffer("i", i, persistent=False)
-        self.register_buffer("j", j, persistent=False)
-        self.bounds = [0]
-        for rnd in rounds:
-            self.bounds.append(self.bounds[-1] + len(rnd))
+        planes = [(t, i, j) for t, rnd in enumerate(rounds) for i, j in rnd]
+        self.rounds = len(rounds)
+        self.angles = nn.Parameter(torch.zeros(len(planes)) if angles is None else angles.clone().float())
+        for k, name in enumerate(("t", "i", "j")):
+            self.register_buffer(name, torch.tensor([p[k] for p in planes], dtype=torch.long), persistent=False)
 
     def forward(self) -> torch.Tensor:
         eye = torch.eye(self.r, dtype=self.angles.dtype, device=self.angles.device)
-        Q = eye
+        if self.rounds == 0:
+            return eye
         c, s = torch.cos(self.angles), torch.sin(self.angles)
-        for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True):
-            i, j = self.i[lo:hi], self.j[lo:hi]
-            G = eye.index_put((i, i), c[lo:hi]).index_put((j, j), c[lo:hi])
-            G = G.index_put((i, j), -s[lo:hi]).index_put((j, i), s[lo:hi])  # one round: disjoint planes
-            Q = G @ Q
-        return Q
+        t, i, j = self.t, self.i, self.j
+        G = eye.expand(self.rounds, self.r, self.r)  # (rounds, r, r): one matrix per round of disjoint planes
+        G = G.index_put((t, i, i), c).index_put((t, j, j), c).index_put((t, i, j), -s).index_put((t, j, i), s)
+        while G.shape[0] > 1:  # G[k] is applied after G[k-1]
+            if G.shape[0] % 2:
+                G = torch.cat([G, eye[None]])
+            G = G[1::2] @ G[0::2]
+        return G[0]
 
 
 class CayleyRotation(nn.Module):
