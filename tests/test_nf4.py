@@ -114,6 +114,12 @@ def test_nf4_base_trains_under_an_adapter(model_dirs, input_ids):
     assert loss.item() < loss0
     with pytest.raises(RuntimeError, match="quantised"):
         lt.merge(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="PiSSA changes the base weight, but .* is quantised"):
+        lt.inject(model, lt.LoraConfig(r=2, init="pissa", target_modules="all-linear"), adapter_name="pissa")
+    assert lt.adapter_names(model) == ["default"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    lt.inject(model, lt.TinyLoraConfig(r=2, u=2), adapter_name="tiny")  # leaves the base as it is: allowed
 
 
 def test_rotational_pissa_quantized_residual(model_dirs, input_ids):

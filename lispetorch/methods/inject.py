@@ -72,9 +72,13 @@ def svd_factors(w: torch.Tensor, r: int, niter: int | None = None) -> tuple[torc
     return ops.svd_lowrank(W, r, niter)
 
 
-def _check_layers(chosen: dict[str, nn.Module], r: int, what: str, rank_factor: int = 1) -> None:
+def _check_layers(chosen: dict[str, nn.Module], r: int, what: str, rank_factor: int = 1,
+                  changes_base: bool = True) -> None:
     for name, module in chosen.items():
         layer = module.base_layer if isinstance(module, LoraLinear) else module
+        if changes_base and getattr(layer, "quantized", False):
+            raise ValueError(f"{what} changes the base weight, but {name!r} is quantised: inject it first, then "
+                             "quantize_nf4 (the residual is what gets quantised)")
         w = weight_out_in(layer)
         if not w.is_floating_point():
             raise TypeError(f"{what} needs a floating-point weight, but {name!r} holds {w.dtype}")
@@ -292,7 +296,7 @@ def inject_tinylora(model: nn.Module, config: TinyLoraConfig, adapter_name: str 
     """:func:`~lispetorch.inject` for :class:`TinyLoraConfig`; ``v`` ``(u,)`` or ``(groups, u)`` sets the vector."""
     dtype = _dtype(config.dtype)
     chosen = _chosen(model, config, adapter_name)
-    _check_layers(chosen, config.r, "TinyLoRA")
+    _check_layers(chosen, config.r, "TinyLoRA", changes_base=False)
     groups = min(config.groups, len(chosen))
     if groups != config.groups:
         raise ValueError(f"TinyLoraConfig.groups = {config.groups} but only {len(chosen)} modules are adapted")
