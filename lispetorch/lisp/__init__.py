@@ -22,6 +22,7 @@ MODULES = (
     "lispetorch.lisp.lora",  # standalone LoRA layers: torch_lora_*, torch_linear
     "lispetorch.lisp.training",  # optimizer, scheduler, backward, gradients, devices
     "lispetorch.lisp.tensors",  # tensor_* and the loss
+    "lispetorch.lisp.methods",  # SVD-family methods' extras, NF4, the checkpoint optimizer
     "lispetorch.lisp.lispe",  # LispE's list, string, file and JSON functions; nil, true, false
 )
 MACRO_MODULE = "lispetorch.lisp.lispe"

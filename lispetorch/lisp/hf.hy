@@ -85,11 +85,15 @@ Examples::
   model-name)
 
 
-(defn [primitive] torch-hf-lora-init [model-name rank alpha target-modules [dtype None] [dropout 0.0]]
+(defn [primitive] torch-hf-lora-init [model-name rank alpha target-modules [dtype None] [dropout 0.0]
+                                      [method "lora"] [options None]]
   "Adds LoRA adapters of rank ``rank`` and scaling ``alpha / rank`` to the layers ``target_modules`` names
   (a list of module names such as ``q_proj``, or ``\"all-linear\"``), with factors in ``dtype`` (default: the
   model's) and ``dropout`` on the adapter input. Everything else is frozen. Calling it again replaces the
-  adapter. Returns the number of layers adapted."
+  adapter. ``method`` picks the adapter family: ``\"lora\"`` (default), ``\"pissa\"``, ``\"pissa_niter_K\"``,
+  ``\"lora_ga\"`` (``options`` must hold ``calibration_batches``: token-id tensors), ``\"rotational_pissa\"``
+  (``options``: ``method`` way0…way3, ``orthogonality_reg_weight``, …) or ``\"tinylora\"`` (``options``: ``u``,
+  ``seed``, ``groups``). Returns the number of layers adapted."
   (setv model (. (entry "torch_hf_lora_init" model-name) model)
         rank (check-int "torch_hf_lora_init" "rank" rank 1)
         alpha (check-number "torch_hf_lora_init" "alpha" alpha :positive True)
@@ -100,10 +104,16 @@ Examples::
                       (all (gfor t target-modules (isinstance t str))))))
     (fail "torch_hf_lora_init"
           f"target_modules must be a list of module names or \"all-linear\", got {(describe target-modules)}"))
-  (setv config (lt.LoraConfig :r rank :alpha alpha :dropout dropout :target-modules target-modules :dtype dtype))
+  (check-string "torch_hf_lora_init" "method" method)
+  (setv options (dict (check-dict "torch_hf_lora_init" "options" options))
+        batches (.pop options "calibration_batches" None)
+        config (if (= method "lora")
+                   (lt.LoraConfig :r rank :alpha alpha :dropout dropout :target-modules target-modules :dtype dtype
+                                  #** options)
+                   (lt.methods.method-config method rank alpha target-modules dtype dropout #** options)))
   (when (in ADAPTER (lt.adapter-names model))
     (lt.delete-adapter model ADAPTER))
-  (len (lt.inject model config :adapter-name ADAPTER)))
+  (len (lt.inject model config :adapter-name ADAPTER :calibration-batches batches)))
 
 
 (defn [primitive] torch-hf-lora-get-parameters [model-name]
