@@ -114,7 +114,7 @@
   (assert (in "torch_hf_lora_init: rank must be a positive integer, got '16' (a string)" (str e.value)))
   (with [e (pytest.raises PrimitiveError)]
     (torch_hf_lora_init "hf_e" 16))
-  (assert (in "expects (torch_hf_lora_init model_name rank alpha target_modules (dtype) (dropout)), got 2 arguments"
+  (assert (in "expects (torch_hf_lora_init model_name rank alpha target_modules (dtype) (dropout) (method) (options)), got 2 arguments"
               (str e.value)))
   (with [e (pytest.raises PrimitiveError :match "matches no adaptable module")]
     (torch_hf_lora_init "hf_e" 4 8 (strings "nothing_like_this")))
