@@ -44,6 +44,8 @@ demo: build
 bench: build
 	$(BIN)/python benchmarks/bench_lora.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/bench_combine.py
 
 clean:
 	rm -rf build $(BUILD_STAMP)

@@ -32,23 +32,13 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import alternate, log, markdown, ratio, saved_bytes, train_step  # noqa: E402
+from bench_lora import alternate, build_base, log, markdown, ratio, saved_bytes, train_step  # noqa: E402
 
 import lispetorch as lt  # noqa: E402
 
 RANK, ALPHA = 16, 32
-
-
-def build_base(layers: int, seed: int) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        hidden_size=512, intermediate_size=1376, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512, attn_implementation="sdpa",
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(torch.float32)
 
 
 def methods(ids: torch.Tensor) -> dict:

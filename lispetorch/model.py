@@ -85,6 +85,18 @@ def _dtype(value) -> torch.dtype | None:
 
 
 # --- public API --------------------------------------------------------------------------------------------
+def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
+    """The modules ``config`` targets; an error if any of them already holds an adapter named ``adapter_name``."""
+    chosen = match_modules(model, config.target_modules, config.exclude_modules)
+    twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
+    if twice:
+        raise ValueError(
+            f"adapter {adapter_name!r} is already injected into {len(twice)} of the targeted layers (e.g. "
+            f"{twice[0]!r}); use another adapter name, or delete_adapter first"
+        )
+    return chosen
+
+
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
            calibration_batches=None) -> dict[str, LoraLinear]:
     """Adapts the layers of ``model`` that ``config.target_modules`` selects, in place.
@@ -118,13 +130,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
     if config.init not in ("kaiming", "gaussian"):
         return methods.inject_lora_init(model, config, adapter_name, calibration_batches)
     dtype = _dtype(config.dtype)
-    chosen = match_modules(model, config.target_modules, config.exclude_modules)
-    twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
-    if twice:
-        raise ValueError(
-            f"adapter {adapter_name!r} is already injected into {len(twice)} of the targeted layers (e.g. "
-            f"{twice[0]!r}); use another adapter name, or delete_adapter first"
-        )
+    chosen = select_for_new_adapter(model, config, adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
     layers: dict[str, LoraLinear] = {}

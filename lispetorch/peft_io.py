@@ -52,8 +52,8 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> tuple[di
     if not layers:
         raise ValueError("the model has no adapters to save")
     if adapter_name is None:
-        adapter_name = next((l.active_adapter for l in layers.values() if l.active_adapter), None)
-    holding = {n: l for n, l in layers.items() if adapter_name in l.lora_A}
+        adapter_name = next((layer.active_adapter for layer in layers.values() if layer.active_adapter), None)
+    holding = {n: layer for n, layer in layers.items() if adapter_name in layer.lora_A}
     if not holding:
         raise ValueError(f"no adapter named {adapter_name!r} in the model")
     tensors: dict[str, torch.Tensor] = {}
@@ -74,10 +74,19 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> tuple[di
         fan.add(layer.fan_in_fan_out)
     if len(rslora) > 1:
         raise ValueError(f"adapter {adapter_name!r} mixes rsLoRA and plain scaling across layers")
+    if len(fan) > 1:
+        raise ValueError(f"adapter {adapter_name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
+    return tensors, peft_config(model, list(holding), ranks, alphas, dropouts, rslora.pop(), fan == {True})
+
+
+def peft_config(model: nn.Module, modules: list[str], ranks: dict[str, int], alphas: dict[str, float],
+                dropouts: dict[str, float], use_rslora: bool, fan_in_fan_out: bool) -> dict:
+    """The ``adapter_config.json`` PEFT writes for a LoRA on ``modules``: the most common rank, alpha and dropout
+    become ``r``, ``lora_alpha`` and ``lora_dropout``, the other ranks and alphas ``rank_pattern``/``alpha_pattern``."""
     r, alpha = _most_common(ranks), _most_common(alphas)
     cfg_obj = getattr(model, "config", None)
     base = getattr(cfg_obj, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
         "base_model_name_or_path": str(base) if base else None,
@@ -86,11 +95,11 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> tuple[di
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": _most_common(dropouts),
-        "target_modules": _targets_for(list(holding), model),
+        "target_modules": _targets_for(modules, model),
         "exclude_modules": None,
-        "fan_in_fan_out": fan == {True},
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
-        "use_rslora": rslora.pop(),
+        "use_rslora": use_rslora,
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -99,9 +108,6 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> tuple[di
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
     }
-    if len(fan) > 1:
-        raise ValueError(f"adapter {adapter_name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
-    return tensors, config
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:

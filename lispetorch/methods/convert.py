@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import _atomic
 from ..model import adapter_layers
-from ..peft_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _most_common, _targets_for
+from ..peft_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, peft_config
 
 
 def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
@@ -67,32 +67,7 @@ def lora_equivalent(model: nn.Module, adapter_name: str | None = None) -> tuple[
     if len(rslora) > 1 or len(fan) > 1:
         raise ValueError(f"adapter {name!r} mixes rsLoRA and plain scaling, or Linear and Conv1D layers, which one "
                          "PEFT config cannot hold")
-    r, alpha = _most_common(ranks), _most_common(alphas)
-    cfg_obj = getattr(model, "config", None)
-    base = getattr(cfg_obj, "_name_or_path", None) or None
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": str(base) if base else None,
-        "revision": None,
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": _most_common(dropouts),
-        "target_modules": _targets_for(list(holding), model),
-        "exclude_modules": None,
-        "fan_in_fan_out": fan == {True},
-        "bias": "none",
-        "use_rslora": rslora.pop(),
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-    }
-    return tensors, config
+    return tensors, peft_config(model, list(ranks), ranks, alphas, dropouts, rslora.pop(), fan == {True})
 
 
 def save_as_lora(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:

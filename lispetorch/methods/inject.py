@@ -29,7 +29,7 @@ from torch import nn
 from .. import ops
 from ..config import LoraConfig, pissa_niter
 from ..layer import LoraLinear, weight_out_in
-from ..model import _dtype, _replace, match_modules, set_adapter
+from ..model import _dtype, _replace, select_for_new_adapter, set_adapter
 from ..nf4 import NF4Weight, quantize_nf4
 from .config import RotationalPiSSAConfig, TinyLoraConfig
 from .cores import RotationalCore, TinyLoraCore
@@ -91,14 +91,7 @@ def _check_layers(chosen: dict[str, nn.Module], r: int, what: str, rank_factor: 
 
 
 def _chosen(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
-    chosen = match_modules(model, config.target_modules, config.exclude_modules)
-    twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
-    if twice:
-        raise ValueError(
-            f"adapter {adapter_name!r} is already injected into {len(twice)} of the targeted layers (e.g. "
-            f"{twice[0]!r}); use another adapter name, or delete_adapter first"
-        )
-    return chosen
+    return select_for_new_adapter(model, config, adapter_name)
 
 
 def _base(module: nn.Module) -> torch.Tensor:
