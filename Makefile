@@ -8,6 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
+# torch loads every installed device-backend plugin at import; bitsandbytes (a test extra, for the NF4 comparison)
+# registers one that prints a notice about optional CPU kernels on every `import torch`. The commands here need no
+# such plugin.
+export TORCH_DEVICE_BACKEND_AUTOLOAD ?= 0
 DEPS_STAMP := $(VENV)/.deps.stamp
 BUILD_STAMP := $(VENV)/.build.stamp
 # Subpackages too: the editable install maps the package tree it saw when it was made.
