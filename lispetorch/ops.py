@@ -243,7 +243,7 @@ def _(grad, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed, output_
         tuple(lora_B.shape),
         tuple(lora_R.shape) if lora_R is not None else (),
     ]
-    return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask) if wanted]
+    return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask, strict=True) if wanted]
 
 
 @torch.library.register_fake("lispetorch::dropout")

@@ -15,7 +15,9 @@ def test_inject_freezes_all_but_adapters(model_dirs):
     assert sorted(layers) == [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
     params = lt.trainable_parameters(model)
     assert len(params) == 8
-    assert {id(p) for p in params} == {id(p) for l in layers.values() for p in (l.lora_A["default"], l.lora_B["default"])}
+    assert {id(p) for p in params} == {
+        id(p) for layer in layers.values() for p in (layer.lora_A["default"], layer.lora_B["default"])
+    }
     assert all(isinstance(model.get_submodule(n), lt.LoraLinear) for n in layers)
 
 

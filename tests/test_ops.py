@@ -44,7 +44,7 @@ def test_forward_and_gradients_match_reference(p, bias, with_R, shape):
     grads_ref = torch.autograd.grad(y_ref, leaves, g)
     assert y.shape == (*shape[:-1], 12)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
