@@ -412,3 +412,39 @@ def test_report_to_a_missing_package_warns_and_keeps_the_jsonl(tiny_default_mode
                               report_to=["tensorboard", "wandb"]), progress=False)
     assert any("wandb, which is not installed" in str(w.message) for w in record)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 2]
+
+
+@pytest.mark.parametrize("init", ["pissa", "lora_ga"])
+def test_svd_init_trains_resumes_and_exports_a_plain_lora(tiny_default_model, corpus, tmp_path, init):
+    """An SVD init trains, resumes bit-identically, and its adapter is a PEFT LoRA on the original weights."""
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "init": init}
+    full = lt.train.train(config(tiny_default_model, corpus, tmp_path / "full", lora=lora), progress=False)
+
+    def stop_at_6(trainer):
+        if trainer.global_step == 6:
+            raise KeyboardInterrupt
+
+    cfg = config(tiny_default_model, corpus, tmp_path / "cut", lora=lora)
+    with pytest.raises(KeyboardInterrupt):
+        engine.Trainer(cfg, progress=False, on_step=stop_at_6).train()
+    resumed = lt.train.train(cfg, resume=True, progress=False)
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((full.adapter_dir / "adapter_config.json").read_text())["r"] == 8  # [B | −B₀], [A; A₀]
+    # PEFT on the original model reproduces the trained model (base residual + factors).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tr = engine.Trainer(cfg, progress=False)
+    tr._setup(resume=True)
+    tr._resume()
+    ids = torch.randint(0, 500, (1, 16))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_default_model), full.adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(tr.model.eval()(ids).logits, peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_init_is_reported(tiny_default_model, corpus, tmp_path):
+    with pytest.raises(lt.train.ConfigError, match="'lora.init' must be .* got 'svd'"):
+        lt.train.train(config(tiny_default_model, corpus, tmp_path / "o", lora={"init": "svd"}), progress=False)

@@ -30,6 +30,10 @@ class LoraSection:
     dropout: float = 0.05
     target_modules: list[str] | str = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
                                                                                   "o_proj"])
+    # "kaiming" (PEFT's default), "gaussian", "pissa", "pissa_niter_K" or "lora_ga" (calibrated on the first
+    # calibration_batches training batches)
+    init: str = "kaiming"
+    calibration_batches: int = 4
 
 
 @dataclasses.dataclass
@@ -154,6 +158,13 @@ class TrainConfig:
             raise ConfigError(f"{source}: 'lora.alpha' must be > 0, got {lora.alpha}")
         if not 0 <= lora.dropout < 1:
             raise ConfigError(f"{source}: 'lora.dropout' must be in [0, 1), got {lora.dropout}")
+        from ..config import _INITS, pissa_niter
+
+        if not (lora.init in _INITS and lora.init != "pissa_niter_K" or pissa_niter(lora.init) is not None):
+            raise ConfigError(f"{source}: 'lora.init' must be kaiming, gaussian, pissa, pissa_niter_K (K a number "
+                              f"of subspace iterations) or lora_ga, got {lora.init!r}")
+        if lora.calibration_batches <= 0:
+            raise ConfigError(f"{source}: 'lora.calibration_batches' must be > 0, got {lora.calibration_batches}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,7 +184,8 @@ for _f in dataclasses.fields(TrainConfig):
     _FIELDS[_f.name] = {"data": _PATHS, "report_to": "names", "model": "optional str"}.get(_f.name) or {
         float: _NUMBER, int: _INT, bool: _BOOL, str: _STR, "float": _NUMBER, "int": _INT, "bool": _BOOL,
         "str": _STR}[_f.type]
-_LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES}
+_LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES, "init": _STR,
+                "calibration_batches": _INT}
 
 
 def _suggest(key: str, known) -> str:

@@ -28,6 +28,7 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 INFO_NAME = "training_info.json"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "training_curves.png"
+FACTORS_NAME = "adapter_factors.safetensors"  # checkpoints of SVD inits: the trained factors, for resume
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", INFO_NAME)
 
@@ -157,8 +158,15 @@ class Trainer:
         random.seed(cfg.seed)
         lora = cfg.lora
         self.lora_config = LoraConfig(r=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                                      target_modules=lora.target_modules)
-        inject(self.model, self.lora_config)
+                                      target_modules=lora.target_modules, init=lora.init)
+        calibration = None
+        if lora.init == "lora_ga":  # the gradients of the first training batches (epoch 0's order)
+            order = self.dataset.epoch_order(cfg.seed, 0)
+            calibration = [data_mod.collate([self.dataset.train[j] for j in order[i:i + cfg.batch_size]],
+                                            self.pad_id)["input_ids"].to(self.device)
+                           for i in range(0, min(len(order), lora.calibration_batches * cfg.batch_size),
+                                          cfg.batch_size)]
+        inject(self.model, self.lora_config, calibration_batches=calibration)
         self.params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         n_batches = math.ceil(len(self.dataset.train) / cfg.batch_size)
@@ -224,12 +232,36 @@ class Trainer:
             "training_config": self.config.training_dict(),
         }
 
+    def _write_adapter(self, directory: Path) -> None:
+        """The final adapter as a PEFT LoRA on the original base weights: as trained for a plain init; for an SVD
+        init (PiSSA, LoRA-GA), whose base is a residual, the equivalent plain LoRA of rank 2r."""
+        if self.lora_config.init in ("kaiming", "gaussian"):
+            write_adapter_files(self.model, directory, base_model=self.model_path)
+            return
+        from safetensors.torch import save_file
+
+        from ..methods import lora_equivalent
+        from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
+
+        tensors, config = lora_equivalent(self.model)
+        config["base_model_name_or_path"] = self.model_path
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
     def save_checkpoint(self, train_loss: float | None) -> Path:
         """``output_dir/checkpoint-N``: adapter (PEFT layout), optimizer, scheduler, RNG, training_info.json;
         written into a temporary directory and renamed, so it is complete or absent."""
         path = self.output_dir / f"checkpoint-{self.global_step}"
         with _atomic.directory(path) as tmp:
-            write_adapter_files(self.model, tmp)
+            self._write_adapter(tmp)
+            if self.lora_config.init not in ("kaiming", "gaussian"):
+                # What resume needs: the trained factors themselves (the adapter files hold their plain-LoRA
+                # equivalent on the original weights; the residual base is rebuilt by the same init).
+                from safetensors.torch import save_file
+
+                from ..peft_io import adapter_state
+
+                save_file(adapter_state(self.model)[0], str(tmp / FACTORS_NAME), metadata={"format": "pt"})
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng_state.pth")
@@ -245,7 +277,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         info = json.loads((path / INFO_NAME).read_text())
-        weights = load_file(str(path / "adapter_model.safetensors"))
+        factors = path / FACTORS_NAME
+        weights = load_file(str(factors if factors.is_file() else path / "adapter_model.safetensors"))
         by_key = {}
         from ..peft_io import adapter_state
 
@@ -441,7 +474,7 @@ class Trainer:
                 self._log({"step": self.global_step, "eval_loss": final_eval, "eval_perplexity": math.exp(final_eval)})
         adapter_dir = self.output_dir / "adapter"
         with _atomic.directory(adapter_dir) as tmp:
-            write_adapter_files(self.model, tmp, base_model=self.model_path)
+            self._write_adapter(tmp)
         _atomic.write_text(self.output_dir / INFO_NAME, json.dumps(self._info(last_loss), indent=2) + "\n")
         if cfg.plot:
             self.plot()
