@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lispetorch as lt
 from lispetorch import default_model
 from lispetorch.train import data as data_mod
+from lispetorch.train.engine import loss_sum
 from lispetorch.train.schedule import make_scheduler
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -87,8 +88,7 @@ class PeftLoop:
         self.sched = make_scheduler(self.opt, tc.scheduler_type, {
             "initial_lr": tc.learning_rate, "min_lr": tc.min_lr, "total_steps": tc.max_steps,
             "warmup_steps": tc.warmup_steps})
-        order = self.dataset.epoch_order(tc.seed, 0)
-        self.batches = [order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)]
+        self.batches = self.dataset.micro_batches(tc.seed, 0, tc.batch_size)
         self.max_grad_norm = tc.max_grad_norm
         self.n = 0
         self.loss = float("nan")
@@ -98,11 +98,7 @@ class PeftLoop:
         self.n += 1
         batch = data_mod.collate([self.dataset.train[j] for j in idx], self.pad)
         n = data_mod.target_tokens(batch)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
-                                                 reduction="sum")
+        loss = loss_sum(self.model, batch)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.opt.step()

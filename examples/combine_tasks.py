@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lispetorch as lt
 from lispetorch import combine, default_model
 from lispetorch.train import data as data_mod
+from lispetorch.train.engine import loss_sum
 
 TASKS = ("singleline", "multiline", "annotated")
 TARGET = "concatenationTrained"
@@ -85,16 +86,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @torch.no_grad()
 def held_out_loss(model, tokenizer, records: list[dict], seq_len: int) -> float:
     """Mean next-token loss over the learned tokens (responses; whole text for plain records)."""
-    docs = [data_mod._record(r, "held-out") for r in records]
+    docs = [data_mod.record_document(r, "held-out") for r in records]
     examples = data_mod.truncate(data_mod.tokenize(tokenizer, [d for d in docs if d], mask_prompt=True), seq_len)
     pad = data_mod.pad_id(tokenizer)
     total, count = 0.0, 0
     for i in range(0, len(examples), 8):
         batch = data_mod.collate(examples[i:i + 8], pad)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                   batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
-                                                   reduction="sum").item()
+        total += loss_sum(model, batch).item()
         count += data_mod.target_tokens(batch)
     return total / count
 

@@ -131,11 +131,17 @@ def write_adapter_files(model: nn.Module, directory: str | os.PathLike, adapter_
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into an existing directory (one that
     is itself being written atomically, such as a checkpoint). ``base_model`` overrides the recorded
     ``base_model_name_or_path``."""
-    from safetensors.torch import save_file
-
     tensors, config = adapter_state(model, adapter_name)
     if base_model is not None:
         config["base_model_name_or_path"] = str(base_model)
+    write_peft_files(directory, tensors, config)
+
+
+def write_peft_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """``adapter_model.safetensors`` (``tensors`` under PEFT keys) and ``adapter_config.json`` (``config``) in
+    ``directory``, which the caller writes atomically as a whole."""
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

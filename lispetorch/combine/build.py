@@ -14,7 +14,6 @@ Modes, for every module, with ``sᵢ`` checkpoint i's scaling and ``wᵢ`` its w
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import _atomic, ops
-from ..peft_io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config
+from ..peft_io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config, write_peft_files
 from .config import CombineConfig, load_config
 from .optimize import open_checkpoints
 from .reader import Checkpoint, check_finite, common_modules, peft_key, single_thread, stream
@@ -216,8 +215,6 @@ def build(
     summary = {"output_dir": str(output_dir), "mode": mode, "weights": used_weights,
                "rank": out_cfg["r"], "relative_deviation": rel_dev, "num_modules": len(modules),
                "dropped_modules": dropped}
-    from safetensors.torch import save
-
     with _atomic.directory(output_dir) as tmp:
         if template is not None:
             for item in sorted(template.iterdir()):
@@ -227,8 +224,7 @@ def build(
                     shutil.copytree(item, tmp / item.name, symlinks=True)
                 else:
                     shutil.copy2(item, tmp / item.name)
-        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
-        (tmp / CONFIG_NAME).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
+        write_peft_files(tmp, tensors, out_cfg)
         (tmp / README_NAME).write_text(_readme(cfg, opened, w, mode, summary, template, modules, out_dtype))
     return summary
 

@@ -8,7 +8,6 @@ exactly what the adapted model adds to the original weight (PEFT's ``path_initia
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 from .. import _atomic
 from ..model import adapter_layers
-from ..peft_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, peft_config
+from ..peft_io import PREFIX, peft_config, write_peft_files
 
 
 def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
@@ -79,11 +78,8 @@ def save_as_lora(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     Returns:
         Path: the directory.
     """
-    from safetensors.torch import save_file
-
     tensors, config = lora_equivalent(model, adapter_name)
     directory = Path(directory)
     with _atomic.directory(directory) as tmp:
-        save_file(tensors, str(Path(tmp) / WEIGHTS_NAME), metadata={"format": "pt"})
-        (Path(tmp) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_peft_files(tmp, tensors, config)
     return directory

@@ -46,7 +46,9 @@ class Example:
 
 
 # --- reading -------------------------------------------------------------------------------------------------
-def _record(obj, where: str) -> Document | None:
+def record_document(obj, where: str) -> Document | None:
+    """The Document of a JSON record (``text``, or ``instruction``/``response`` with an optional ``input``);
+    None for an empty text. ``where`` (file and line) starts every error message."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     if "text" in obj:
@@ -75,7 +77,7 @@ def _read_jsonl(path: Path) -> list[Document]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            doc = _record(obj, f"{path}:{lineno}")
+            doc = record_document(obj, f"{path}:{lineno}")
             if doc is not None:
                 docs.append(doc)
     return docs
@@ -87,7 +89,7 @@ def _read_json(path: Path) -> list[Document]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     records = obj if isinstance(obj, list) else [obj]
-    docs = [_record(rec, f"{path}[{i}]") for i, rec in enumerate(records)]
+    docs = [record_document(rec, f"{path}[{i}]") for i, rec in enumerate(records)]
     return [d for d in docs if d is not None]
 
 
@@ -212,6 +214,11 @@ class Dataset:
         """The order of the training examples in ``epoch``: a fixed permutation of (seed, epoch)."""
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return torch.randperm(len(self.train), generator=gen).tolist()
+
+    def micro_batches(self, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
+        """The epoch's order cut into batches of ``batch_size`` example indices (the last may be smaller)."""
+        order = self.epoch_order(seed, epoch)
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def split_examples(examples: list[Example], validation_split: float, seed: int) -> tuple[list[Example], list[Example]]:

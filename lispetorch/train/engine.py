@@ -18,8 +18,8 @@ import torch
 
 from .. import _atomic
 from ..config import LoraConfig
-from ..model import inject, trainable_parameters
-from ..peft_io import write_adapter_files
+from ..model import adapter_layers, inject, trainable_parameters
+from ..peft_io import PREFIX, adapter_state, write_peft_files
 from . import data as data_mod
 from .config import ConfigError, TrainConfig
 from .schedule import make_scheduler
@@ -51,6 +51,14 @@ def resolve_device(name: str) -> torch.device:
     if name not in devices:
         raise ConfigError(f"device {name!r} is not available here; available: {', '.join(devices)} (or auto)")
     return torch.device(name)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the next-token cross-entropies over a collated batch's targets (labels shifted by one, -100
+    ignored): divided by :func:`~lispetorch.train.data.target_tokens`, the batch's mean loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                                             ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.best_loss = math.inf
-        self.history: list[dict] = []
+        self._resumed_loss: float | None = None  # the train loss recorded in the checkpoint resumed from
 
     # --- setup -----------------------------------------------------------------------------------------------
     def _setup(self, resume: bool = False) -> None:
@@ -161,11 +169,8 @@ class Trainer:
                                       target_modules=lora.target_modules, init=lora.init)
         calibration = None
         if lora.init == "lora_ga":  # the gradients of the first training batches (epoch 0's order)
-            order = self.dataset.epoch_order(cfg.seed, 0)
-            calibration = [data_mod.collate([self.dataset.train[j] for j in order[i:i + cfg.batch_size]],
-                                            self.pad_id)["input_ids"].to(self.device)
-                           for i in range(0, min(len(order), lora.calibration_batches * cfg.batch_size),
-                                          cfg.batch_size)]
+            micro = self.dataset.micro_batches(cfg.seed, 0, cfg.batch_size)[:lora.calibration_batches]
+            calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
         inject(self.model, self.lora_config, calibration_batches=calibration)
         self.params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -177,14 +182,11 @@ class Trainer:
             "warmup_steps": cfg.warmup_steps, "gamma": cfg.gamma, "step_size": cfg.step_size})
 
     # --- one step --------------------------------------------------------------------------------------------
+    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return data_mod.collate([self.dataset.train[j] for j in indices], self.pad_id)
+
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token cross-entropies over the batch's targets."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                 batch["labels"][:, 1:].reshape(-1),
-                                                 ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
+        return loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
 
     def accumulate(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """Backward over the micro-batches of one optimizer step; returns (mean loss, target tokens).
@@ -236,17 +238,13 @@ class Trainer:
         """The final adapter as a PEFT LoRA on the original base weights: as trained for a plain init; for an SVD
         init (PiSSA, LoRA-GA), whose base is a residual, the equivalent plain LoRA of rank 2r."""
         if self.lora_config.init in ("kaiming", "gaussian"):
-            write_adapter_files(self.model, directory, base_model=self.model_path)
-            return
-        from safetensors.torch import save_file
+            tensors, config = adapter_state(self.model)
+        else:
+            from ..methods import lora_equivalent
 
-        from ..methods import lora_equivalent
-        from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
-
-        tensors, config = lora_equivalent(self.model)
+            tensors, config = lora_equivalent(self.model)
         config["base_model_name_or_path"] = self.model_path
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_peft_files(directory, tensors, config)
 
     def save_checkpoint(self, train_loss: float | None) -> Path:
         """``output_dir/checkpoint-N``: adapter (PEFT layout), optimizer, scheduler, RNG, training_info.json;
@@ -258,8 +256,6 @@ class Trainer:
                 # What resume needs: the trained factors themselves (the adapter files hold their plain-LoRA
                 # equivalent on the original weights; the residual base is rebuilt by the same init).
                 from safetensors.torch import save_file
-
-                from ..peft_io import adapter_state
 
                 save_file(adapter_state(self.model)[0], str(tmp / FACTORS_NAME), metadata={"format": "pt"})
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -279,25 +275,18 @@ class Trainer:
         info = json.loads((path / INFO_NAME).read_text())
         factors = path / FACTORS_NAME
         weights = load_file(str(factors if factors.is_file() else path / "adapter_model.safetensors"))
-        by_key = {}
-        from ..peft_io import adapter_state
-
-        keys, _ = adapter_state(self.model)
-        if set(keys) != set(weights):
+        params = {f"{PREFIX}{name}.{which}.weight": getattr(layer, which)[layer.active_adapter]
+                  for name, layer in adapter_layers(self.model).items() for which in ("lora_A", "lora_B")}
+        if set(params) != set(weights):
             raise ConfigError(f"{path}: the checkpoint adapts other modules than this config "
-                              f"({len(weights)} tensors against {len(keys)})")
-        layers = dict(self.model.named_modules())
-        for key, tensor in weights.items():
-            m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
-            layer = layers[m.group(1)]
-            param = getattr(layer, m.group(2))[layer.active_adapter]
-            if param.shape != tensor.shape:
-                raise ConfigError(f"{path}: {key} has shape {tuple(tensor.shape)}, this config makes "
+                              f"({len(weights)} tensors against {len(params)})")
+        for key, param in params.items():
+            if param.shape != weights[key].shape:
+                raise ConfigError(f"{path}: {key} has shape {tuple(weights[key].shape)}, this config makes "
                                   f"{tuple(param.shape)}")
-            by_key[key] = (param, tensor)
         with torch.no_grad():
-            for param, tensor in by_key.values():
-                param.copy_(tensor)
+            for key, param in params.items():
+                param.copy_(weights[key])
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(path / "rng_state.pth", weights_only=True))
@@ -317,7 +306,6 @@ class Trainer:
             _atomic.write_text(path, "".join(line + "\n" for line in keep))
 
     def _log(self, record: dict) -> None:
-        self.history.append(record)
         with open(self.output_dir / METRICS_NAME, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         for writer in self._writers:
@@ -410,16 +398,15 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         tokens_total, started = 0, time.perf_counter()
         window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
-        last_loss = getattr(self, "_resumed_loss", None)
-        last_loss = float("nan") if last_loss is None else last_loss
+        last_loss = float("nan") if self._resumed_loss is None else self._resumed_loss
+        evaluated: tuple[int, float | None] | None = None  # (step, validation loss) of the latest validation
         try:
             while self.global_step < self.total_steps:
-                order = self.dataset.epoch_order(cfg.seed, self.epoch)
-                micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+                micro = self.dataset.micro_batches(cfg.seed, self.epoch, cfg.batch_size)
                 windows = [micro[i:i + accum] for i in range(0, len(micro), accum)]
                 done_in_epoch = self.global_step - self.epoch * self.steps_per_epoch
                 for window in windows[done_in_epoch:]:
-                    batches = [data_mod.collate([self.dataset.train[j] for j in idx], self.pad_id) for idx in window]
+                    batches = [self._collate(idx) for idx in window]
                     step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
                     loss, _ = self.accumulate(batches)
                     grad_norm = None
@@ -442,13 +429,14 @@ class Trainer:
                             or self.global_step == self.total_steps:
                         last_loss = window_loss / window_steps
                         record = {"step": self.global_step, "epoch": self.epoch, "loss": last_loss, "lr": lr,
-                                  "tokens_per_second": window_tokens / max(elapsed, 1e-9)}
+                                  "tokens_per_second": rate}
                         if grad_norm is not None:
                             record["grad_norm"] = grad_norm
                         self._log(record)
                         window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
                     if cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0:
                         ev = self.evaluate()
+                        evaluated = (self.global_step, ev)
                         if ev is not None:
                             self.best_loss = min(self.best_loss, ev)
                             self._log({"step": self.global_step, "eval_loss": ev, "eval_perplexity": math.exp(ev)})
@@ -467,10 +455,12 @@ class Trainer:
             for close in self._closers:
                 close()
         seconds = time.perf_counter() - started
-        final_eval = self.evaluate()
-        if final_eval is not None:
-            self.best_loss = min(self.best_loss, final_eval)
-            if not (cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0):
+        if evaluated is not None and evaluated[0] == self.global_step:  # validated at this very step already
+            final_eval = evaluated[1]
+        else:
+            final_eval = self.evaluate()
+            if final_eval is not None:
+                self.best_loss = min(self.best_loss, final_eval)
                 self._log({"step": self.global_step, "eval_loss": final_eval, "eval_perplexity": math.exp(final_eval)})
         adapter_dir = self.output_dir / "adapter"
         with _atomic.directory(adapter_dir) as tmp:

@@ -69,6 +69,11 @@ def lr_at(scheduler_type: str, t: int, config: Mapping) -> float:
     c = _check_config(scheduler_type, config)
     if "initial_lr" not in c:
         raise ValueError("scheduler config needs 'initial_lr' to compute a learning rate")
+    return _lr(scheduler_type, t, c)
+
+
+def _lr(scheduler_type: str, t: int, c: dict) -> float:
+    """:func:`lr_at` on a config already checked by ``_check_config`` (with ``initial_lr``)."""
     lr0, lr_min, T, W = c["initial_lr"], c["min_lr"], c["total_steps"], c["warmup_steps"]
 
     def cosine(progress: float) -> float:
@@ -91,12 +96,12 @@ def lr_at(scheduler_type: str, t: int, config: Mapping) -> float:
 
 class _Multiplier:
     # A class rather than a closure so that LambdaLR.state_dict() can skip it cleanly (it saves only
-    # callable objects' __dict__, which here is plain data).
-    def __init__(self, scheduler_type: str, config: dict, lr0: float):
-        self.scheduler_type, self.config, self.lr0 = scheduler_type, config, lr0
+    # callable objects' __dict__, which here is plain data). ``config`` is checked and holds initial_lr.
+    def __init__(self, scheduler_type: str, config: dict):
+        self.scheduler_type, self.config = scheduler_type, config
 
     def __call__(self, t: int) -> float:
-        return lr_at(self.scheduler_type, t, self.config) / self.lr0
+        return _lr(self.scheduler_type, t, self.config) / self.config["initial_lr"]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, config: Mapping | None = None
@@ -107,8 +112,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, config
     own learning rate plays that part. The returned scheduler's ``state_dict`` round-trips through
     ``torch.save``/``torch.load(weights_only=True)``.
     """
-    config = dict(config or {})
-    c = _check_config(scheduler_type, config)
+    c = _check_config(scheduler_type, config or {})
     if "initial_lr" in c:
         for group in optimizer.param_groups:
             group["lr"] = c["initial_lr"]
@@ -117,4 +121,4 @@ def make_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, config
     if base <= 0:
         raise ValueError(f"the optimizer's learning rate must be > 0 for a schedule, got {base}")
     c["initial_lr"] = c.get("initial_lr", base)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Multiplier(scheduler_type, c, c["initial_lr"]))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Multiplier(scheduler_type, c))
