@@ -338,7 +338,7 @@ def test_missing_key_and_yaml_errors(tmp_path, corpus):
         lt.train.TrainConfig.from_dict({"data": str(corpus)})
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: x\noutput_dir: [unclosed\nlearning_rate: 1\n")
-    with pytest.raises(lt.train.ConfigError, match=r"bad\.yaml:\d+: not valid YAML"):
+    with pytest.raises(lt.train.ConfigError, match=r"bad\.yaml: not valid YAML at line \d+, column \d+"):
         lt.train.TrainConfig.from_yaml(bad)
     ok = tmp_path / "ok.yaml"
     ok.write_text("data: corpus\noutput_dir: out\nlearning_rate: 2e-4\nlora:\n  rank: 8\n")

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import _atomic
+from .. import _atomic, _yaml
 from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
 
 DEFAULT_CONFIG = """\
@@ -105,21 +105,11 @@ def load_config(config: str | os.PathLike | Mapping | CombineConfig) -> CombineC
     if not isinstance(config, (str, os.PathLike)):
         raise TypeError(f"config must be a YAML path or a mapping name -> checkpoint path, got "
                         f"{type(config).__name__}")
-    import yaml
-
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint list {path} does not exist (write one with "
                                 "`lispetorch combine init-config`)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    data = _yaml.load(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with a 'checkpoints' key, got {type(data).__name__}")
     return _parse(data, str(path), path.parent)

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .. import _yaml
 from .schedule import SCHEDULER_TYPES
 
 
@@ -93,20 +94,10 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
-        import yaml
-
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-        raw = raw or {}
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        raw = _yaml.load(path, ConfigError) or {}
         config = cls.from_dict(raw, str(path))
         # Relative paths in a config file are relative to the file.
         base = path.resolve().parent
