@@ -12,20 +12,10 @@ Examples::
         sys
         torch
         torch.nn.functional :as F
+        lispetorch.train.engine [available-devices]
         lispetorch.lisp.checks [primitive fail describe check-int check-string check-tensor])
 
 (setv _warned (set))
-
-
-(defn available-devices []
-  "The devices torch can use here: cpu, cuda (and cuda:N) when present, mps when present."
-  (setv out ["cpu"])
-  (when (torch.cuda.is-available)
-    (.append out "cuda")
-    (.extend out (lfor i (range (torch.cuda.device-count)) f"cuda:{i}")))
-  (when (and (hasattr torch.backends "mps") (torch.backends.mps.is-available))
-    (.append out "mps"))
-  out)
 
 
 (defn resolve-device [primitive name]
