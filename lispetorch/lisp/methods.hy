@@ -13,8 +13,7 @@ Examples::
     (torch_lora_combine_build (dictionary \"a\" \"ckpt/a\" \"b\" \"ckpt/b\") result \"combined\" \"svd\" 8)
 "
 
-(import os
-        lispetorch :as lt
+(import lispetorch :as lt
         lispetorch [combine]
         lispetorch.lisp.checks [primitive fail describe check-int check-bool check-string check-dict]
         lispetorch.lisp.hf [entry])
@@ -24,17 +23,11 @@ Examples::
   (. (entry primitive name) model))
 
 
-(defn _path [primitive what value]
-  (when (not (isinstance value #(str os.PathLike)))
-    (fail primitive f"{what} must be a path, got {(describe value)}"))
-  (str value))
-
-
 (defn _checkpoints [primitive value]
   "A checkpoint list: a YAML path, or a dictionary name → checkpoint directory."
-  (if (isinstance value dict)
-      (check-dict primitive "checkpoints" value)
-      (_path primitive "checkpoints" value)))
+  (when (not (isinstance value #(str dict)))
+    (fail primitive f"checkpoints must be a YAML path or a dictionary name → checkpoint directory, got {(describe value)}"))
+  value)
 
 
 (defn [primitive] torch-hf-lora-orthogonality-loss [model-name]
@@ -47,19 +40,19 @@ Examples::
   "Writes the model's adapter, whatever its method, as a plain PEFT LoRA directory on the original base weights
   (PiSSA's residual offset folded into a rank-2r adapter). Returns the path."
   (str (lt.save-as-lora (_model "torch_hf_lora_save_as_lora" model-name)
-                        (_path "torch_hf_lora_save_as_lora" "path" path))))
+                        (check-string "torch_hf_lora_save_as_lora" "path" path))))
 
 
 (defn [primitive] torch-hf-tinylora-save [model-name path]
   "Writes the TinyLoRA adapter's trained vector as ``tiny_lora_v.pt`` (the TinyLoRA format). Returns the path."
-  (str (lt.save-tinylora (_model "torch_hf_tinylora_save" model-name) (_path "torch_hf_tinylora_save" "path" path))))
+  (str (lt.save-tinylora (_model "torch_hf_tinylora_save" model-name) (check-string "torch_hf_tinylora_save" "path" path))))
 
 
 (defn [primitive] torch-hf-tinylora-restore [model-name path [target-modules "all-linear"]]
   "Rebuilds a TinyLoRA adapter from ``tiny_lora_v.pt`` on the model (same base, seed, u and rank give the same
   logits). Returns the number of layers adapted."
   (len (lt.restore-tinylora (_model "torch_hf_tinylora_restore" model-name)
-                            (_path "torch_hf_tinylora_restore" "path" path) :target-modules target-modules)))
+                            (check-string "torch_hf_tinylora_restore" "path" path) :target-modules target-modules)))
 
 
 (defn [primitive] torch-hf-quantize-nf4 [model-name [target-modules "all-linear"] [double-quant False]]
@@ -90,8 +83,8 @@ Examples::
     (check-int "torch_lora_combine_build" "rank" rank 1))
   (check-dict "torch_lora_combine_build" "weights" weights)
   (combine.build (_checkpoints "torch_lora_combine_build" checkpoints) weights
-                 (_path "torch_lora_combine_build" "output_dir" output-dir) mode rank
-                 (when (is-not template None) (_path "torch_lora_combine_build" "template" template))
+                 (check-string "torch_lora_combine_build" "output_dir" output-dir) mode rank
+                 (when (is-not template None) (check-string "torch_lora_combine_build" "template" template))
                  :overwrite True :log (fn [#* args] None)))
 
 
