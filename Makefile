@@ -30,6 +30,9 @@ $(BIN)/python:
 $(DEPS_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q "scikit-build-core>=0.10" ninja
+# hy comes as a source distribution whose build imports funcparserlib: it builds in pip's isolated environment
+# here, since the editable install below runs without isolation.
+	$(BIN)/python -m pip install -q "hy>=1.0"
 	touch $@
 
 # Editable install with a persistent build directory (build/): rebuilds are incremental.

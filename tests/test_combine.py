@@ -102,6 +102,39 @@ def test_gram_matches_dense_float64_with_unequal_ranks(dtype):
     assert torch.equal(G, G.T)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gram_kernel_shapes_strides_and_mixed_dtypes_against_dense(threads):
+    # The CPU kernel pads ranks to 8 and columns to the vector width, cuts 512-wide chunks and shares them between
+    # threads: ranks that are not multiples of 8, sizes below one vector and across several chunks, transposed
+    # (strided) factors and a different dtype per checkpoint all have to give the dense float64 Gram.
+    g = torch.Generator().manual_seed(11)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for ranks, out, inp in [([1], 1, 1), ([3, 5, 1], 3, 5), ([8, 8, 8, 8], 520, 1030), ([9, 2, 16], 1300, 7)]:
+            dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+            A = [torch.randn(r, inp, generator=g).to(dtypes[i % 4]) for i, r in enumerate(ranks)]
+            B = [torch.randn(out, r, generator=g).to(dtypes[(i + 1) % 4]) for i, r in enumerate(ranks)]
+            A[0] = A[0].T.contiguous().T  # column-major: strides (1, r)
+            B[-1] = B[-1].T.contiguous().T
+            s = [1.5, -0.5, 2.0, 0.25][: len(ranks)]
+            D = torch.stack([(si * b.double() @ a.double()).flatten() for a, b, si in zip(A, B, s, strict=True)])
+            ref = D @ D.T
+            G = ops.lora_gram(A, B, s)
+            assert ((G - ref).abs().max() / ref.abs().max()).item() <= 1e-12, (ranks, out, inp)
+            assert torch.equal(G, G.T)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_gram_of_a_nan_factor_is_not_finite():
+    A = [torch.randn(2, 40), torch.randn(2, 40)]
+    B = [torch.randn(30, 2), torch.randn(30, 2)]
+    A[1][1, 17] = float("nan")
+    G = ops.lora_gram(A, B)
+    assert torch.isfinite(G[0, 0]) and not torch.isfinite(G[1, 1])
+
+
 def test_gram_equal_ranks_respects_the_order_of_the_a_products():
     # With equal ranks, sum((BᵢᵀBⱼ) ⊙ (AⱼAᵢᵀ)) has the right shape and the wrong value; the op must not be that.
     g = torch.Generator().manual_seed(5)
@@ -587,6 +620,61 @@ def test_malformed_checkpoints_are_named(synthetic, tmp_path):
     d = write_checkpoint(tmp_path / "fan", f, fan_in_fan_out=True)
     with pytest.raises(ValueError, match="disagree on fan_in_fan_out"):
         combine.optimize({**cfg, "fan": str(d)}, "concat")
+
+
+def test_mapped_factors_are_views_of_the_file_and_writes_do_not_reach_it(synthetic, tmp_path):
+    from lispetorch.combine.reader import MappedFile, file_order, open_checkpoint, stream
+
+    cfg, _ = synthetic
+    c = open_checkpoint("multi", cfg["multi"])
+    before = c.weights_file.read_bytes()
+    f = MappedFile(c.weights_file, c.entries, c.file_size)
+    from safetensors.torch import load_file
+
+    ref = load_file(str(c.weights_file))
+    for key, t in ref.items():
+        v = f.tensor(key)
+        assert torch.equal(v, t) and v.dtype == t.dtype
+        assert f._address <= v.data_ptr() < f._address + c.file_size  # a view of the map, not a copy
+    v = f.tensor(next(iter(ref)))
+    v.mul_(0.0).add_(7.0)  # copy-on-write: this process's pages only
+    assert c.weights_file.read_bytes() == before
+    # streaming in file order gives every module's factors, whatever order is asked for
+    mods = list(c.modules)
+    order = file_order([c], mods)
+    assert sorted(order) == sorted(mods)
+    begins = [c.entries[c.modules[m].key_A].begin for m in order]
+    assert begins == sorted(begins)
+    with stream([c], order) as it:
+        seen = {m: (A, B) for m, (A,), (B,) in it}
+    for m in mods:
+        assert torch.equal(seen[m][0], ref[c.modules[m].key_A]) and torch.equal(seen[m][1], ref[c.modules[m].key_B])
+
+
+def test_mapped_file_reads_a_misaligned_tensor_and_rejects_a_bad_header(tmp_path):
+    from lispetorch.combine.reader import MappedFile
+
+    # a hand-written file whose float32 tensor starts 2 bytes into the data: read by copying, same values
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    header = json.dumps({"pad": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                         "x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [2, 26]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0" + x.numpy().tobytes())
+    f = MappedFile(path)
+    assert torch.equal(f.tensor("x"), x)
+    with pytest.raises(lt.AdapterFormatError, match="pad has dtype U8"):
+        f.tensor("pad")
+    bad = json.dumps({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 400]}}).encode()
+    path.write_bytes(len(bad).to_bytes(8, "little") + bad + x.numpy().tobytes())
+    with pytest.raises(lt.AdapterFormatError, match=r"odd.safetensors is not a readable safetensors file \(x: "):
+        MappedFile(path)
+    path.write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(lt.AdapterFormatError, match="header length 1000000000 does not fit"):
+        MappedFile(path)
+    path.write_bytes(b"\x02\x00")
+    with pytest.raises(lt.AdapterFormatError, match="not a readable safetensors file"):
+        MappedFile(path)
 
 
 # --- the steps and the command line -------------------------------------------------------------------------

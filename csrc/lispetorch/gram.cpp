@@ -6,7 +6,8 @@
 // Then  ⟨BᵢAᵢ, BⱼAⱼ⟩_F = tr(AᵢᵀBᵢᵀBⱼAⱼ) = sum((BᵢᵀBⱼ) ⊙ (AᵢAⱼᵀ)),  and (BᵢᵀBⱼ), (AᵢAⱼᵀ) are the (i, j) blocks of
 // BᵀB and AAᵀ (both R×R). So the whole k×k Gram is two stacked products, one elementwise product, and a block
 // sum written as Sᵀ (BᵀB ⊙ AAᵀ) S with S (R, k) holding sᵢ on the rows of block i. Cost O((in + out)·R²)
-// instead of O(in·out·k).
+// instead of O(in·out·k). On CPU the two products come from gram_cpu.cpp, which reads the factors where they are
+// (no stacked copy) and computes only the upper triangles; elsewhere (and on processors without AVX2) from ATen.
 #include "lispetorch.h"
 
 #include <ATen/ATen.h>
@@ -74,6 +75,7 @@ std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::Tenso
 
 at::Tensor lora_gram(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales) {
   const std::vector<int64_t> ranks = detail::check_stacked_factors(lora_A, lora_B, scales);
+  if (detail::gram_cpu_available(lora_A, lora_B)) return detail::lora_gram_cpu(lora_A, lora_B, ranks, scales);
   const int64_t k = static_cast<int64_t>(ranks.size());
   auto [A, B] = detail::stack_factors(lora_A, lora_B, ranks, {});          // (R, in), (out, R)
   at::Tensor H = at::mm(A, A.t());                                           // (R, R): blocks AᵢAⱼᵀ

@@ -89,6 +89,12 @@ std::vector<int64_t> check_stacked_factors(at::TensorList lora_A, at::TensorList
 std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::TensorList lora_B,
                                                 const std::vector<int64_t>& ranks, at::ArrayRef<double> scales_B);
 
+// The factored Gram on CPU (gram_cpu.cpp): available for CPU float tensors on processors with AVX2+FMA or
+// AVX-512; same result as lora_gram's ATen path, from the factors where they are (any strides).
+bool gram_cpu_available(at::TensorList lora_A, at::TensorList lora_B);
+at::Tensor lora_gram_cpu(at::TensorList lora_A, at::TensorList lora_B, const std::vector<int64_t>& ranks,
+                         at::ArrayRef<double> scales);
+
 // Input checks shared by every entry point; each message names the argument and the shapes it got.
 void check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B,

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import ops
 from .config import CombineConfig, load_config, verify_paths
-from .reader import Checkpoint, check_finite, common_modules, layer_of, open_checkpoint, single_thread, stream
+from .reader import Checkpoint, check_finite, common_modules, file_order, layer_of, open_checkpoint, stream
 from .solver import CONSTRAINTS, objective, solve
 
 
@@ -39,7 +39,7 @@ def module_grams(checkpoints: list[Checkpoint], modules: list[str], timer: dict 
     """
     timer = {} if timer is None else timer
     grams: dict[str, np.ndarray] = {}
-    with single_thread(), stream(checkpoints, modules, timer) as it:
+    with stream(checkpoints, file_order(checkpoints, modules), timer) as it:
         for m, As, Bs in it:
             t0 = time.perf_counter()
             s = [c.modules[m].scale for c in checkpoints]
@@ -50,7 +50,7 @@ def module_grams(checkpoints: list[Checkpoint], modules: list[str], timer: dict 
                 check_finite(checkpoints, m, As, Bs)
             timer["gram_s"] = timer.get("gram_s", 0.0) + time.perf_counter() - t0
             grams[m] = G
-    return grams
+    return {m: grams[m] for m in modules}
 
 
 def _evaluation(G, b, c, w, constraint) -> dict:

@@ -7,17 +7,25 @@ its ``adapter_model.safetensors`` holds ``<module>.lora_A.weight`` ``(r, in)`` a
 only says that the base layer stores its weight transposed, as GPT-2's ``Conv1D`` does).
 
 Only the headers are read when a checkpoint is opened; :func:`stream` then yields one module's factors of all
-checkpoints at a time while the next module is read, so peak memory is two modules' factors.
+checkpoints at a time, as views of the memory-mapped files, while the next module's pages are read in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import json
+import math
+import mmap
+import os
 import re
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -53,21 +61,82 @@ class Checkpoint:
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     extra: dict = field(default_factory=dict)
+    # the weights file's tensors and size when it was opened (see read_header)
+    entries: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
+    file_size: int = -1
 
     @property
     def weights_file(self) -> Path:
         return self.path / WEIGHTS_NAME
 
 
-def natural_key(name: str):
+@functools.lru_cache(maxsize=1 << 16)
+def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def layer_of(name: str) -> int | None:
     """The layer index of a module name (``model.layers.3.self_attn.q_proj`` → 3, ``transformer.h.3.attn`` → 3)."""
     m = re.search(r"\.(?:layers|h|blocks|layer|block)\.(\d+)\.", f".{name}.")
     return int(m.group(1)) if m else None
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class TensorEntry(NamedTuple):
+    """One tensor of a safetensors file: its dtype name, shape and byte range ``[begin, end)`` in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, TensorEntry], int]:
+    """The tensors of a safetensors file (key → :class:`TensorEntry`, byte ranges from the file's start) and the
+    file's size, from its header: 8 bytes of little-endian length, then that many bytes of JSON, as the format
+    defines. ``data``: the file's first bytes when the caller has them already (a map).
+
+    Raises:
+        AdapterFormatError: a file too short for its header, a header that is not the format's JSON, a tensor
+            whose byte range is outside the data or does not fit its shape and dtype.
+    """
+    try:
+        size = path.stat().st_size
+        if data is None:
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                body = f.read(n) if 0 <= n <= size else b""
+        else:
+            n = int.from_bytes(data[:8], "little") if size >= 8 else -1
+            body = data[8:8 + n] if 0 <= n <= size else b""
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot be read ({e.strerror})") from None
+    bad = f"{path} is not a readable safetensors file"
+    if n < 0 or 8 + n > size:
+        raise AdapterFormatError(f"{bad} (its header length {n} does not fit in its {size} bytes)")
+    try:
+        header = json.loads(body)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        entries = {}
+        for key, e in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = (8 + n + int(o) for o in e["data_offsets"])
+            shape = tuple(int(d) for d in e["shape"])
+            entries[key] = TensorEntry(str(e["dtype"]), shape, begin, end)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise AdapterFormatError(f"{bad} (header: {e})") from None
+    for key, e in entries.items():
+        width = _DTYPES[e.dtype].itemsize if e.dtype in _DTYPES else None
+        if not 8 + n <= e.begin <= e.end <= size or (width and math.prod(e.shape) * width != e.end - e.begin):
+            raise AdapterFormatError(f"{bad} ({key}: shape {list(e.shape)} of {e.dtype} in bytes [{e.begin}, "
+                                     f"{e.end}) of {size})")
+    return entries, size
 
 
 def open_checkpoint(name: str, path: str | Path, description: str = "") -> Checkpoint:
@@ -78,8 +147,6 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
         AdapterFormatError: a missing or malformed file, an unsupported key, a module lacking A or B, factors whose
             shapes do not fit each other or the config's rank (each named with the file and key).
     """
-    from safetensors import safe_open
-
     path = Path(path)
     config = read_config(path)  # names the file; raises when the directory or the config is missing
     wfile = path / WEIGHTS_NAME
@@ -88,11 +155,11 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
             if (path / "adapter_model.bin").is_file() else ""
         raise AdapterFormatError(f"checkpoint {name!r}: {wfile} is missing{legacy}")
     try:
-        with safe_open(str(wfile), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-        raise AdapterFormatError(f"checkpoint {name!r}: {wfile} is not a readable safetensors file ({e})") from None
+        entries, size = read_header(wfile)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"checkpoint {name!r}: {e}") from None
+    shapes = {k: e.shape for k, e in entries.items()}
+    dtypes = {e.dtype for e in entries.values()}
     found: dict[str, dict[str, str]] = {}
     for key in shapes:
         m = _KEY.fullmatch(key)
@@ -131,7 +198,8 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     widest = min(dtypes, key=order.index)
     dtype = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[widest]
     return Checkpoint(name, path, description, config, modules, dtype,
-                      fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), use_rslora=use_rslora)
+                      fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), use_rslora=use_rslora,
+                      entries=entries, file_size=size)
 
 
 def common_modules(checkpoints: list[Checkpoint], on_mismatch: str = "error") -> tuple[list[str], list[str]]:
@@ -190,49 +258,141 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-@contextlib.contextmanager
-def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None) \
-        -> Iterator[Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor]]]]:
-    """Opens every checkpoint's safetensors (memory-mapped) and yields an iterator over
-    ``(module, [Aᵢ], [Bᵢ])``, one module at a time, in ``modules`` order.
+_MADV_WILLNEED, _MADV_POPULATE_READ = 3, 22
 
-    A background thread reads the next module while the caller works on the current one, so reading from the
-    disk overlaps the computation; at most two modules' factors are in memory. ``timer["read_s"]`` accumulates
-    the time the caller waited for data.
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    """libc's ``madvise`` through ctypes (which lets go of the GIL during the call), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class MappedFile:
+    """A safetensors file mapped into memory, whose tensors are views of the page cache rather than copies.
+
+    safetensors' own ``get_tensor`` copies every tensor out of its map; for the optimizer, which reads each factor
+    once, that copy costs as much as reading the file. Here the file is mapped copy-on-write (a write to a view
+    changes this process's pages, never the file) and each tensor is a view at the byte range its header gives
+    (see :func:`read_header`). :meth:`prefetch` has the kernel read a byte range ahead of use.
+
+    Raises:
+        AdapterFormatError: see :func:`read_header`.
+    """
+
+    def __init__(self, path: Path, entries: dict[str, TensorEntry] | None = None, size: int = -1) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < 8:
+                read_header(path)  # raises, naming the file
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        header_size = int.from_bytes(self._map[:8], "little")
+        if entries is not None and len(self._map) == size and entries and \
+                min(e.begin for e in entries.values()) == 8 + header_size:
+            self.entries, self._size = entries, size  # the header read when the checkpoint was opened
+        else:
+            self.entries, self._size = read_header(path, self._map)
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` as a view of the map (a copy only where its offset is not aligned for its dtype)."""
+        e = self.entries[key]
+        dtype = _DTYPES.get(e.dtype)
+        if dtype is None:
+            raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
+        if e.end == e.begin:
+            return torch.empty(e.shape, dtype=dtype)
+        if (self._address + e.begin) % dtype.itemsize == 0:
+            t = torch.frombuffer(self._map, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize, offset=e.begin)
+        else:
+            t = torch.frombuffer(self._map, dtype=torch.uint8, count=e.end - e.begin, offset=e.begin).clone()
+            t = t.view(dtype)
+        return t.view(e.shape)
+
+    def span(self, keys: Iterable[str]) -> tuple[int, int]:
+        """The byte range ``[begin, end)`` of the file that holds the tensors ``keys``."""
+        es = [self.entries[k] for k in keys]
+        return min(e.begin for e in es), max(e.end for e in es)
+
+    def readahead(self, begin: int, end: int) -> None:
+        """Starts reading bytes ``[begin, end)`` from the disk into the page cache and returns
+        (``MADV_WILLNEED``); the pages are there, or on their way, when a view first reads them. Off Linux, does
+        nothing (the pages come in as they are read)."""
+        fn = _madvise()
+        end = min(end, self._size)
+        if fn is None or end <= begin:
+            return
+        page = mmap.PAGESIZE
+        start = (self._address + begin) // page * page
+        fn(start, self._address + end - start, _MADV_WILLNEED)
+
+
+def file_order(checkpoints: list[Checkpoint], modules: list[str]) -> list[str]:
+    """``modules`` in the order their factors lie in the first checkpoint's file (safetensors sorts keys as
+    strings: ``layers.10`` before ``layers.2``), so that streaming reads each file front to back."""
+    if not checkpoints:
+        return list(modules)
+    first = checkpoints[0]
+    entries = first.entries or read_header(first.weights_file)[0]
+    return sorted(modules, key=lambda m: entries[first.modules[m].key_A].begin)
+
+
+@contextlib.contextmanager
+def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None, ahead: int = 64 << 20) \
+        -> Iterator[Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor]]]]:
+    """Maps every checkpoint's safetensors and yields an iterator over ``(module, [Aᵢ], [Bᵢ])``, one module at a
+    time, in ``modules`` order. The factors are views of the files' pages (see :class:`MappedFile`): nothing is
+    copied, and the process allocates no memory for them.
+
+    Ahead of the module being yielded, the disk reads of the next ``ahead`` bytes of every file are started
+    (``MADV_WILLNEED``), so that reading from the disk overlaps the caller's work on the modules before; the
+    modules should come in :func:`file_order`. ``timer["read_s"]`` accumulates the time spent starting reads.
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
-    from safetensors import safe_open
+    try:
+        files = [MappedFile(c.weights_file, c.entries, c.file_size) for c in checkpoints]
+    except OSError as e:
+        raise AdapterFormatError(f"cannot map {e.filename}: {e.strerror}") from None
+    step = max(ahead // 4, 1 << 20)
 
-    with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(c.weights_file), framework="pt")) for c in checkpoints]
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="lispetorch-read"))
+    def load(m: str):
+        As, Bs = [], []
+        for c, f in zip(checkpoints, files, strict=True):
+            mf = c.modules[m]
+            try:
+                As.append(f.tensor(mf.key_A))
+                Bs.append(f.tensor(mf.key_B))
+            except (KeyError, AdapterFormatError) as e:
+                raise AdapterFormatError(f"checkpoint {c.name!r}: {c.weights_file}: cannot read the factors of "
+                                         f"{m!r} ({e})") from None
+        return As, Bs
 
-        def load(m: str):
-            As, Bs = [], []
-            for c, h in zip(checkpoints, handles, strict=True):
-                f = c.modules[m]
-                try:
-                    # clone: the tensors are views of the memory map; copying reads the pages in this thread
-                    As.append(h.get_tensor(f.key_A).clone())
-                    Bs.append(h.get_tensor(f.key_B).clone())
-                except Exception as e:
-                    raise AdapterFormatError(f"checkpoint {c.name!r}: {c.weights_file}: cannot read the "
-                                             f"factors of {m!r} ({e})") from None
-            return As, Bs
+    def gen():
+        started = [0] * len(files)  # per file: reads started up to this byte
+        for m in modules:
+            t0 = time.perf_counter()
+            As, Bs = load(m)
+            for i, (c, f) in enumerate(zip(checkpoints, files, strict=True)):
+                end = f.entries[c.modules[m].key_B].end
+                if started[i] < end + ahead // 2:
+                    begin = max(started[i], f.entries[c.modules[m].key_A].begin)
+                    started[i] = max(started[i], end) + ahead
+                    started[i] = (started[i] + step - 1) // step * step
+                    f.readahead(begin, started[i])
+            if timer is not None:
+                timer["read_s"] = timer.get("read_s", 0.0) + time.perf_counter() - t0
+            yield m, As, Bs
 
-        def gen():
-            pending = pool.submit(load, modules[0]) if modules else None
-            for i, m in enumerate(modules):
-                t0 = time.perf_counter()
-                As, Bs = pending.result()
-                if timer is not None:
-                    timer["read_s"] = timer.get("read_s", 0.0) + time.perf_counter() - t0
-                pending = pool.submit(load, modules[i + 1]) if i + 1 < len(modules) else None
-                yield m, As, Bs
-
-        yield gen()
+    yield gen()
 
 
 def check_finite(checkpoints: list[Checkpoint], module: str, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> None:

@@ -1,0 +1,305 @@
+// CPU kernel of the factored Gram: the symmetric R×R products AAᵀ and BᵀB of the stacked factors, in float64,
+// read straight from the checkpoints' tensors (float32, float64, bfloat16 or float16, any strides, memory-mapped
+// files included) without first stacking or converting them.
+//
+// Layout. A side: row p of the stack is a row of some Aᵢ (rᵢ, in); entry (p, q) is a dot product along `in`.
+// B side: row t of the stack is row t of every Bᵢ (out, rᵢ) side by side; BᵀB is a sum of outer products of those
+// rows over `out`. Each side is cut into chunks of kChunk columns (A) or rows (B). A chunk is converted to float64
+// into a panel that stays in the L2 cache, and a register-blocked kernel adds its contribution:
+//   A panel (Rp, kChunk) row-major: dot products of 4 rows against 4 rows, 8 columns per step (AVX-512);
+//   B panel (kChunk, Rp) row-major: 8 rows × 8 columns of outer products per step, one vector of columns times
+//   8 broadcast values.
+// Rp = R rounded up to 8, the padding rows (A) / columns (B) are zeros. Only blocks on or above the diagonal are
+// computed, the lower triangle is mirrored at the end. Chunks are shared out between threads, each summing into
+// its own R×R accumulators, added together at the end. Everything accumulates in float64.
+//
+// The kernels are compiled for AVX-512 and for AVX2+FMA and chosen at run time; other processors use the ATen
+// path in gram.cpp.
+#include "lispetorch.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace lispetorch::detail {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+namespace {
+
+#define LT_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kChunk = 512;  // columns of A / rows of B per panel: a 32-row panel is 128 KiB
+constexpr int64_t kPad = 8;      // Rp is a multiple of this
+
+// One factor as the kernel reads it: element (i, j) at data + i*s0 + j*s1, in elements of its dtype.
+struct Factor {
+  const void* data;
+  at::ScalarType dtype;
+  int64_t rows, cols, s0, s1;
+};
+
+template <typename T>
+LT_INLINE double to_double(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+LT_INLINE double to_double<double>(double v) {
+  return v;
+}
+
+// dst[p][j] = A[p][t0 + j] for j < n, zero up to ld: rows of one Aᵢ into the A panel.
+template <typename T>
+LT_INLINE void pack_rows_t(const Factor& f, int64_t t0, int64_t n, double* dst, int64_t ld) {
+  const T* base = static_cast<const T*>(f.data);
+  for (int64_t p = 0; p < f.rows; ++p) {
+    const T* src = base + p * f.s0 + t0 * f.s1;
+    double* d = dst + p * ld;
+    if (f.s1 == 1) {
+      for (int64_t j = 0; j < n; ++j) d[j] = to_double(src[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) d[j] = to_double(src[j * f.s1]);
+    }
+    for (int64_t j = n; j < ld; ++j) d[j] = 0.0;
+  }
+}
+
+// dst[j][col0 + p] = B[t0 + j][p] for j < n: columns of one Bᵢ into the B panel (row stride ld).
+template <typename T>
+LT_INLINE void pack_cols_t(const Factor& f, int64_t t0, int64_t n, double* dst, int64_t ld, int64_t col0) {
+  const T* base = static_cast<const T*>(f.data);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = base + (t0 + j) * f.s0;
+    double* d = dst + j * ld + col0;
+    if (f.s1 == 1) {
+      for (int64_t p = 0; p < f.cols; ++p) d[p] = to_double(src[p]);
+    } else {
+      for (int64_t p = 0; p < f.cols; ++p) d[p] = to_double(src[p * f.s1]);
+    }
+  }
+}
+
+#define LT_DISPATCH_FACTOR(f, FN, ...)                                             \
+  switch ((f).dtype) {                                                             \
+    case at::kFloat: FN<float>(f, __VA_ARGS__); break;                             \
+    case at::kDouble: FN<double>(f, __VA_ARGS__); break;                           \
+    case at::kBFloat16: FN<c10::BFloat16>(f, __VA_ARGS__); break;                  \
+    default: FN<c10::Half>(f, __VA_ARGS__); break;                                 \
+  }
+
+template <typename V>
+LT_INLINE V loadv(const double* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, int W>
+LT_INLINE double hsum(V v) {
+  double s = 0.0;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+// H[p][q] += Σ_t P[p][t] P[q][t] for the row blocks (p0.., q0..) of BP and BQ rows; len a multiple of W.
+template <typename V, int W, int BP, int BQ>
+LT_INLINE void dot_block(const double* P, int64_t ld, int64_t len, int64_t p0, int64_t q0, double* H, int64_t ldh) {
+  V acc[BP][BQ];
+  for (int i = 0; i < BP; ++i)
+    for (int j = 0; j < BQ; ++j) acc[i][j] = V{} ;
+  for (int64_t t = 0; t < len; t += W) {
+    V a[BP], b[BQ];
+    for (int i = 0; i < BP; ++i) a[i] = loadv<V>(P + (p0 + i) * ld + t);
+    for (int j = 0; j < BQ; ++j) b[j] = loadv<V>(P + (q0 + j) * ld + t);
+    for (int i = 0; i < BP; ++i)
+      for (int j = 0; j < BQ; ++j) acc[i][j] += a[i] * b[j];
+  }
+  for (int i = 0; i < BP; ++i)
+    for (int j = 0; j < BQ; ++j) H[(p0 + i) * ldh + q0 + j] += hsum<V, W>(acc[i][j]);
+}
+
+// A side: every block pair on or above the diagonal of the (Rp, len) panel.
+template <typename V, int W, int BP, int BQ>
+LT_INLINE void rows_gram(const double* P, int64_t ld, int64_t len, int64_t Rp, double* H) {
+  for (int64_t p0 = 0; p0 < Rp; p0 += BP)
+    for (int64_t q0 = p0 / BQ * BQ; q0 < Rp; q0 += BQ) dot_block<V, W, BP, BQ>(P, ld, len, p0, q0, H, Rp);
+}
+
+// B side: H[p][q] += Σ_t P[t][p] P[t][q] over the n rows of the (n, Rp) panel, in tiles of TP rows × TV vectors.
+template <typename V, int W, int TP, int TV>
+LT_INLINE void cols_gram(const double* P, int64_t n, int64_t Rp, double* H) {
+  constexpr int CW = TV * W;  // columns per tile
+  for (int64_t c0 = 0; c0 < Rp; c0 += CW) {
+    for (int64_t p0 = 0; p0 < Rp && p0 < c0 + CW; p0 += TP) {
+      V acc[TP][TV];
+      for (int i = 0; i < TP; ++i)
+        for (int v = 0; v < TV; ++v) acc[i][v] = V{};
+      for (int64_t t = 0; t < n; ++t) {
+        const double* row = P + t * Rp;
+        V b[TV];
+        for (int v = 0; v < TV; ++v) b[v] = loadv<V>(row + c0 + v * W);
+        for (int i = 0; i < TP; ++i) {
+          const double a = row[p0 + i];
+          for (int v = 0; v < TV; ++v) acc[i][v] += a * b[v];
+        }
+      }
+      for (int i = 0; i < TP; ++i) {
+        double* h = H + (p0 + i) * Rp + c0;
+        for (int v = 0; v < TV; ++v) {
+          V cur = loadv<V>(h + v * W);
+          cur += acc[i][v];
+          std::memcpy(h + v * W, &cur, sizeof(V));
+        }
+      }
+    }
+  }
+}
+
+struct Work {
+  const std::vector<Factor>* A;
+  const std::vector<Factor>* B;
+  int64_t in, out, Rp;
+};
+
+// One chunk: side 0 = columns [t0, t0+n) of the A factors, side 1 = rows [t0, t0+n) of the B factors.
+template <typename V, int W, int BP, int BQ, int TP, int TV>
+LT_INLINE void chunk_impl(const Work& w, int side, int64_t t0, int64_t n, double* panel, double* H) {
+  const int64_t Rp = w.Rp;
+  if (side == 0) {
+    const int64_t ld = (n + W - 1) / W * W;
+    int64_t off = 0;
+    for (const Factor& f : *w.A) {
+      LT_DISPATCH_FACTOR(f, pack_rows_t, t0, n, panel + off * ld, ld);
+      off += f.rows;
+    }
+    std::fill(panel + off * ld, panel + Rp * ld, 0.0);
+    rows_gram<V, W, BP, BQ>(panel, ld, ld, Rp, H);
+  } else {
+    int64_t off = 0;
+    for (const Factor& f : *w.B) {
+      LT_DISPATCH_FACTOR(f, pack_cols_t, t0, n, panel, Rp, off);
+      off += f.cols;
+    }
+    if (off < Rp)
+      for (int64_t j = 0; j < n; ++j) std::fill(panel + j * Rp + off, panel + (j + 1) * Rp, 0.0);
+    cols_gram<V, W, TP, TV>(panel, n, Rp, H);
+  }
+}
+
+typedef double v8d __attribute__((vector_size(64)));
+typedef double v4d __attribute__((vector_size(32)));
+
+__attribute__((target("avx512f"))) void chunk_avx512(const Work& w, int side, int64_t t0, int64_t n, double* panel,
+                                                     double* H) {
+  chunk_impl<v8d, 8, 4, 4, 8, 1>(w, side, t0, n, panel, H);
+}
+
+__attribute__((target("avx2,fma"))) void chunk_avx2(const Work& w, int side, int64_t t0, int64_t n, double* panel,
+                                                    double* H) {
+  chunk_impl<v4d, 4, 2, 4, 4, 2>(w, side, t0, n, panel, H);
+}
+
+using ChunkFn = void (*)(const Work&, int, int64_t, int64_t, double*, double*);
+
+ChunkFn chunk_kernel() {
+  static const ChunkFn fn = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &chunk_avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &chunk_avx2;
+    return static_cast<ChunkFn>(nullptr);
+  }();
+  return fn;
+}
+
+Factor as_factor(const at::Tensor& t) {
+  return {t.data_ptr(), t.scalar_type(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+}  // namespace
+
+bool gram_cpu_available(at::TensorList lora_A, at::TensorList lora_B) {
+  if (chunk_kernel() == nullptr) return false;
+  auto ok = [](const at::Tensor& t) {
+    const auto s = t.scalar_type();
+    return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_conj() && !t.is_neg() &&
+           (s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf);
+  };
+  return std::all_of(lora_A.begin(), lora_A.end(), ok) && std::all_of(lora_B.begin(), lora_B.end(), ok);
+}
+
+at::Tensor lora_gram_cpu(at::TensorList lora_A, at::TensorList lora_B, const std::vector<int64_t>& ranks,
+                         at::ArrayRef<double> scales) {
+  const ChunkFn kernel = chunk_kernel();
+  TORCH_CHECK(kernel != nullptr, "lora_gram: no vector kernel for this processor");
+  std::vector<Factor> A, B;
+  for (const at::Tensor& t : lora_A) A.push_back(as_factor(t));
+  for (const at::Tensor& t : lora_B) B.push_back(as_factor(t));
+  const int64_t k = static_cast<int64_t>(ranks.size());
+  int64_t R = 0;
+  for (int64_t r : ranks) R += r;
+  const int64_t in = lora_A[0].size(1), out = lora_B[0].size(0);
+  const int64_t Rp = (R + kPad - 1) / kPad * kPad;
+  const Work work{&A, &B, in, out, Rp};
+  // Chunks of both sides, interleaved so that a contiguous share of them is a balanced share of the work.
+  std::vector<std::pair<int, int64_t>> chunks;
+  const int64_t na = (in + kChunk - 1) / kChunk, nb = (out + kChunk - 1) / kChunk;
+  for (int64_t i = 0; i < std::max(na, nb); ++i) {
+    if (i < na) chunks.emplace_back(0, i * kChunk);
+    if (i < nb) chunks.emplace_back(1, i * kChunk);
+  }
+  // Per thread: an A and a B accumulator (Rp, Rp), zeroed, and one panel of kChunk × Rp.
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t acc = 2 * Rp * Rp;
+  std::vector<double> sums(static_cast<size_t>(nthreads * acc), 0.0);
+  std::vector<std::unique_ptr<double[]>> panels(nthreads);  // uninitialised: each chunk writes what it reads
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < nthreads, "lora_gram: thread ", tid, " outside the ", nthreads, " planned");
+    double* HA = sums.data() + tid * acc;
+    if (!panels[tid]) panels[tid].reset(new double[kChunk * Rp]);
+    double* panel = panels[tid].get();
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [side, t0] = chunks[c];
+      const int64_t n = std::min(kChunk, (side == 0 ? in : out) - t0);
+      kernel(work, side, t0, n, panel, side == 0 ? HA : HA + Rp * Rp);
+    }
+  });
+  for (int64_t t = 1; t < nthreads; ++t)
+    for (int64_t i = 0; i < acc; ++i) sums[i] += sums[t * acc + i];
+  // G[i][j] = sᵢ sⱼ Σ_{p ∈ block i, q ∈ block j} HA[p][q] · HB[p][q], from the upper triangles (p ≤ q).
+  const double* ha = sums.data();
+  const double* hb = ha + Rp * Rp;
+  std::vector<int64_t> block(R);
+  for (int64_t i = 0, p = 0; i < k; ++i)
+    for (int64_t j = 0; j < ranks[i]; ++j) block[p++] = i;
+  at::Tensor G = at::zeros({k, k}, at::TensorOptions().dtype(at::kDouble));
+  double* g = G.data_ptr<double>();
+  for (int64_t p = 0; p < R; ++p)
+    for (int64_t q = p; q < R; ++q) {
+      const double v = ha[p * Rp + q] * hb[p * Rp + q];
+      const int64_t i = block[p], j = block[q];
+      g[i * k + j] += v;
+      if (p != q) g[j * k + i] += v;
+    }
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j) g[i * k + j] *= scales[i] * scales[j];
+  return G;
+}
+
+#else
+
+bool gram_cpu_available(at::TensorList, at::TensorList) { return false; }
+
+at::Tensor lora_gram_cpu(at::TensorList, at::TensorList, const std::vector<int64_t>&, at::ArrayRef<double>) {
+  TORCH_CHECK(false, "lora_gram: no vector kernel for this processor");
+}
+
+#endif
+
+}  // namespace lispetorch::detail
