@@ -99,6 +99,33 @@ void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey 
   });
 }
 
+// One pass for backward, which needs the same mask twice: xd = drop(x) (a new tensor) and g = drop(g) in place.
+template <typename scalar_t>
+void dropout_pair_kernel(const scalar_t* x, scalar_t* xd, scalar_t* g, int64_t n, const MaskKey key, double p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+  constexpr int64_t kBlock = 1024;
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t block_begin, int64_t block_end) {
+    uint32_t u[kBlock];
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      const int64_t begin = blk * kBlock, len = std::min(kBlock, n - begin);
+      const uint64_t first = static_cast<uint64_t>(begin);
+      const uint32_t lo0 = static_cast<uint32_t>(first);
+      if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(len) <= (1ull << 32)) {
+        const uint32_t add = static_cast<uint32_t>(first >> 32) * 0x9E3779B9u + key.k2;
+        for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ key.k1) + add);
+      } else {
+        for (int64_t j = 0; j < len; ++j) u[j] = draw(first + static_cast<uint64_t>(j), key);
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
+        xd[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(x[begin + j]) * m);
+        g[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(g[begin + j]) * m);
+      }
+    }
+  });
+}
+
 void check_float(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.defined(), what, " is undefined");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), what, " must be a floating-point tensor, got ", x.scalar_type());
@@ -143,6 +170,24 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
 }
 
 namespace detail {
+at::Tensor dropout_pair_(const at::Tensor& x, at::Tensor& g, double p, int64_t seed) {
+  TORCH_CHECK(g.is_contiguous() && g.sizes() == x.sizes(), "dropout_pair_ needs a contiguous g shaped like x, got ",
+              g.sizes(), " and ", x.sizes());
+  at::Tensor in = x.contiguous();
+  if (p == 0.0) return in;
+  if (!in.device().is_cpu() || in.scalar_type() != g.scalar_type()) {
+    dropout_inplace_(g, p, seed);
+    return dropout(in, p, seed);
+  }
+  const MaskKey key = make_key(p, seed);
+  at::Tensor out = at::empty_like(in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "lispetorch_dropout_pair", [&] {
+    dropout_pair_kernel<scalar_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                  g.mutable_data_ptr<scalar_t>(), in.numel(), key, p);
+  });
+  return out;
+}
+
 void dropout_inplace_(at::Tensor& t, double p, int64_t seed) {
   TORCH_CHECK(t.is_contiguous(), "dropout_inplace_ needs a contiguous tensor");
   if (p == 0.0) return;

@@ -116,6 +116,8 @@ std::vector<at::Tensor> lora_linear_backward(
 
 // In-place dropout on a contiguous tensor whose flattened index is the mask's counter.
 void dropout_inplace_(at::Tensor& t, double p, int64_t seed);
+// The same mask drawn once for two tensors shaped alike: returns drop(x) and applies it to g in place.
+at::Tensor dropout_pair_(const at::Tensor& x, at::Tensor& g, double p, int64_t seed);
 }  // namespace detail
 
 }  // namespace lispetorch

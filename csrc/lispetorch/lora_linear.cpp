@@ -50,19 +50,31 @@ std::vector<at::Tensor> lora_linear_backward(
   TORCH_CHECK(!need_xd || x2.size(0) == n, "input has ", x2.size(0), " rows but grad_output has ", n);
 
   std::vector<at::Tensor> grads;
-  at::Tensor gh;  // dL/dh (N, r)
+  at::Tensor ghr, gh;  // dL/dhr, dL/dh (N, r)
   if (need_x || need_A || need_R) {
-    gh = at::mm(g2, lora_B).mul_(scale);                                        // dL/dhr (N, r)
+    ghr = at::mm(g2, lora_B).mul_(scale);                                       // (N, r)
+    gh = with_R ? at::mm(ghr, *lora_R) : ghr;                                   // (N, r)
   }
+  // gx starts as the adapter's part, dL/dh A (N, in), and takes the dropout mask; drop(x) feeds the gradients of
+  // A and R. Where both are needed, one pass draws the mask for the two.
+  at::Tensor gx = need_x ? at::mm(gh, lora_A) : at::Tensor();                  // (N, in), contiguous
   at::Tensor xd;
-  if (need_A || need_R) xd = dropout > 0.0 ? lispetorch::dropout(x2, dropout, seed) : x2;
+  const bool need_xd_AR = need_A || need_R;
+  if (dropout > 0.0) {
+    if (need_xd_AR && need_x) {
+      xd = dropout_pair_(x2, gx, dropout, seed);
+    } else if (need_xd_AR) {
+      xd = lispetorch::dropout(x2, dropout, seed);
+    } else if (need_x) {
+      dropout_inplace_(gx, dropout, seed);
+    }
+  } else if (need_xd_AR) {
+    xd = x2;
+  }
   at::Tensor grad_R;
-  if (need_R) grad_R = at::mm(gh.t(), at::mm(xd, lora_A.t()));                 // (r, r) = dL/dhrᵀ h
-  if (with_R && (need_x || need_A)) gh = at::mm(gh, *lora_R);                   // dL/dh (N, r)
+  if (need_R) grad_R = at::mm(ghr.t(), at::mm(xd, lora_A.t()));               // (r, r) = dL/dhrᵀ h
 
   if (need_x) {
-    at::Tensor gx = at::mm(gh, lora_A);                                         // (N, in), contiguous
-    if (dropout > 0.0) dropout_inplace_(gx, dropout, seed);
     gx.addmm_(g2, weight);                                                      // += g Wᵀᵀ
     std::vector<int64_t> sizes = grad.sizes().vec();
     sizes.back() = in;
