@@ -24,6 +24,7 @@ __all__ = [
     "lora_merge_",
     "lora_unmerge_",
     "lora_gram",
+    "lora_gram_modules",
     "lora_factored_svd",
     "svd_lowrank",
     "blockwise_quantize",
@@ -141,6 +142,32 @@ def lora_gram(
     """
     scales = [1.0] * len(lora_A) if scales is None else [float(s) for s in scales]
     return _ops.lora_gram(list(lora_A), list(lora_B), scales)
+
+
+def lora_gram_modules(
+    lora_A: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    lora_B: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    scales: list[float] | tuple[float, ...],
+    checkpoints: int,
+) -> torch.Tensor:
+    """:func:`lora_gram` of M modules in one call: entry ``m·k + i`` of each list is checkpoint i of module m.
+
+    One call shares the work of all the modules between threads at once, and costs one call's overhead.
+
+    Args:
+        lora_A (list[Tensor]): ``M·k`` factors ``(rₘᵢ, inₘ)``, module-major.
+        lora_B (list[Tensor]): ``M·k`` factors ``(outₘ, rₘᵢ)``.
+        scales (list[float]): ``M·k`` scalings.
+        checkpoints (int): k, the checkpoints per module.
+
+    Returns:
+        Tensor: ``(M, k, k)`` float64.
+
+    Raises:
+        RuntimeError: list lengths that do not fit, or factors whose shapes do not fit (named with the module and
+            the entry).
+    """
+    return _ops.lora_gram_modules(list(lora_A), list(lora_B), [float(s) for s in scales], int(checkpoints))
 
 
 def lora_factored_svd(
@@ -279,6 +306,11 @@ def _(weight, lora_A, lora_B, lora_R, scale, distance, index, values):
 @torch.library.register_fake("lispetorch::lora_gram")
 def _(lora_A, lora_B, scales):
     return lora_A[0].new_empty((len(lora_A), len(lora_A)), dtype=torch.float64)
+
+
+@torch.library.register_fake("lispetorch::lora_gram_modules")
+def _(lora_A, lora_B, scales, checkpoints):
+    return lora_A[0].new_empty((len(lora_A) // checkpoints, checkpoints, checkpoints), dtype=torch.float64)
 
 
 @torch.library.register_fake("lispetorch::lora_factored_svd")

@@ -127,6 +127,28 @@ def test_gram_kernel_shapes_strides_and_mixed_dtypes_against_dense(threads):
         torch.set_num_threads(n)
 
 
+def test_gram_of_several_modules_in_one_call_equals_one_call_each():
+    g = torch.Generator().manual_seed(12)
+    shapes = [(40, 30), (7, 600), (513, 9)]  # (out, in) per module
+    ranks = [[2, 3], [8, 1], [4, 4]]
+    A, B, s = [], [], []
+    for (out, inp), rs in zip(shapes, ranks, strict=True):
+        for r in rs:
+            A.append(torch.randn(r, inp, generator=g))
+            B.append(torch.randn(out, r, generator=g))
+            s.append(float(torch.rand(1, generator=g)) + 0.5)
+    G = ops.lora_gram_modules(A, B, s, 2)
+    assert G.shape == (3, 2, 2) and G.dtype == torch.float64
+    for m in range(3):
+        one = ops.lora_gram(A[2 * m:2 * m + 2], B[2 * m:2 * m + 2], s[2 * m:2 * m + 2])
+        torch.testing.assert_close(G[m], one, rtol=1e-13, atol=0)
+    with pytest.raises(RuntimeError, match=r"module 1 \(list entries 2 to 3\): lora_A\[1\] has 31 columns"):
+        ops.lora_gram_modules(A[:3] + [torch.randn(1, 31)] + A[4:], B, s, 2)
+    with pytest.raises(RuntimeError, match="not a multiple of checkpoints = 4"):
+        ops.lora_gram_modules(A, B, s, 4)
+    torch.library.opcheck(torch.ops.lispetorch.lora_gram_modules.default, (A, B, s, 2))
+
+
 def test_gram_of_a_nan_factor_is_not_finite():
     A = [torch.randn(2, 40), torch.randn(2, 40)]
     B = [torch.randn(30, 2), torch.randn(30, 2)]

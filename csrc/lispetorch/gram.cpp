@@ -75,7 +75,7 @@ std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::Tenso
 
 at::Tensor lora_gram(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales) {
   const std::vector<int64_t> ranks = detail::check_stacked_factors(lora_A, lora_B, scales);
-  if (detail::gram_cpu_available(lora_A, lora_B)) return detail::lora_gram_cpu(lora_A, lora_B, ranks, scales);
+  if (detail::gram_cpu_available(lora_A, lora_B)) return detail::lora_grams_cpu(lora_A, lora_B, scales, {ranks})[0];
   const int64_t k = static_cast<int64_t>(ranks.size());
   auto [A, B] = detail::stack_factors(lora_A, lora_B, ranks, {});          // (R, in), (out, R)
   at::Tensor H = at::mm(A, A.t());                                           // (R, R): blocks AᵢAⱼᵀ
@@ -90,8 +90,36 @@ at::Tensor lora_gram(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<
   return G.add(G.t()).mul_(0.5);                                             // exactly symmetric
 }
 
+at::Tensor lora_gram_modules(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales,
+                             int64_t checkpoints) {
+  const int64_t k = checkpoints;
+  const int64_t n = static_cast<int64_t>(lora_A.size());
+  TORCH_CHECK(k > 0, "checkpoints must be positive, got ", k);
+  TORCH_CHECK(n % k == 0, "lora_A has ", n, " factors, not a multiple of checkpoints = ", k);
+  TORCH_CHECK(static_cast<int64_t>(lora_B.size()) == n && static_cast<int64_t>(scales.size()) == n, "lora_A has ",
+              n, " factors but lora_B has ", lora_B.size(), " and scales ", scales.size());
+  const int64_t M = n / k;
+  std::vector<std::vector<int64_t>> ranks(M);
+  for (int64_t m = 0; m < M; ++m) {
+    try {
+      ranks[m] = detail::check_stacked_factors(lora_A.slice(m * k, k), lora_B.slice(m * k, k),
+                                               scales.slice(m * k, k));
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "module ", m, " (list entries ", m * k, " to ", m * k + k - 1, "): ", e.msg());
+    }
+  }
+  if (M > 0 && detail::gram_cpu_available(lora_A, lora_B)) return detail::lora_grams_cpu(lora_A, lora_B, scales, ranks);
+  std::vector<at::Tensor> grams;
+  for (int64_t m = 0; m < M; ++m)
+    grams.push_back(lora_gram(lora_A.slice(m * k, k), lora_B.slice(m * k, k), scales.slice(m * k, k)));
+  return M > 0 ? at::stack(grams) : at::empty({0, k, k}, at::TensorOptions().dtype(at::kDouble));
+}
+
 }  // namespace lispetorch
 
 #include <torch/library.h>
 
-TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) { m.impl("lora_gram", &lispetorch::lora_gram); }
+TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
+  m.impl("lora_gram", &lispetorch::lora_gram);
+  m.impl("lora_gram_modules", &lispetorch::lora_gram_modules);
+}

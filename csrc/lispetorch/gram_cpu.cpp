@@ -233,62 +233,84 @@ bool gram_cpu_available(at::TensorList lora_A, at::TensorList lora_B) {
   return std::all_of(lora_A.begin(), lora_A.end(), ok) && std::all_of(lora_B.begin(), lora_B.end(), ok);
 }
 
-at::Tensor lora_gram_cpu(at::TensorList lora_A, at::TensorList lora_B, const std::vector<int64_t>& ranks,
-                         at::ArrayRef<double> scales) {
+at::Tensor lora_grams_cpu(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales,
+                          const std::vector<std::vector<int64_t>>& ranks) {
   const ChunkFn kernel = chunk_kernel();
   TORCH_CHECK(kernel != nullptr, "lora_gram: no vector kernel for this processor");
-  std::vector<Factor> A, B;
-  for (const at::Tensor& t : lora_A) A.push_back(as_factor(t));
-  for (const at::Tensor& t : lora_B) B.push_back(as_factor(t));
-  const int64_t k = static_cast<int64_t>(ranks.size());
-  int64_t R = 0;
-  for (int64_t r : ranks) R += r;
-  const int64_t in = lora_A[0].size(1), out = lora_B[0].size(0);
-  const int64_t Rp = (R + kPad - 1) / kPad * kPad;
-  const Work work{&A, &B, in, out, Rp};
-  // Chunks of both sides, interleaved so that a contiguous share of them is a balanced share of the work.
-  std::vector<std::pair<int, int64_t>> chunks;
-  const int64_t na = (in + kChunk - 1) / kChunk, nb = (out + kChunk - 1) / kChunk;
-  for (int64_t i = 0; i < std::max(na, nb); ++i) {
-    if (i < na) chunks.emplace_back(0, i * kChunk);
-    if (i < nb) chunks.emplace_back(1, i * kChunk);
+  const int64_t M = static_cast<int64_t>(ranks.size());
+  const int64_t k = M > 0 ? static_cast<int64_t>(ranks[0].size()) : 0;
+  // Per module: its factors, sizes, and where its two (Rp, Rp) accumulators start in a thread's buffer.
+  std::vector<std::vector<Factor>> A(M), B(M);
+  std::vector<Work> work(M);
+  std::vector<int64_t> R(M), offset(M + 1, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t i = 0; i < k; ++i) {
+      A[m].push_back(as_factor(lora_A[m * k + i]));
+      B[m].push_back(as_factor(lora_B[m * k + i]));
+    }
+    R[m] = 0;
+    for (int64_t r : ranks[m]) R[m] += r;
+    const int64_t Rp = (R[m] + kPad - 1) / kPad * kPad;
+    work[m] = Work{&A[m], &B[m], lora_A[m * k].size(1), lora_B[m * k].size(0), Rp};
+    offset[m + 1] = offset[m] + 2 * Rp * Rp;
   }
-  // Per thread: an A and a B accumulator (Rp, Rp), zeroed, and one panel of kChunk × Rp.
+  // Work items (module, side, first column/row): per module the chunks of both sides interleaved, modules in
+  // order, so that a contiguous share of the items is a balanced share of the work and of the file.
+  struct Item {
+    int64_t module;
+    int side;
+    int64_t t0;
+  };
+  std::vector<Item> items;
+  int64_t panel_size = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t na = (work[m].in + kChunk - 1) / kChunk, nb = (work[m].out + kChunk - 1) / kChunk;
+    for (int64_t i = 0; i < std::max(na, nb); ++i) {
+      if (i < na) items.push_back({m, 0, i * kChunk});
+      if (i < nb) items.push_back({m, 1, i * kChunk});
+    }
+    panel_size = std::max(panel_size, kChunk * work[m].Rp);
+  }
+  // Per thread: the accumulators of every module, zeroed, and one panel (uninitialised: a chunk writes what it
+  // reads).
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t acc = 2 * Rp * Rp;
+  const int64_t acc = offset[M];
   std::vector<double> sums(static_cast<size_t>(nthreads * acc), 0.0);
-  std::vector<std::unique_ptr<double[]>> panels(nthreads);  // uninitialised: each chunk writes what it reads
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  std::vector<std::unique_ptr<double[]>> panels(nthreads);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid >= 0 && tid < nthreads, "lora_gram: thread ", tid, " outside the ", nthreads, " planned");
-    double* HA = sums.data() + tid * acc;
-    if (!panels[tid]) panels[tid].reset(new double[kChunk * Rp]);
-    double* panel = panels[tid].get();
+    if (!panels[tid]) panels[tid].reset(new double[panel_size]);
     for (int64_t c = begin; c < end; ++c) {
-      const auto [side, t0] = chunks[c];
-      const int64_t n = std::min(kChunk, (side == 0 ? in : out) - t0);
-      kernel(work, side, t0, n, panel, side == 0 ? HA : HA + Rp * Rp);
+      const Item& it = items[c];
+      const Work& w = work[it.module];
+      double* H = sums.data() + tid * acc + offset[it.module] + (it.side == 0 ? 0 : w.Rp * w.Rp);
+      kernel(w, it.side, it.t0, std::min(kChunk, (it.side == 0 ? w.in : w.out) - it.t0), panels[tid].get(), H);
     }
   });
   for (int64_t t = 1; t < nthreads; ++t)
     for (int64_t i = 0; i < acc; ++i) sums[i] += sums[t * acc + i];
   // G[i][j] = sᵢ sⱼ Σ_{p ∈ block i, q ∈ block j} HA[p][q] · HB[p][q], from the upper triangles (p ≤ q).
-  const double* ha = sums.data();
-  const double* hb = ha + Rp * Rp;
-  std::vector<int64_t> block(R);
-  for (int64_t i = 0, p = 0; i < k; ++i)
-    for (int64_t j = 0; j < ranks[i]; ++j) block[p++] = i;
-  at::Tensor G = at::zeros({k, k}, at::TensorOptions().dtype(at::kDouble));
-  double* g = G.data_ptr<double>();
-  for (int64_t p = 0; p < R; ++p)
-    for (int64_t q = p; q < R; ++q) {
-      const double v = ha[p * Rp + q] * hb[p * Rp + q];
-      const int64_t i = block[p], j = block[q];
-      g[i * k + j] += v;
-      if (p != q) g[j * k + i] += v;
-    }
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k; ++j) g[i * k + j] *= scales[i] * scales[j];
+  at::Tensor G = at::zeros({M, k, k}, at::TensorOptions().dtype(at::kDouble));
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t Rp = work[m].Rp;
+    const double* ha = sums.data() + offset[m];
+    const double* hb = ha + Rp * Rp;
+    std::vector<int64_t> block(R[m]);
+    for (int64_t i = 0, p = 0; i < k; ++i)
+      for (int64_t j = 0; j < ranks[m][i]; ++j) block[p++] = i;
+    double* g = G.data_ptr<double>() + m * k * k;
+    for (int64_t p = 0; p < R[m]; ++p)
+      for (int64_t q = p; q < R[m]; ++q) {
+        const double v = ha[p * Rp + q] * hb[p * Rp + q];
+        const int64_t i = block[p], j = block[q];
+        g[i * k + j] += v;
+        if (p != q) g[j * k + i] += v;
+      }
+    const double* s = scales.data() + m * k;
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) g[i * k + j] *= s[i] * s[j];
+  }
   return G;
 }
 
@@ -296,7 +318,8 @@ at::Tensor lora_gram_cpu(at::TensorList lora_A, at::TensorList lora_B, const std
 
 bool gram_cpu_available(at::TensorList, at::TensorList) { return false; }
 
-at::Tensor lora_gram_cpu(at::TensorList, at::TensorList, const std::vector<int64_t>&, at::ArrayRef<double>) {
+at::Tensor lora_grams_cpu(at::TensorList, at::TensorList, at::ArrayRef<double>,
+                          const std::vector<std::vector<int64_t>>&) {
   TORCH_CHECK(false, "lora_gram: no vector kernel for this processor");
 }
 

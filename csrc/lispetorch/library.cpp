@@ -23,6 +23,7 @@ TORCH_LIBRARY(lispetorch, m) {
       "lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale, "
       "Tensor? distance, Tensor? index, Tensor? values) -> ()");
   m.def("lora_gram(Tensor[] lora_A, Tensor[] lora_B, float[] scales) -> Tensor");
+  m.def("lora_gram_modules(Tensor[] lora_A, Tensor[] lora_B, float[] scales, int checkpoints) -> Tensor");
   m.def("lora_factored_svd(Tensor[] lora_A, Tensor[] lora_B, float[] scales, int rank) -> (Tensor, Tensor, Tensor)");
   m.def("svd_lowrank(Tensor weight, int rank, int niter, int oversample=10, int seed=0) -> (Tensor, Tensor, Tensor)");
   m.def("blockwise_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");

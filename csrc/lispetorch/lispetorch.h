@@ -58,6 +58,10 @@ at::Tensor lora_delta(const at::Tensor& lora_A, const at::Tensor& lora_B, const 
 // The k×k Gram of the deltas sᵢBᵢAᵢ of k checkpoints of one module, G[i][j] = ⟨sᵢBᵢAᵢ, sⱼBⱼAⱼ⟩_F, computed in
 // float64 from the factors only: Aᵢ (rᵢ, in), Bᵢ (out, rᵢ); ranks may differ. See gram.cpp.
 at::Tensor lora_gram(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales);
+// The same for M modules at once, in one call: entry m·k + i of each list is checkpoint i of module m (k =
+// checkpoints); returns (M, k, k). Shapes may differ between modules, not between a module's checkpoints.
+at::Tensor lora_gram_modules(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales,
+                             int64_t checkpoints);
 
 // Truncated SVD of Σᵢ sᵢBᵢAᵢ from QR factorisations of the stacked factors and an SVD of the small core,
 // never forming the (out, in) sum. Returns (B (out, q), A (q, in), S (min(Σrᵢ, out, in))) in float64 with
@@ -91,9 +95,11 @@ std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::Tenso
 
 // The factored Gram on CPU (gram_cpu.cpp): available for CPU float tensors on processors with AVX2+FMA or
 // AVX-512; same result as lora_gram's ATen path, from the factors where they are (any strides).
+// Modules m = 0…M−1 with k checkpoints each: factors and scales module-major (entry m·k + i), ranks[m] the ranks
+// of module m's checkpoints (checked); returns (M, k, k).
 bool gram_cpu_available(at::TensorList lora_A, at::TensorList lora_B);
-at::Tensor lora_gram_cpu(at::TensorList lora_A, at::TensorList lora_B, const std::vector<int64_t>& ranks,
-                         at::ArrayRef<double> scales);
+at::Tensor lora_grams_cpu(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales,
+                          const std::vector<std::vector<int64_t>>& ranks);
 
 // Input checks shared by every entry point; each message names the argument and the shapes it got.
 void check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

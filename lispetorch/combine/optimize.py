@@ -31,25 +31,46 @@ def open_checkpoints(cfg: CombineConfig, names: list[str], verbose: bool = False
 
 
 def module_grams(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None,
-                 scales: list[float] | None = None) -> dict[str, np.ndarray]:
-    """``{module: G}`` with ``G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩`` over ``checkpoints`` (k×k, float64), streamed module by module.
+                 scales: list[float] | None = None, batch_bytes: int = 8 << 20) -> dict[str, np.ndarray]:
+    """``{module: G}`` with ``G[i, j] = ⟨ΔWᵢ, ΔWⱼ⟩`` over ``checkpoints`` (k×k, float64), streamed module by module
+    from the files in the order the factors lie in them, one native call per ``batch_bytes`` of factors.
 
     Raises:
         ValueError: a checkpoint holding NaN or Inf (named with its key).
     """
     timer = {} if timer is None else timer
+    k = len(checkpoints)
     grams: dict[str, np.ndarray] = {}
+    batch: list[tuple[str, list, list]] = []
+    flat_A: list = []
+    flat_B: list = []
+    flat_s: list[float] = []
+    size = 0
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        G = ops.lora_gram_modules(flat_A, flat_B, flat_s, k).numpy()                  # (M, k, k)
+        finite = np.isfinite(np.diagonal(G, axis1=1, axis2=2)).all(axis=1)
+        for (m, As, Bs), Gm, ok in zip(batch, G, finite, strict=True):
+            if not ok:
+                check_finite(checkpoints, m, As, Bs)
+            grams[m] = Gm
+        timer["gram_s"] = timer.get("gram_s", 0.0) + time.perf_counter() - t0
+        batch.clear(), flat_A.clear(), flat_B.clear(), flat_s.clear()
+
     with stream(checkpoints, file_order(checkpoints, modules), timer) as it:
         for m, As, Bs in it:
-            t0 = time.perf_counter()
             s = [c.modules[m].scale for c in checkpoints]
             if scales is not None:
                 s = [a * b for a, b in zip(s, scales, strict=True)]
-            G = ops.lora_gram(As, Bs, s).numpy()
-            if not np.isfinite(np.diag(G)).all():
-                check_finite(checkpoints, m, As, Bs)
-            timer["gram_s"] = timer.get("gram_s", 0.0) + time.perf_counter() - t0
-            grams[m] = G
+            batch.append((m, As, Bs))
+            flat_A.extend(As), flat_B.extend(Bs), flat_s.extend(s)
+            size += sum(t.nbytes for t in As) + sum(t.nbytes for t in Bs)
+            if size >= batch_bytes:
+                flush()
+                size = 0
+        if batch:
+            flush()
     return {m: grams[m] for m in modules}
 
 

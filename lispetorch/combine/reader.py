@@ -118,24 +118,18 @@ def read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, Tensor
     bad = f"{path} is not a readable safetensors file"
     if n < 0 or 8 + n > size:
         raise AdapterFormatError(f"{bad} (its header length {n} does not fit in its {size} bytes)")
+    base = 8 + n
     try:
         header = json.loads(body)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        entries = {}
-        for key, e in header.items():
-            if key == "__metadata__":
-                continue
-            begin, end = (8 + n + int(o) for o in e["data_offsets"])
-            shape = tuple(int(d) for d in e["shape"])
-            entries[key] = TensorEntry(str(e["dtype"]), shape, begin, end)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise AdapterFormatError(f"{bad} (header: {e})") from None
-    for key, e in entries.items():
-        width = _DTYPES[e.dtype].itemsize if e.dtype in _DTYPES else None
-        if not 8 + n <= e.begin <= e.end <= size or (width and math.prod(e.shape) * width != e.end - e.begin):
-            raise AdapterFormatError(f"{bad} ({key}: shape {list(e.shape)} of {e.dtype} in bytes [{e.begin}, "
-                                     f"{e.end}) of {size})")
+        entries = {key: TensorEntry(e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
+                                    base + e["data_offsets"][1])
+                   for key, e in header.items() if key != "__metadata__"}
+        for key, e in entries.items():
+            width = _DTYPES[e.dtype].itemsize if e.dtype in _DTYPES else None
+            if not base <= e.begin <= e.end <= size or (width and math.prod(e.shape) * width != e.end - e.begin):
+                raise ValueError(f"{key}: shape {list(e.shape)} of {e.dtype} in bytes [{e.begin}, {e.end}) of {size}")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise AdapterFormatError(f"{bad} ({e})") from None
     return entries, size
 
 
