@@ -70,31 +70,42 @@ at::Tensor mix32_aten(at::Tensor x) {
   return x;
 }
 
-// One pass: out[i] = keep(i) ? in[i] / (1 - p) : 0. The hash runs on 32-bit lanes over blocks that do not
-// cross a multiple of 2³² in the index, so the loop vectorises.
-template <typename scalar_t>
-void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey key, double p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+// u[j] = the draw of element begin + j, j < len. The hash runs on 32-bit lanes over blocks that do not cross a
+// multiple of 2³² in the index, so the loop vectorises.
+inline void draw_block(uint32_t* u, int64_t begin, int64_t len, const MaskKey& key) {
+  const uint64_t first = static_cast<uint64_t>(begin);
+  const uint32_t lo0 = static_cast<uint32_t>(first);
+  if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(len) <= (1ull << 32)) {
+    const uint32_t add = static_cast<uint32_t>(first >> 32) * 0x9E3779B9u + key.k2;
+    for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ key.k1) + add);
+  } else {
+    for (int64_t j = 0; j < len; ++j) u[j] = draw(first + static_cast<uint64_t>(j), key);
+  }
+}
+
+// Calls fn(u, begin, len) on blocks of up to 1024 elements, u holding their draws; blocks shared between threads.
+template <typename F>
+void for_each_block(int64_t n, const MaskKey& key, const F& fn) {
   constexpr int64_t kBlock = 1024;
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t block_begin, int64_t block_end) {
     uint32_t u[kBlock];
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       const int64_t begin = blk * kBlock, len = std::min(kBlock, n - begin);
-      const uint64_t first = static_cast<uint64_t>(begin);
-      const uint32_t lo0 = static_cast<uint32_t>(first);
-      if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(len) <= (1ull << 32)) {
-        const uint32_t add = static_cast<uint32_t>(first >> 32) * 0x9E3779B9u + key.k2;
-        for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ key.k1) + add);
-      } else {
-        for (int64_t j = 0; j < len; ++j) u[j] = draw(first + static_cast<uint64_t>(j), key);
-      }
-      const scalar_t* src = in + begin;
-      scalar_t* dst = out + begin;
-      for (int64_t j = 0; j < len; ++j) {
-        const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
-        dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) * m);
-      }
+      draw_block(u, begin, len, key);
+      fn(static_cast<const uint32_t*>(u), begin, len);
+    }
+  });
+}
+
+// One pass: out[i] = keep(i) ? in[i] / (1 - p) : 0.
+template <typename scalar_t>
+void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey key, double p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+  for_each_block(n, key, [&](const uint32_t* u, int64_t begin, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
+      out[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(in[begin + j]) * m);
     }
   });
 }
@@ -104,24 +115,11 @@ template <typename scalar_t>
 void dropout_pair_kernel(const scalar_t* x, scalar_t* xd, scalar_t* g, int64_t n, const MaskKey key, double p) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
-  constexpr int64_t kBlock = 1024;
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t block_begin, int64_t block_end) {
-    uint32_t u[kBlock];
-    for (int64_t blk = block_begin; blk < block_end; ++blk) {
-      const int64_t begin = blk * kBlock, len = std::min(kBlock, n - begin);
-      const uint64_t first = static_cast<uint64_t>(begin);
-      const uint32_t lo0 = static_cast<uint32_t>(first);
-      if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(len) <= (1ull << 32)) {
-        const uint32_t add = static_cast<uint32_t>(first >> 32) * 0x9E3779B9u + key.k2;
-        for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ key.k1) + add);
-      } else {
-        for (int64_t j = 0; j < len; ++j) u[j] = draw(first + static_cast<uint64_t>(j), key);
-      }
-      for (int64_t j = 0; j < len; ++j) {
-        const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
-        xd[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(x[begin + j]) * m);
-        g[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(g[begin + j]) * m);
-      }
+  for_each_block(n, key, [&](const uint32_t* u, int64_t begin, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
+      xd[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(x[begin + j]) * m);
+      g[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(g[begin + j]) * m);
     }
   });
 }
