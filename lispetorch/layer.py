@@ -10,6 +10,7 @@ from torch import nn
 
 from . import ops
 from .config import scaling
+from .nf4 import nf4_lora_linear
 
 
 def conv1d_type():
@@ -214,14 +215,18 @@ class LoraLinear(nn.Module):
         name = self.active_adapter
         if not self.enabled or name is None or self.merged_adapter is not None:
             return self.base_layer(x)
-        w = self.base_weight()
+        quantized = getattr(self.base_layer, "quantized", False)
+        w = None if quantized else self.base_weight()
+        dtype = self.base_layer.qweight.dtype if quantized else w.dtype
         A, B, R = self.factors(name)
-        if A.dtype != w.dtype or B.dtype != w.dtype or (R is not None and R.dtype != w.dtype):
-            A, B, R = A.to(w.dtype), B.to(w.dtype), (R.to(w.dtype) if R is not None else None)  # compute in W's
-        if x.dtype != w.dtype:
-            x = x.to(w.dtype)
+        if A.dtype != dtype or B.dtype != dtype or (R is not None and R.dtype != dtype):
+            A, B, R = A.to(dtype), B.to(dtype), (R.to(dtype) if R is not None else None)  # compute in W's dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
         p = self.lora_dropout[name] if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        if quantized:  # the weight is dequantised in forward and again in backward, never kept
+            return nf4_lora_linear(x, self.base_layer, A, B, R, self.scaling[name], p, seed)
         return ops.lora_linear(x, w, self.base_layer.bias, A, B, R, self.scaling[name], p, seed)
 
     # --- merge ---------------------------------------------------------------------------------------------

@@ -130,6 +130,49 @@ class NF4Linear(nn.Module):
                 f"double_quant={self.qweight.double_quant}")
 
 
+class _NF4LoraLinear(torch.autograd.Function):
+    """The fused low-rank linear over an NF4 base: the native forward and backward kernels, with the base weight
+    dequantised in forward and again in backward instead of being kept for it. What backward keeps is what the
+    operator keeps over a dense base (the input and the r-wide intermediate), not the ``(out, in)`` weight."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, R, bias, qweight, scale, p, seed):
+        W = qweight.dequantize(x.dtype)  # (out, in), dropped after the forward
+        y, hr = torch.ops.lispetorch.lora_linear_forward(x, W, bias, A, B, R, scale, p, seed)
+        keep_x = A.requires_grad or (R is not None and R.requires_grad)
+        ctx.save_for_backward(x if keep_x else None, A, B, R, hr)
+        ctx.qweight, ctx.args = qweight, (scale, p, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, A, B, R, hr = ctx.saved_tensors
+        need_x, need_A, need_B, need_R = ctx.needs_input_grad[:4]
+        mask = [need_x, False, False, need_A, need_B, R is not None and need_R]
+        if not any(mask):
+            return (None,) * 9
+        W = ctx.qweight.dequantize(grad.dtype)  # again, for dL/dx = g W
+        grads = iter(torch.ops.lispetorch.lora_linear_backward(grad, x, W, A, B, R, hr, *ctx.args, mask))
+        gx, _, _, gA, gB, gR = (next(grads) if m else None for m in mask)
+        return gx, gA, gB, gR, None, None, None, None, None
+
+
+def nf4_lora_linear(x: torch.Tensor, layer: NF4Linear, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor | None,
+                    scale: float, dropout: float, seed: int) -> torch.Tensor:
+    """:func:`lispetorch.ops.lora_linear` over the NF4 layer ``layer``, its weight dequantised when needed
+    (forward and backward) rather than kept for backward.
+
+    Args:
+        x (Tensor): ``(..., in)`` in the layer's dtype. A (Tensor): ``(r, in)``. B (Tensor): ``(out, r)``.
+        R (Tensor | None): ``(r, r)``. scale (float), dropout (float), seed (int): as the operator's.
+
+    Returns:
+        Tensor: ``(..., out)``.
+    """
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return _NF4LoraLinear.apply(x, A, B, R, bias, layer.qweight, float(scale), float(dropout), int(seed))
+
+
 def quantize_nf4(model: nn.Module, target_modules: list[str] | str = "all-linear", exclude_modules=None,
                  blocksize: int = BLOCKSIZE, double_quant: bool = False) -> dict[str, NF4Linear]:
     """Replaces the selected linear layers' weights (the base layers under adapters included: after a PiSSA or

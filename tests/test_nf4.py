@@ -129,6 +129,50 @@ def test_nf4_base_trains_under_an_adapter(model_dirs, input_ids):
     lt.inject(model, lt.TinyLoraConfig(r=2, u=2), adapter_name="tiny")  # leaves the base as it is: allowed
 
 
+@pytest.mark.parametrize("with_R", [False, True])
+def test_adapter_over_nf4_keeps_no_dequantised_weight_for_backward(with_R):
+    # Same outputs and gradients as the operator over the dequantised weight, and backward keeps what it keeps
+    # over a dense base: the input and the r-wide intermediate, not the (out, in) weight.
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48)
+    layer = lt.LoraLinear(lt.NF4Linear.from_linear(dense))
+    R = torch.eye(4) + 0.1 * torch.randn(4, 4) if with_R else None
+    layer.set_factors("a", torch.randn(4, 64) / 8, torch.randn(48, 4), alpha=8, dropout=0.2, R=R)
+    layer.train()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    g = torch.randn_like(y)
+    leaves = [x, layer.lora_A["a"], layer.lora_B["a"]] + ([layer.lora_R["a"]] if with_R else [])
+    got = torch.autograd.grad(y, leaves, g)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    W = layer.base_layer.qweight.dequantize()
+    R_ = layer.lora_R["a"] if with_R else None
+    y_ref = lt.ops.lora_linear(x, W, layer.base_layer.bias, layer.lora_A["a"], layer.lora_B["a"], R_, 2.0, 0.2, seed)
+    want = torch.autograd.grad(y_ref, leaves, g)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    def saved(fn):
+        sizes = {}
+
+        def pack(t):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(sizes.values())
+
+    params = sum(p.numel() * 4 for p in leaves[1:])
+    ours = saved(lambda: layer(x)) - params
+    dense_op = saved(lambda: lt.ops.lora_linear(x, W, None, *leaves[1:3], R_, 2.0, 0.2, 1)) - params
+    assert ours == x.numel() * 4 + 15 * 4 * 4  # x and hr (N, r), as over a dense base
+    assert dense_op == ours + W.numel() * 4  # the dense operator keeps the weight too
+
+
 def test_rotational_pissa_quantized_residual(model_dirs, input_ids):
     model = load(model_dirs["llama"])
     reference = load(model_dirs["llama"])
