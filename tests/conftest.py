@@ -116,3 +116,16 @@ def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".hy" and file_path.name.startswith("test_"):
         return HyModule.from_parent(parent, path=file_path)
     return None
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves during fn(), each storage once."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import load, logits
+from conftest import load, logits, saved_bytes
 
 import lispetorch as lt
 from lispetorch.nf4 import NF4Weight, dynamic_map
@@ -155,20 +155,9 @@ def test_adapter_over_nf4_keeps_no_dequantised_weight_for_backward(with_R):
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
-    def saved(fn):
-        sizes = {}
-
-        def pack(t):
-            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(sizes.values())
-
     params = sum(p.numel() * 4 for p in leaves[1:])
-    ours = saved(lambda: layer(x)) - params
-    dense_op = saved(lambda: lt.ops.lora_linear(x, W, None, *leaves[1:3], R_, 2.0, 0.2, 1)) - params
+    ours = saved_bytes(lambda: layer(x)) - params
+    dense_op = saved_bytes(lambda: lt.ops.lora_linear(x, W, None, *leaves[1:3], R_, 2.0, 0.2, 1)) - params
     assert ours == x.numel() * 4 + 15 * 4 * 4  # x and hr (N, r), as over a dense base
     assert dense_op == ours + W.numel() * 4  # the dense operator keeps the weight too
 

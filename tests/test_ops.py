@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import saved_bytes
 
 import lispetorch as lt
 from lispetorch import ops
@@ -126,19 +127,6 @@ def test_low_precision_forward_is_close(dtype):
     Al = cast[3].clone().requires_grad_()
     ops.lora_linear(xl, cast[1], cast[2], Al, cast[4], cast[5], 0.5, 0.1, 3).sum().backward()
     assert xl.grad.dtype == dtype and Al.grad.dtype == dtype
-
-
-def saved_bytes(fn):
-    """Bytes of the tensors autograd saves during fn(), each storage once."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_dropout_saves_no_activation():
