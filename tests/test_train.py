@@ -414,10 +414,17 @@ def test_report_to_a_missing_package_warns_and_keeps_the_jsonl(tiny_default_mode
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 2]
 
 
-@pytest.mark.parametrize("init", ["pissa", "lora_ga"])
-def test_svd_init_trains_resumes_and_exports_a_plain_lora(tiny_default_model, corpus, tmp_path, init):
-    """An SVD init trains, resumes bit-identically, and its adapter is a PEFT LoRA on the original weights."""
-    lora = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "init": init}
+@pytest.mark.parametrize("method,rank", [
+    ({"init": "pissa"}, 8),  # [B | −B₀], [A; A₀]
+    ({"init": "lora_ga"}, 8),
+    ({"method": "rotational_pissa", "options": {"method": "way0", "orthogonality_reg_weight": 0.1}}, 8),
+    ({"method": "rotational_pissa", "options": {"method": "way1"}}, 8),
+    ({"method": "tinylora", "dropout": 0.0, "options": {"u": 8, "seed": 3}}, 4),
+])
+def test_other_methods_train_resume_and_export_a_plain_lora(tiny_default_model, corpus, tmp_path, method, rank):
+    """SVD inits, Rotational PiSSA and TinyLoRA train, resume bit-identically, and their adapter is a PEFT LoRA on
+    the original weights that reproduces the trained model."""
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], **method}
     full = lt.train.train(config(tiny_default_model, corpus, tmp_path / "full", lora=lora), progress=False)
 
     def stop_at_6(trainer):
@@ -431,7 +438,10 @@ def test_svd_init_trains_resumes_and_exports_a_plain_lora(tiny_default_model, co
     a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((full.adapter_dir / "adapter_config.json").read_text())["r"] == 8  # [B | −B₀], [A; A₀]
+    assert json.loads((full.adapter_dir / "adapter_config.json").read_text())["r"] == rank
+    # every method starts from the base model's output (a zero delta on the original weights): training moved it
+    deltas = [a[k.replace("lora_A", "lora_B")] @ a[k] for k in a if "lora_A" in k]
+    assert max(float(d.abs().max()) for d in deltas) > 1e-4
     # PEFT on the original model reproduces the trained model (base residual + factors).
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -445,6 +455,16 @@ def test_svd_init_trains_resumes_and_exports_a_plain_lora(tiny_default_model, co
         torch.testing.assert_close(tr.model.eval()(ids).logits, peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_unknown_init_is_reported(tiny_default_model, corpus, tmp_path):
-    with pytest.raises(lt.train.ConfigError, match="'lora.init' must be .* got 'svd'"):
-        lt.train.train(config(tiny_default_model, corpus, tmp_path / "o", lora={"init": "svd"}), progress=False)
+@pytest.mark.parametrize("lora,message", [
+    ({"init": "svd"}, "'lora.init' must be .* got 'svd'"),
+    ({"method": "dora"}, "'lora.method' must be one of lora, rotational_pissa, tinylora, got 'dora'"),
+    ({"method": "tinylora", "init": "pissa"}, "'lora.init' \\('pissa'\\) applies to method lora"),
+    ({"method": "tinylora"}, "'lora.dropout' must be 0 for method tinylora"),
+    ({"method": "rotational_pissa", "options": {"method": "way9"}}, "'lora.options': .*way9"),
+    ({"method": "rotational_pissa", "options": {"wya": 1}}, "'lora.options': method 'rotational_pissa': .*wya"),
+    ({"options": [1]}, "'lora.options' must be a mapping"),
+])
+def test_unknown_init_or_method_is_reported(tiny_default_model, corpus, tmp_path, lora, message):
+    with pytest.raises(lt.train.ConfigError, match=message):
+        lt.train.train(config(tiny_default_model, corpus, tmp_path / "o", lora=lora), progress=False)
+    assert not (tmp_path / "o").exists()

@@ -35,6 +35,25 @@ class LoraSection:
     # calibration_batches training batches)
     init: str = "kaiming"
     calibration_batches: int = 4
+    # "lora" (with the init above), "rotational_pissa" or "tinylora"; options: the method's own fields (see
+    # lispetorch.methods.method_config), e.g. {"method": "way1"} or {"u": 64, "seed": 0}
+    method: str = "lora"
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def adapter_config(self):
+        """The adapter config these keys describe (a ``LoraConfig``, ``RotationalPiSSAConfig`` or
+        ``TinyLoraConfig``).
+
+        Raises:
+            ValueError: an unknown method or option, or a value out of range.
+        """
+        from ..methods import method_config
+
+        name = self.method if self.method != "lora" or self.init in ("kaiming", "gaussian") else self.init
+        options = dict(self.options)
+        if self.method == "lora" and self.init in ("kaiming", "gaussian"):
+            options.setdefault("init", self.init)
+        return method_config(name, self.rank, self.alpha, self.target_modules, dropout=self.dropout, **options)
 
 
 @dataclasses.dataclass
@@ -156,6 +175,18 @@ class TrainConfig:
                               f"of subspace iterations) or lora_ga, got {lora.init!r}")
         if lora.calibration_batches <= 0:
             raise ConfigError(f"{source}: 'lora.calibration_batches' must be > 0, got {lora.calibration_batches}")
+        if lora.method not in METHODS:
+            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(METHODS)}, got {lora.method!r}")
+        if lora.method != "lora" and lora.init != "kaiming":
+            raise ConfigError(f"{source}: 'lora.init' ({lora.init!r}) applies to method lora; method "
+                              f"{lora.method} makes its own factors")
+        if lora.method == "tinylora" and lora.dropout != 0:
+            raise ConfigError(f"{source}: 'lora.dropout' must be 0 for method tinylora (it has no dropout), got "
+                              f"{lora.dropout}")
+        try:
+            lora.adapter_config()
+        except ValueError as e:
+            raise ConfigError(f"{source}: 'lora.options': {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,8 +206,10 @@ for _f in dataclasses.fields(TrainConfig):
     _FIELDS[_f.name] = {"data": _PATHS, "report_to": "names", "model": "optional str"}.get(_f.name) or {
         float: _NUMBER, int: _INT, bool: _BOOL, str: _STR, "float": _NUMBER, "int": _INT, "bool": _BOOL,
         "str": _STR}[_f.type]
+_MAPPING = "a mapping"
 _LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES, "init": _STR,
-                "calibration_batches": _INT}
+                "calibration_batches": _INT, "method": _STR, "options": _MAPPING}
+METHODS = ("lora", "rotational_pissa", "tinylora")
 
 
 def _suggest(key: str, known) -> str:
@@ -232,6 +265,10 @@ def _check(key: str, value, kind: str, source: str):
             kind = "a list of names"
             fail()
         return value
+    if kind == _MAPPING:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            fail()
+        return dict(value)
     if kind == _NAMES:
         if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
             return value

@@ -165,10 +165,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         lora = cfg.lora
-        self.lora_config = LoraConfig(r=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                                      target_modules=lora.target_modules, init=lora.init)
+        self.lora_config = lora.adapter_config()
+        # A LoRA with a plain init trains and saves its factors as they are; every other method (SVD inits,
+        # Rotational PiSSA, TinyLoRA) changes the base or computes its core, and is saved as its plain-LoRA
+        # equivalent on the original weights, with its trained parameters beside it for resume.
+        self.plain = isinstance(self.lora_config, LoraConfig) and self.lora_config.init in ("kaiming", "gaussian")
+        # Rotational PiSSA way0's penalty keeps its free r×r cores near orthogonal.
+        self.orthogonality = getattr(self.lora_config, "method", None) == "way0" and \
+            getattr(self.lora_config, "orthogonality_reg_weight", 0.0) > 0
         calibration = None
-        if lora.init == "lora_ga":  # the gradients of the first training batches (epoch 0's order)
+        if lora.method == "lora" and lora.init == "lora_ga":  # the gradients of the first training batches
             micro = self.dataset.micro_batches(cfg.seed, 0, cfg.batch_size)[:lora.calibration_batches]
             calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
         inject(self.model, self.lora_config, calibration_batches=calibration)
@@ -200,6 +206,10 @@ class Trainer:
             loss = self._loss_sum(b)
             (loss / max(total, 1)).backward()
             loss_sum += loss.item()
+        if self.orthogonality:  # once per optimizer step, with the weight the adapter was made with
+            from ..methods import orthogonality_loss
+
+            orthogonality_loss(self.model).backward()
         return loss_sum / max(total, 1), total
 
     @torch.no_grad()
@@ -237,7 +247,7 @@ class Trainer:
     def _write_adapter(self, directory: Path) -> None:
         """The final adapter as a PEFT LoRA on the original base weights: as trained for a plain init; for an SVD
         init (PiSSA, LoRA-GA), whose base is a residual, the equivalent plain LoRA of rank 2r."""
-        if self.lora_config.init in ("kaiming", "gaussian"):
+        if self.plain:
             tensors, config = adapter_state(self.model)
         else:
             from ..methods import lora_equivalent
@@ -252,17 +262,23 @@ class Trainer:
         path = self.output_dir / f"checkpoint-{self.global_step}"
         with _atomic.directory(path) as tmp:
             self._write_adapter(tmp)
-            if self.lora_config.init not in ("kaiming", "gaussian"):
-                # What resume needs: the trained factors themselves (the adapter files hold their plain-LoRA
-                # equivalent on the original weights; the residual base is rebuilt by the same init).
+            if not self.plain:
+                # What resume needs: the trained parameters themselves, by their names in the model (the adapter
+                # files hold their plain-LoRA equivalent on the original weights; the residual base, the frozen
+                # factors and TinyLoRA's projections are rebuilt by the same init).
                 from safetensors.torch import save_file
 
-                save_file(adapter_state(self.model)[0], str(tmp / FACTORS_NAME), metadata={"format": "pt"})
+                save_file({n: p.detach().contiguous() for n, p in self._trained()}, str(tmp / FACTORS_NAME),
+                          metadata={"format": "pt"})
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng_state.pth")
             (tmp / INFO_NAME).write_text(json.dumps(self._info(train_loss), indent=2) + "\n")
         return path
+
+    def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters that train, by their names in the model (a shared one once)."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _resume(self) -> int:
         found = checkpoints(self.output_dir)
@@ -275,8 +291,11 @@ class Trainer:
         info = json.loads((path / INFO_NAME).read_text())
         factors = path / FACTORS_NAME
         weights = load_file(str(factors if factors.is_file() else path / "adapter_model.safetensors"))
-        params = {f"{PREFIX}{name}.{which}.weight": getattr(layer, which)[layer.active_adapter]
-                  for name, layer in adapter_layers(self.model).items() for which in ("lora_A", "lora_B")}
+        if factors.is_file() and not all(k.startswith(PREFIX) for k in weights):
+            params = dict(self._trained())  # the trained parameters by their names in the model
+        else:  # PEFT keys: a plain LoRA's adapter, or factors saved so by earlier versions
+            params = {f"{PREFIX}{name}.{which}.weight": getattr(layer, which)[layer.active_adapter]
+                      for name, layer in adapter_layers(self.model).items() for which in ("lora_A", "lora_B")}
         if set(params) != set(weights):
             raise ConfigError(f"{path}: the checkpoint adapts other modules than this config "
                               f"({len(weights)} tensors against {len(params)})")
