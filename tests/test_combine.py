@@ -149,6 +149,20 @@ def test_gram_of_several_modules_in_one_call_equals_one_call_each():
     torch.library.opcheck(torch.ops.lispetorch.lora_gram_modules.default, (A, B, s, 2))
 
 
+def test_gram_aten_path_agrees_with_the_cpu_kernel():
+    # Negative views are left to the ATen path (the path of other devices and processors); negating every A
+    # leaves every ⟨ΔWᵢ, ΔWⱼ⟩ as it is.
+    g = torch.Generator().manual_seed(13)
+    A = [torch.randn(r, 70, generator=g) for r in (3, 6)]
+    B = [torch.randn(90, r, generator=g) for r in (3, 6)]
+    fast = ops.lora_gram(A, B, [0.5, 2.0])
+    aten = ops.lora_gram([torch._neg_view(a) for a in A], B, [0.5, 2.0])
+    torch.testing.assert_close(aten, fast, rtol=1e-12, atol=0)
+    mixed = ops.lora_gram([torch._neg_view(A[0]), A[1]], B, [0.5, 2.0])
+    torch.testing.assert_close(mixed, fast * torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
 def test_gram_of_a_nan_factor_is_not_finite():
     A = [torch.randn(2, 40), torch.randn(2, 40)]
     B = [torch.randn(30, 2), torch.randn(30, 2)]
