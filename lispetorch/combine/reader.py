@@ -121,8 +121,8 @@ def read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, Tensor
     base = 8 + n
     try:
         header = json.loads(body)
-        entries = {key: TensorEntry(e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
-                                    base + e["data_offsets"][1])
+        entries = {key: TensorEntry(e["dtype"], tuple(int(d) for d in e["shape"]),
+                                    base + int(e["data_offsets"][0]), base + int(e["data_offsets"][1]))
                    for key, e in header.items() if key != "__metadata__"}
         for key, e in entries.items():
             width = _DTYPES[e.dtype].itemsize if e.dtype in _DTYPES else None
@@ -190,7 +190,7 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
                                  "factors must be floating-point")
     order = ["F64", "F32", "BF16", "F16"]
     widest = min(dtypes, key=order.index)
-    dtype = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[widest]
+    dtype = _DTYPES[widest]
     return Checkpoint(name, path, description, config, modules, dtype,
                       fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), use_rslora=use_rslora,
                       entries=entries, file_size=size)
