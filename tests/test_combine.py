@@ -102,29 +102,47 @@ def test_gram_matches_dense_float64_with_unequal_ranks(dtype):
     assert torch.equal(G, G.T)
 
 
+def check_gram_cases():
+    """The kernel pads ranks to 8 and columns to the vector width, cuts 512-wide chunks and shares them between
+    threads: ranks that are not multiples of 8, sizes below one vector and across several chunks, transposed
+    (strided) factors and a different dtype per checkpoint all have to give the dense float64 Gram."""
+    g = torch.Generator().manual_seed(11)
+    for ranks, out, inp in [([1], 1, 1), ([3, 5, 1], 3, 5), ([8, 8, 8, 8], 520, 1030), ([9, 2, 16], 1300, 7)]:
+        dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+        A = [torch.randn(r, inp, generator=g).to(dtypes[i % 4]) for i, r in enumerate(ranks)]
+        B = [torch.randn(out, r, generator=g).to(dtypes[(i + 1) % 4]) for i, r in enumerate(ranks)]
+        A[0] = A[0].T.contiguous().T  # column-major: strides (1, r)
+        B[-1] = B[-1].T.contiguous().T
+        s = [1.5, -0.5, 2.0, 0.25][: len(ranks)]
+        D = torch.stack([(si * b.double() @ a.double()).flatten() for a, b, si in zip(A, B, s, strict=True)])
+        ref = D @ D.T
+        G = ops.lora_gram(A, B, s)
+        assert ((G - ref).abs().max() / ref.abs().max()).item() <= 1e-12, (ranks, out, inp)
+        assert torch.equal(G, G.T)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gram_kernel_shapes_strides_and_mixed_dtypes_against_dense(threads):
-    # The CPU kernel pads ranks to 8 and columns to the vector width, cuts 512-wide chunks and shares them between
-    # threads: ranks that are not multiples of 8, sizes below one vector and across several chunks, transposed
-    # (strided) factors and a different dtype per checkpoint all have to give the dense float64 Gram.
-    g = torch.Generator().manual_seed(11)
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for ranks, out, inp in [([1], 1, 1), ([3, 5, 1], 3, 5), ([8, 8, 8, 8], 520, 1030), ([9, 2, 16], 1300, 7)]:
-            dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
-            A = [torch.randn(r, inp, generator=g).to(dtypes[i % 4]) for i, r in enumerate(ranks)]
-            B = [torch.randn(out, r, generator=g).to(dtypes[(i + 1) % 4]) for i, r in enumerate(ranks)]
-            A[0] = A[0].T.contiguous().T  # column-major: strides (1, r)
-            B[-1] = B[-1].T.contiguous().T
-            s = [1.5, -0.5, 2.0, 0.25][: len(ranks)]
-            D = torch.stack([(si * b.double() @ a.double()).flatten() for a, b, si in zip(A, B, s, strict=True)])
-            ref = D @ D.T
-            G = ops.lora_gram(A, B, s)
-            assert ((G - ref).abs().max() / ref.abs().max()).item() <= 1e-12, (ranks, out, inp)
-            assert torch.equal(G, G.T)
+        check_gram_cases()
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "aten"])
+def test_gram_kernels_this_processor_would_not_choose(isa):
+    # The kernel is chosen once per process: the AVX2 kernel and the ATen path, capped by LISPETORCH_GRAM_ISA, run
+    # the same cases in a process of their own.
+    import subprocess
+    import sys
+
+    code = "import test_combine; test_combine.check_gram_cases(); print('ok')"
+    env = {**os.environ, "LISPETORCH_GRAM_ISA": isa}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_gram_of_several_modules_in_one_call_equals_one_call_each():

@@ -13,8 +13,8 @@
 // computed, the lower triangle is mirrored at the end. Chunks are shared out between threads, each summing into
 // its own R×R accumulators, added together at the end. Everything accumulates in float64.
 //
-// The kernels are compiled for AVX-512 and for AVX2+FMA and chosen at run time; other processors use the ATen
-// path in gram.cpp.
+// The kernels are compiled for AVX-512 and for AVX2+FMA and chosen at run time (see chunk_kernel); other
+// processors use the ATen path in gram.cpp.
 #include "lispetorch.h"
 
 #include <ATen/ATen.h>
@@ -23,8 +23,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace lispetorch::detail {
@@ -207,10 +209,15 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const Work& w, int side, int
 
 using ChunkFn = void (*)(const Work&, int, int64_t, int64_t, double*, double*);
 
+// The widest kernel this processor runs; LISPETORCH_GRAM_ISA=avx2 or =aten caps it (read once per process: for
+// processors where AVX-512 lowers the clock, and for testing every path on one machine).
 ChunkFn chunk_kernel() {
   static const ChunkFn fn = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &chunk_avx512;
+    const char* cap = std::getenv("LISPETORCH_GRAM_ISA");
+    const std::string isa = cap ? cap : "";
+    if (isa == "aten") return static_cast<ChunkFn>(nullptr);
+    if (isa != "avx2" && __builtin_cpu_supports("avx512f")) return &chunk_avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &chunk_avx2;
     return static_cast<ChunkFn>(nullptr);
   }();
