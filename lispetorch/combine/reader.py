@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -252,7 +252,7 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-_MADV_WILLNEED, _MADV_POPULATE_READ = 3, 22
+_MADV_WILLNEED = 3
 
 
 @functools.lru_cache(maxsize=1)
@@ -276,7 +276,7 @@ class MappedFile:
     safetensors' own ``get_tensor`` copies every tensor out of its map; for the optimizer, which reads each factor
     once, that copy costs as much as reading the file. Here the file is mapped copy-on-write (a write to a view
     changes this process's pages, never the file) and each tensor is a view at the byte range its header gives
-    (see :func:`read_header`). :meth:`prefetch` has the kernel read a byte range ahead of use.
+    (see :func:`read_header`). :meth:`readahead` has the kernel read a byte range ahead of use.
 
     Raises:
         AdapterFormatError: see :func:`read_header`.
@@ -310,11 +310,6 @@ class MappedFile:
             t = torch.frombuffer(self._map, dtype=torch.uint8, count=e.end - e.begin, offset=e.begin).clone()
             t = t.view(dtype)
         return t.view(e.shape)
-
-    def span(self, keys: Iterable[str]) -> tuple[int, int]:
-        """The byte range ``[begin, end)`` of the file that holds the tensors ``keys``."""
-        es = [self.entries[k] for k in keys]
-        return min(e.begin for e in es), max(e.end for e in es)
 
     def readahead(self, begin: int, end: int) -> None:
         """Starts reading bytes ``[begin, end)`` from the disk into the page cache and returns
