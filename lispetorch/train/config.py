@@ -49,10 +49,12 @@ class LoraSection:
         """
         from ..methods import method_config
 
-        name = self.method if self.method != "lora" or self.init in ("kaiming", "gaussian") else self.init
-        options = dict(self.options)
-        if self.method == "lora" and self.init in ("kaiming", "gaussian"):
-            options.setdefault("init", self.init)
+        if self.method != "lora":
+            name, options = self.method, self.options
+        elif self.init in ("kaiming", "gaussian"):
+            name, options = "lora", {"init": self.init, **self.options}
+        else:  # an SVD init is a method of its own there
+            name, options = self.init, self.options
         return method_config(name, self.rank, self.alpha, self.target_modules, dropout=self.dropout, **options)
 
 

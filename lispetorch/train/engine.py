@@ -245,8 +245,9 @@ class Trainer:
         }
 
     def _write_adapter(self, directory: Path) -> None:
-        """The final adapter as a PEFT LoRA on the original base weights: as trained for a plain init; for an SVD
-        init (PiSSA, LoRA-GA), whose base is a residual, the equivalent plain LoRA of rank 2r."""
+        """The final adapter as a PEFT LoRA on the original base weights: as trained for a plain init; for every
+        other method its plain-LoRA equivalent (rank 2r where the base is a residual: PiSSA, LoRA-GA, Rotational
+        PiSSA; rank r for TinyLoRA, whose base is untouched)."""
         if self.plain:
             tensors, config = adapter_state(self.model)
         else:
