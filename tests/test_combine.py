@@ -145,6 +145,16 @@ def test_gram_kernels_this_processor_would_not_choose(isa):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
+def test_an_unknown_gram_kernel_cap_is_named():
+    import subprocess
+    import sys
+
+    code = "import torch\nfrom lispetorch import ops\nops.lora_gram([torch.ones(1, 2)], [torch.ones(3, 1)])"
+    env = {**os.environ, "LISPETORCH_GRAM_ISA": "sse9"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "LISPETORCH_GRAM_ISA must be avx2 or aten (or unset), got 'sse9'" in done.stderr
+
+
 def test_gram_of_several_modules_in_one_call_equals_one_call_each():
     g = torch.Generator().manual_seed(12)
     shapes = [(40, 30), (7, 600), (513, 9)]  # (out, in) per module

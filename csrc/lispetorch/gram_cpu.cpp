@@ -216,6 +216,8 @@ ChunkFn chunk_kernel() {
     __builtin_cpu_init();
     const char* cap = std::getenv("LISPETORCH_GRAM_ISA");
     const std::string isa = cap ? cap : "";
+    TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "aten",
+                "LISPETORCH_GRAM_ISA must be avx2 or aten (or unset), got '", isa, "'");
     if (isa == "aten") return static_cast<ChunkFn>(nullptr);
     if (isa != "avx2" && __builtin_cpu_supports("avx512f")) return &chunk_avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &chunk_avx2;
