@@ -42,30 +42,27 @@ def module_grams(checkpoints: list[Checkpoint], modules: list[str], timer: dict 
     timer = {} if timer is None else timer
     k = len(checkpoints)
     grams: dict[str, np.ndarray] = {}
-    batch: list[tuple[str, list, list]] = []
-    flat_A: list = []
-    flat_B: list = []
-    flat_s: list[float] = []
+    batch: list[tuple[str, list, list, list[float]]] = []  # (module, [Aᵢ], [Bᵢ], [sᵢ]) not yet computed
     size = 0
 
     def flush() -> None:
         t0 = time.perf_counter()
-        G = ops.lora_gram_modules(flat_A, flat_B, flat_s, k).numpy()                  # (M, k, k)
+        G = ops.lora_gram_modules([A for _, As, _, _ in batch for A in As], [B for _, _, Bs, _ in batch for B in Bs],
+                                  [x for *_, s in batch for x in s], k).numpy()             # (M, k, k)
         finite = np.isfinite(np.diagonal(G, axis1=1, axis2=2)).all(axis=1)
-        for (m, As, Bs), Gm, ok in zip(batch, G, finite, strict=True):
+        for (m, As, Bs, _), Gm, ok in zip(batch, G, finite, strict=True):
             if not ok:
                 check_finite(checkpoints, m, As, Bs)
             grams[m] = Gm
         timer["gram_s"] = timer.get("gram_s", 0.0) + time.perf_counter() - t0
-        batch.clear(), flat_A.clear(), flat_B.clear(), flat_s.clear()
+        batch.clear()
 
     with stream(checkpoints, file_order(checkpoints, modules), timer) as it:
         for m, As, Bs in it:
             s = [c.modules[m].scale for c in checkpoints]
             if scales is not None:
                 s = [a * b for a, b in zip(s, scales, strict=True)]
-            batch.append((m, As, Bs))
-            flat_A.extend(As), flat_B.extend(Bs), flat_s.extend(s)
+            batch.append((m, As, Bs, s))
             size += sum(t.nbytes for t in As) + sum(t.nbytes for t in Bs)
             if size >= batch_bytes:
                 flush()
