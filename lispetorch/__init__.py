@@ -6,33 +6,21 @@
     lt.save_adapter(model, "out/adapter")  # PEFT layout
 """
 
-import torch  # noqa: F401  (libtorch must be loaded before the extension)
+import torch  # noqa: F401  (libtorch must be loaded before the extension, which lispetorch.ops loads)
 
 from . import (  # noqa: F401
-    _C,  # loading it registers torch.ops.lispetorch
     combine,  # lt.combine: the checkpoint optimizer
-    ops,
+    methods,
+    ops,  # loads the extension, which registers torch.ops.lispetorch
     train,  # lt.train: the training engine
 )
-from .config import LoraConfig
-from .layer import LoraLinear
-from .methods import (
-    RotationalPiSSAConfig,
-    TinyLoraConfig,
-    orthogonality_loss,
-    restore_tinylora,
-    save_as_lora,
-    save_tinylora,
-)
-from .model import (
+from .adapters import (
     active_adapter,
     adapter_layers,
     adapter_names,
     delete_adapter,
     disabled,
-    inject,
     is_merged,
-    match_modules,
     memory_usage,
     merge,
     set_adapter,
@@ -40,37 +28,57 @@ from .model import (
     trainable_parameters,
     unmerge,
 )
-from .nf4 import NF4Linear, quantize_nf4
-from .peft_io import AdapterFormatError, load_adapter, save_adapter
+from .config import LoraConfig, RotationalPiSSAConfig, TinyLoraConfig
+from .dispatch import inject
+from .errors import (
+    AdapterFormatError,
+    AdapterStateError,
+    ConfigError,
+    DataError,
+    LispetorchError,
+    TinyLoraFormatError,
+)
+from .layer import LoraLinear
+from .methods import orthogonality_loss, restore_tinylora, save_tinylora
+from .nf4 import NF4Linear
+from .peft_io import export, load_adapter, save_adapter, save_as_lora
+from .targets import match_modules, quantize_nf4
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",
+    "AdapterStateError",
+    "ConfigError",
+    "DataError",
+    "LispetorchError",
     "LoraConfig",
     "LoraLinear",
     "NF4Linear",
     "RotationalPiSSAConfig",
     "TinyLoraConfig",
+    "TinyLoraFormatError",
     "active_adapter",
     "adapter_layers",
     "adapter_names",
     "combine",
     "delete_adapter",
     "disabled",
+    "export",
     "inject",
     "is_merged",
     "load_adapter",
     "match_modules",
     "memory_usage",
     "merge",
+    "methods",
     "ops",
-    "quantize_nf4",
     "orthogonality_loss",
+    "quantize_nf4",
     "restore_tinylora",
+    "save_adapter",
     "save_as_lora",
     "save_tinylora",
-    "save_adapter",
     "set_adapter",
     "set_enabled",
     "train",

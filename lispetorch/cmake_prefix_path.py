@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch.utils
 
-from . import _C
+from .ops import native_library
 
 
 def prefix_paths() -> list[str]:
     """The directories holding ``lispetorchConfig.cmake`` and ``TorchConfig.cmake``."""
-    root = Path(_C.__file__).resolve().parent
+    root = Path(native_library()).resolve().parent
     return [str(root / "share" / "cmake"), torch.utils.cmake_prefix_path]
 
 

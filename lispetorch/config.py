@@ -1,4 +1,10 @@
-"""Adapter configurations."""
+"""Adapter configurations: one base, one class per method, one set of validators, and the one vocabulary of
+method names (:data:`METHODS`, :func:`method_of`, :func:`method_config`).
+
+A method is a choice of the factors of ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``: which train, how they
+start, how the r×r core R is parametrised. PiSSA and LoRA-GA are LoRA with an SVD init (``LoraConfig.init``),
+as in PEFT; Rotational PiSSA and TinyLoRA have configs of their own.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,100 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "lora_ga")
+from .errors import ConfigError
+from .hf import dtype_name
+from .peft_format import scaling
+
+# The method names, one vocabulary for every surface (Python, training configs, the Lisp primitives): a method
+# with a config class of its own (CONFIGS, below), or LoRA with an SVD init.
+METHODS = ("lora", "pissa", "pissa_niter_K", "lora_ga", "rotational_pissa", "tinylora")
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # K, the number of subspace iterations
+
+# Rotational PiSSA's parametrisations of R_U and R_V, with the names the Rotational PiSSA papers use as aliases.
+ROTATIONS = ("penalty", "givens", "cayley", "exp")
+ROTATION_ALIASES = {"way0": "penalty", "way1": "givens", "way2": "cayley", "way3": "exp"}
+ROTATION_METHODS = (*ROTATION_ALIASES, *ROTATIONS)
 
 
 def pissa_niter(init: str) -> int | None:
     """K of ``"pissa_niter_K"``; None for a full SVD (``"pissa"``) or any other init."""
-    m = _PISSA_NITER.fullmatch(init)
+    m = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
     return int(m.group(1)) if m else None
 
 
+def is_init(value) -> bool:
+    """True for a valid ``LoraConfig.init``: one of :data:`INITS`, with ``pissa_niter_K`` given a number K."""
+    return isinstance(value, str) and (value in INITS and value != "pissa_niter_K" or pissa_niter(value) is not None)
+
+
+# --- validators: each raises ConfigError naming the field and the value ----------------------------------------
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def positive_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
+def non_negative_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+        raise ConfigError(f"{name} must be ≥ 0, got {value!r}")
+    return value
+
+
+def probability(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def module_selection(value, name: str):
+    """Module names (a non-empty list), a regular expression, or ``"all-linear"``."""
+    if isinstance(value, str):
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ConfigError(f"{name} is not a valid regular expression: {value!r} ({e})") from None
+        return value
+    if isinstance(value, (list, tuple, set)) and value and all(isinstance(t, str) and t for t in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a non-empty list of module names, a regular expression or 'all-linear', "
+                      f"got {value!r}")
+
+
 @dataclass
-class LoraConfig:
+class AdapterConfig:
+    """What every method's config has: the modules it adapts and the dtype of its factors.
+
+    Subclasses give ``r``, their scaling numerator as :attr:`alpha`, and :attr:`dropout`.
+    """
+
+    def __post_init__(self) -> None:
+        prefix = type(self).__name__
+        positive_int(self.r, f"{prefix}.r")
+        self.target_modules = module_selection(self.target_modules, f"{prefix}.target_modules")
+        if self.exclude_modules is not None:
+            self.exclude_modules = module_selection(self.exclude_modules, f"{prefix}.exclude_modules")
+
+    @property
+    def scaling(self) -> float:
+        """The factor ``s`` applied to ``B R A``."""
+        return scaling(self.alpha, self.r, getattr(self, "use_rslora", False))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = dtype_name(self.dtype)
+        return d
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
     """Configuration of a LoRA adapter (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 
     The adapted layer computes ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with ``s = alpha / r`` (or
@@ -40,7 +128,7 @@ class LoraConfig:
         dtype (str | torch.dtype | None): dtype of the adapter factors; the base weight's when None.
 
     Raises:
-        ValueError: a field out of range, named with its value.
+        ConfigError: a field out of range, named with its value (a ``ValueError``).
     """
 
     r: int = 8
@@ -53,48 +141,178 @@ class LoraConfig:
     dtype: object = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0 \
-                or not math.isfinite(self.alpha):
-            raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.init, str) or not (self.init in _INITS and self.init != "pissa_niter_K"
-                                                  or _PISSA_NITER.fullmatch(self.init)):
-            raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
-        self.target_modules = _check_targets(self.target_modules, "target_modules")
-        if self.exclude_modules is not None:
-            self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
+        super().__post_init__()
+        positive_number(self.alpha, "LoraConfig.alpha")
+        probability(self.dropout, "LoraConfig.dropout")
+        if not is_init(self.init):
+            raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+
+
+@dataclass
+class RotationalPiSSAConfig(AdapterConfig):
+    """Rotational PiSSA: ``W = W_res + U_r R_U diag(S) R_Vᵀ V_rᵀ`` with ``U_r``, ``V_r``, ``W_res`` frozen.
+
+    On the one operator: ``A = V_rᵀ`` and ``B = U_r`` are frozen, and the core ``R = R_U diag(S/s) R_Vᵀ`` is
+    computed at every forward from the trained rotations (and singular values), so ``s · B R A`` is the principal
+    part and the base weight becomes ``W − s · B R₀ A`` for the ``R₀`` actually produced at init.
+
+    Args:
+        r (int): rank (number of singular triplets). Default 8.
+        lora_alpha (float): scaling numerator, ``s = lora_alpha / r`` (also readable as :attr:`alpha`). Default 16.
+        method (str): how ``R_U`` and ``R_V`` are parametrised (:attr:`rotation` gives the descriptive name).
+            ``"penalty"`` (alias ``"way0"``): free ``r×r`` matrices, from the identity, with the penalty
+            ``λ(‖R_UᵀR_U − I‖² + ‖R_VᵀR_V − I‖²)`` (:func:`~lispetorch.orthogonality_loss`) to add to the loss;
+            ``"givens"`` (``"way1"``): a product of Givens rotations over all ``r(r−1)/2`` planes (angles from 0);
+            ``"cayley"`` (``"way2"``): the Cayley transform ``(I − K)⁻¹(I + K)`` of a low-rank skew-symmetric
+            ``K = X Yᵀ − Y Xᵀ``, exactly orthogonal (the reference code's ``I + K`` is orthogonal only to first
+            order in K); ``"exp"`` (``"way3"``): the matrix exponential of a skew-symmetric matrix.
+            Default ``"way0"``.
+        orthogonality_reg_weight (float): λ of the penalty parametrisation. Default 1e-3.
+        init_identity (bool): start the rotations at the identity; otherwise at a random rotation (the residual
+            absorbs it, so outputs are still unchanged at init). Default True.
+        freeze_singular_values (bool): keep ``S`` fixed. Default False.
+        quantize_residual (bool): store the frozen residual ``W_res`` in NF4. Default False.
+        quantize_base_components (bool): store ``U_r`` and ``V_r`` in NF4 (dequantised at init). Default False.
+        skew_rank (int): rank of ``X`` and ``Y`` for ``cayley``. Default 2 (capped at ``r``).
+        dropout (float): dropout on the adapter input. Default 0.0.
+        target_modules (list[str] | str): as in :class:`LoraConfig`. Default ``["q_proj", "v_proj"]``.
+        exclude_modules (list[str] | str | None): as in :class:`LoraConfig`.
+        dtype (str | torch.dtype | None): dtype of the factors; the base weight's when None.
+
+    Raises:
+        ConfigError: a field out of range or an unknown ``method``, named with its value (a ``ValueError``).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    method: str = "way0"
+    orthogonality_reg_weight: float = 1e-3
+    init_identity: bool = True
+    freeze_singular_values: bool = False
+    quantize_residual: bool = False
+    quantize_base_components: bool = False
+    skew_rank: int = 2
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    exclude_modules: list[str] | str | None = None
+    dtype: object = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_number(self.lora_alpha, "RotationalPiSSAConfig.lora_alpha")
+        if self.method not in ROTATION_METHODS:
+            raise ConfigError(f"RotationalPiSSAConfig.method must be one of {ROTATION_METHODS}, got {self.method!r}")
+        non_negative_number(self.orthogonality_reg_weight, "RotationalPiSSAConfig.orthogonality_reg_weight")
+        positive_int(self.skew_rank, "RotationalPiSSAConfig.skew_rank")
+        probability(self.dropout, "RotationalPiSSAConfig.dropout")
 
     @property
-    def scaling(self) -> float:
-        """The factor ``s`` applied to ``B A``."""
-        return scaling(self.alpha, self.r, self.use_rslora)
+    def alpha(self) -> float:
+        return self.lora_alpha
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
-        return d
-
-
-def scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    """``alpha / r``, or ``alpha / √r`` for rank-stabilised LoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+    @property
+    def rotation(self) -> str:
+        """The parametrisation's descriptive name: ``penalty``, ``givens``, ``cayley`` or ``exp``."""
+        return ROTATION_ALIASES.get(self.method, self.method)
 
 
-def _check_targets(value, name: str):
-    if isinstance(value, str):
-        if value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ValueError(f"LoraConfig.{name} is not a valid regular expression: {value!r} ({e})") from None
-        return value
-    if isinstance(value, (list, tuple, set)) and value and all(isinstance(t, str) and t for t in value):
-        return list(value)
-    raise ValueError(
-        f"LoraConfig.{name} must be a non-empty list of module names, a regular expression or 'all-linear', "
-        f"got {value!r}"
-    )
+@dataclass
+class TinyLoraConfig(AdapterConfig):
+    """TinyLoRA: ``ΔW = U_r diag(S_r) (Σᵢ vᵢ Pᵢ) V_rᵀ`` with one trained vector ``v`` of ``u`` values.
+
+    ``U_r, S_r, V_r`` are the frozen rank-``r`` SVD factors of each adapted W (which stays frozen, unchanged);
+    ``Pᵢ`` (``u × r × r`` per module) are fixed standard-normal tensors drawn from a generator seeded with
+    ``seed``, module after module in the model's module order; ``v`` starts at zero, so outputs are unchanged at
+    init. On the one operator: ``A = V_rᵀ``, ``B = U_r diag(S_r)`` (S sits on the output side of R, as in
+    LoRA-XS), ``R = Σᵢ vᵢ Pᵢ`` and ``s = 1``.
+
+    Args:
+        r (int): rank of the frozen SVD factors. Default 2.
+        u (int): length of the trained vector; ``u = 1`` works. Default 32.
+        seed (int): seed of the generator that draws the ``Pᵢ``. Default 42.
+        groups (int): tying: the adapted modules, in module order, are split into this many contiguous groups of
+            (nearly) equal size, each with its own ``v``; 1 shares one ``v`` across all. Default 1.
+        target_modules (list[str] | str): as in :class:`LoraConfig`. Default ``"all-linear"``.
+        exclude_modules (list[str] | str | None): as in :class:`LoraConfig`.
+        dtype (str | torch.dtype | None): dtype of the frozen factors; the base weight's when None (``v`` and
+            ``P`` are float32).
+
+    Raises:
+        ConfigError: a field out of range (``u ≤ 0`` included), named with its value (a ``ValueError``).
+    """
+
+    r: int = 2
+    u: int = 32
+    seed: int = 42
+    groups: int = 1
+    target_modules: list[str] | str = "all-linear"
+    exclude_modules: list[str] | str | None = None
+    dtype: object = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_int(self.u, "TinyLoraConfig.u")
+        positive_int(self.groups, "TinyLoraConfig.groups")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"TinyLoraConfig.seed must be an integer, got {self.seed!r}")
+
+    @property
+    def alpha(self) -> float:  # s = 1: S sits in B
+        return float(self.r)
+
+    @property
+    def dropout(self) -> float:
+        return 0.0
+
+
+# The config class of each method that has one; PiSSA and LoRA-GA are inits of LoRA (PEFT's init_lora_weights).
+CONFIGS = {"lora": LoraConfig, "rotational_pissa": RotationalPiSSAConfig, "tinylora": TinyLoraConfig}
+
+
+def method_of(config: AdapterConfig) -> str:
+    """The method name of ``config`` in :data:`METHODS` (``pissa_niter_K`` with its K)."""
+    if isinstance(config, RotationalPiSSAConfig):
+        return "rotational_pissa"
+    if isinstance(config, TinyLoraConfig):
+        return "tinylora"
+    if isinstance(config, LoraConfig):
+        return "lora" if config.init in ("kaiming", "gaussian") else config.init
+    raise ConfigError(f"config must be a LoraConfig, RotationalPiSSAConfig or TinyLoraConfig, got "
+                      f"{type(config).__name__}")
+
+
+def method_config(name: str, r: int, alpha: float, target_modules="all-linear", dtype=None, dropout: float = 0.0,
+                  **options) -> AdapterConfig:
+    """The config of the method ``name`` with the common fields set, for callers that choose the method by name
+    (training configs, the Lisp primitives' ``method`` option, command lines).
+
+    Args:
+        name (str): one of :data:`METHODS`: ``"lora"``, ``"pissa"``, ``"pissa_niter_K"`` (K an integer),
+            ``"lora_ga"`` (pass the calibration batches to ``inject``), ``"rotational_pissa"`` or ``"tinylora"``.
+        r (int): rank. alpha (float): scaling numerator (ignored by TinyLoRA, whose scaling is 1).
+        target_modules, dtype, dropout: as in :class:`LoraConfig` (TinyLoRA has no dropout).
+        **options: the method's own fields: ``init`` for ``"lora"`` (kaiming or gaussian), ``use_rslora``;
+            ``method``, ``orthogonality_reg_weight``, ``init_identity``, ``freeze_singular_values``,
+            ``quantize_residual``, ``quantize_base_components``, ``skew_rank`` for Rotational PiSSA; ``u``,
+            ``seed``, ``groups`` for TinyLoRA.
+
+    Raises:
+        ConfigError: an unknown method or option, or a field out of range (a ``ValueError``).
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"method must be one of {METHODS}, got {name!r}")
+    try:
+        if name == "lora" or name in ("pissa", "lora_ga") or pissa_niter(name) is not None:
+            init = options.pop("init", "kaiming") if name == "lora" else name
+            return LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, dtype=dtype,
+                              init=init, **options)
+        if name == "rotational_pissa":
+            return RotationalPiSSAConfig(r=r, lora_alpha=alpha, dropout=dropout, target_modules=target_modules,
+                                         dtype=dtype, **options)
+        if name == "tinylora":
+            if dropout:
+                raise ConfigError("TinyLoRA has no dropout")
+            return TinyLoraConfig(r=r, target_modules=target_modules, dtype=dtype, **options)
+    except TypeError as e:  # an option the method's config does not have
+        raise ConfigError(f"method {name!r}: {e}") from None
+    raise ConfigError(f"method must be one of {METHODS}, got {name!r}")

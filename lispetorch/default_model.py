@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from . import _atomic
+from . import atomic
+from .schedule import make_scheduler
 
 CACHE_ENV = "LISPETORCH_CACHE"
 INFO_NAME = "lispetorch_default_model.json"
@@ -196,7 +197,6 @@ def build(directory: str | os.PathLike, spec: ModelSpec = DEFAULT, progress: boo
     """Builds the model of ``spec`` into ``directory`` (atomically: a temporary sibling, then a rename)."""
     from transformers import LlamaForCausalLM
 
-    from .train.schedule import make_scheduler
 
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
@@ -249,7 +249,7 @@ def build(directory: str | os.PathLike, spec: ModelSpec = DEFAULT, progress: boo
         "build_seconds": round(time.perf_counter() - start, 1),
     }
     directory = Path(directory)
-    with _atomic.directory(directory) as tmp:
+    with atomic.directory(directory) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(record))

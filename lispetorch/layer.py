@@ -1,47 +1,115 @@
-"""The adapter module: a frozen linear layer plus named low-rank adapters, computed by the native operator."""
+"""The adapter module: a frozen linear layer plus named low-rank adapters, computed by the native operator.
+
+Layout: the base weight is ``(out, in)`` (a transposed view of GPT-2's ``Conv1D``, stored ``(in, out)``), and
+each adapter's factors are ``A (r, in)``, ``B (out, r)`` and optionally ``R (r, r)``, so that
+``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
 from . import ops
-from .config import scaling
-from .nf4 import nf4_lora_linear
+from .errors import AdapterStateError, merged_error
+from .hf import is_conv1d, is_dense_linear, weight_out_in
+from .nf4 import NF4Linear
+from .peft_format import scaling
+
+FACTORS = ("A", "B", "R")
 
 
-def conv1d_type():
-    """transformers' GPT-2 ``Conv1D`` (weight stored ``(in, out)``), or None without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-    return Conv1D
+def init_factors(r: int, in_features: int, out_features: int, init: str = "kaiming", dtype=None,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA's starting factors: ``A (r, in)`` Kaiming-uniform with a=√5 (PEFT's default) or, for ``"gaussian"``,
+    normal with std 1/r; ``B (out, r)`` zeros, so the adapter adds nothing at init."""
+    A = torch.empty(r, in_features, dtype=dtype, device=device)  # (r, in)
+    B = torch.zeros(out_features, r, dtype=dtype, device=device)  # (out, r)
+    if init == "gaussian":
+        nn.init.normal_(A, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    return A, B
 
 
 def is_adaptable(module: nn.Module) -> bool:
     """True for the layers an adapter can wrap: ``nn.Linear``, transformers' ``Conv1D`` and ``NF4Linear``."""
-    conv1d = conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) or \
-        getattr(module, "quantized", False)
+    return is_dense_linear(module) or isinstance(module, NF4Linear)
 
 
-def weight_out_in(layer: nn.Module) -> torch.Tensor:
-    """The weight of an adaptable layer as ``(out, in)``: a transposed view for ``Conv1D`` (stored ``(in, out)``),
-    the dequantised weight for ``NF4Linear``."""
-    conv1d = conv1d_type()
-    return layer.weight.t() if conv1d is not None and isinstance(layer, conv1d) else layer.weight
+def base_of(module: nn.Module) -> nn.Module:
+    """The frozen layer itself: a :class:`LoraLinear`'s base layer, or ``module`` when it is not adapted."""
+    return module.base_layer if isinstance(module, LoraLinear) else module
+
+
+# --- what the adapter asks of its base layer, by storage ------------------------------------------------------
+@functools.singledispatch
+def compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype the fused operator computes in over ``base``: its weight's."""
+    return base.weight.dtype
+
+
+@compute_dtype.register
+def _(base: NF4Linear) -> torch.dtype:
+    return base.weight_dtype
+
+
+@functools.singledispatch
+def fused_linear(base: nn.Module, x, A, B, R, scale: float, dropout: float, seed: int) -> torch.Tensor:
+    """``x Wᵀ + b + scale · ((drop(x) Aᵀ) Rᵀ) Bᵀ`` over a dense base (``nn.Linear``, ``Conv1D``)."""
+    return ops.lora_linear(x, weight_out_in(base), base.bias, A, B, R, scale, dropout, seed)
+
+
+@fused_linear.register
+def _(base: NF4Linear, x, A, B, R, scale: float, dropout: float, seed: int) -> torch.Tensor:
+    return base.lora_linear(x, A, B, R, scale, dropout, seed)
+
+
+# --- one adapter -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterSettings:
+    """An adapter's hyperparameters: rank, alpha, the scaling they give, dropout, and which factors stay frozen."""
+
+    r: int
+    alpha: float
+    use_rslora: bool = False
+    dropout: float = 0.0
+    frozen: frozenset[str] = frozenset()
+
+    @property
+    def scaling(self) -> float:
+        return scaling(self.alpha, self.r, self.use_rslora)
+
+
+class BaseOffset(nn.Module):
+    """The factors of the delta an SVD init took out of the base weight: ``W_original = W + s·B R A``."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor | None, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("A", A.detach().clone())
+        self.register_buffer("B", B.detach().clone())
+        self.register_buffer("R", None if R is None else R.detach().clone())
+        self.scale = float(scale)
+
+    def delta(self) -> torch.Tensor:
+        """``s·B R A`` ``(out, in)`` in float32."""
+        return ops.lora_delta(self.A, self.B, self.R, self.scale, torch.float32)
 
 
 class LoraLinear(nn.Module):
     """A frozen linear layer with low-rank adapters: ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
 
-    Holds any number of named adapters, one active at a time. Each adapter owns its factors and its rank,
-    alpha, scaling and dropout, so merging never needs a global hyperparameter. The base layer is an
-    ``nn.Linear`` (weight ``(out, in)``) or a GPT-2 ``Conv1D`` (weight ``(in, out)``, ``fan_in_fan_out``).
+    Holds any number of named adapters, one active at a time. Each adapter owns its factors (in ``lora_A``,
+    ``lora_B``, ``lora_R``, or a module computing R in ``lora_R_fn``; these containers give the ``state_dict`` its
+    PEFT-like keys) and its :class:`AdapterSettings` (rank, alpha, scaling, dropout), so merging never needs a
+    global hyperparameter. The base layer is an ``nn.Linear`` (weight ``(out, in)``), a GPT-2 ``Conv1D`` (weight
+    ``(in, out)``, ``fan_in_fan_out``) or an :class:`~lispetorch.NF4Linear`.
 
     Args:
         base_layer (nn.Module): the layer to adapt; its parameters are frozen.
@@ -52,25 +120,18 @@ class LoraLinear(nn.Module):
         if not is_adaptable(base_layer):
             raise TypeError(f"can only adapt nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, conv1d_type() or ())
-        out_features, in_features = self.base_weight().shape
-        self.in_features, self.out_features = in_features, out_features
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_R = nn.ParameterDict()
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.out_features, self.in_features = (base_layer.out_features, base_layer.in_features) \
+            if isinstance(base_layer, NF4Linear) else self.base_weight().shape
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.lora_R = nn.ParameterDict()  # name -> (r, r), for adapters with a core given as a tensor
         # Adapters whose r×r core is computed from parameters at every forward (rotations, TinyLoRA's Σ vᵢPᵢ):
         # a module whose forward() returns R (r, r); autograd flows through it into the operator's R input.
         self.lora_R_fn = nn.ModuleDict()
-        # Which of "A", "B", "R" stay frozen when the adapter is active (empty: all train, as in LoRA).
-        self.frozen_factors: dict[str, frozenset[str]] = {}
-        # Adapters whose init took a delta out of the base weight (PiSSA, LoRA-GA, Rotational PiSSA): a module
-        # holding that delta's factors (buffers A, B, R and its scale), so W_original = W + scale·B R A.
+        # Adapters whose init took a delta out of the base weight (PiSSA, LoRA-GA, Rotational PiSSA).
         self.base_offset = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
+        self.settings: dict[str, AdapterSettings] = {}
         self.active_adapter: str | None = None
         self.enabled = True
         self.merged_adapter: str | None = None
@@ -79,9 +140,38 @@ class LoraLinear(nn.Module):
             p.requires_grad_(False)
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
 
+    # PEFT's LoraLayer attribute names, as read-only views of the settings.
+    def _view(self, field: str) -> MappingProxyType:
+        return MappingProxyType({n: getattr(s, field) for n, s in self.settings.items()})
+
+    @property
+    def r(self) -> MappingProxyType:
+        """Rank by adapter name."""
+        return self._view("r")
+
+    @property
+    def lora_alpha(self) -> MappingProxyType:
+        """Alpha by adapter name."""
+        return self._view("alpha")
+
+    @property
+    def scaling(self) -> MappingProxyType:
+        """Scaling ``s`` by adapter name."""
+        return self._view("scaling")
+
+    @property
+    def lora_dropout(self) -> MappingProxyType:
+        """Dropout probability by adapter name."""
+        return self._view("dropout")
+
+    @property
+    def use_rslora(self) -> MappingProxyType:
+        """Whether the scaling is rsLoRA's, by adapter name."""
+        return self._view("use_rslora")
+
     # --- factors -------------------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        """The base weight as ``(out, in)`` (a transposed view for ``Conv1D``)."""
+        """The base weight as ``(out, in)`` (a transposed view for ``Conv1D``, dequantised for ``NF4Linear``)."""
         return weight_out_in(self.base_layer)
 
     def add_adapter(
@@ -96,15 +186,9 @@ class LoraLinear(nn.Module):
     ) -> None:
         """Adds adapter ``name`` of rank ``r``: A Kaiming-uniform (a=√5) or Gaussian (std 1/r), B zeros."""
         if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+            raise AdapterStateError(f"adapter {name!r} already exists on this layer")
         w = self.base_weight()
-        dtype = dtype or w.dtype
-        A = torch.empty(r, self.in_features, dtype=dtype, device=w.device)  # (r, in)
-        B = torch.zeros(self.out_features, r, dtype=dtype, device=w.device)  # (out, r)
-        if init == "gaussian":
-            nn.init.normal_(A, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        A, B = init_factors(r, self.in_features, self.out_features, init, dtype or w.dtype, w.device)
         self.set_factors(name, A, B, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
 
     def set_factors(
@@ -126,9 +210,12 @@ class LoraLinear(nn.Module):
             R_fn (nn.Module | None): instead of ``R``, a module whose ``forward()`` returns the core ``(r, r)``,
                 called at every forward; its parameters are the core's trainable parameters.
             frozen (tuple[str, ...]): which of ``"A"``, ``"B"``, ``"R"`` do not train when the adapter is active.
+
+        Raises:
+            AdapterStateError: the adapter is merged. ValueError: factors whose shapes do not fit the layer.
         """
         if self.merged_adapter == name:
-            raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge it first")
+            raise merged_error(name)
         r = A.shape[0]
         if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
             raise ValueError(
@@ -139,47 +226,47 @@ class LoraLinear(nn.Module):
             raise ValueError(f"adapter {name!r}: give R or R_fn, not both")
         if R is not None and R.shape != (r, r):
             raise ValueError(f"adapter {name!r}: expected R ({r}, {r}), got {tuple(R.shape)}")
-        unknown = set(frozen) - {"A", "B", "R"}
+        unknown = set(frozen) - set(FACTORS)
         if unknown:
             raise ValueError(f"adapter {name!r}: frozen names factors {sorted(unknown)}; factors are A, B, R")
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        if R is not None:
-            self.lora_R[name] = nn.Parameter(R)
-        elif name in self.lora_R:
-            del self.lora_R[name]
-        if R_fn is not None:
-            self.lora_R_fn[name] = R_fn
-        elif name in self.lora_R_fn:
-            del self.lora_R_fn[name]
-        self.frozen_factors[name] = frozenset(frozen)
-        self.r[name] = r
-        self.lora_alpha[name] = float(alpha)
-        self.use_rslora[name] = bool(use_rslora)
-        self.scaling[name] = scaling(alpha, r, use_rslora)
-        self.lora_dropout[name] = float(dropout)
+        for container, value in ((self.lora_R, None if R is None else nn.Parameter(R)), (self.lora_R_fn, R_fn)):
+            if value is not None:
+                container[name] = value
+            elif name in container:
+                del container[name]
+        self.settings[name] = AdapterSettings(r, float(alpha), bool(use_rslora), float(dropout), frozenset(frozen))
         if self.active_adapter is None:
             self.active_adapter = name
+
+    def set_base_offset(self, name: str) -> None:
+        """Takes ``s·B R A`` of adapter ``name``'s installed factors out of the base weight and records it, so that
+        the adapted layer's output is the base layer's at init (PiSSA, LoRA-GA, Rotational PiSSA)."""
+        A, B, R = self.factors(name)
+        offset = BaseOffset(A, B, R, self.settings[name].scaling)
+        with torch.no_grad():
+            w = self.base_weight()
+            w.copy_((w.float() - offset.delta()).to(w.dtype))
+        self.base_offset[name] = offset
 
     def delete_adapter(self, name: str) -> None:
         """Removes adapter ``name`` (it must not be merged). An adapter whose init took a delta out of the base
         weight (PiSSA, LoRA-GA, Rotational PiSSA) puts it back (to float rounding; not into an NF4 base)."""
         if self.merged_adapter == name:
-            raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge it first")
+            raise merged_error(name)
         if name in self.base_offset:
-            if getattr(self.base_layer, "quantized", False):
+            if isinstance(self.base_layer, NF4Linear):
                 warnings.warn(f"adapter {name!r}: the base weight is quantised, its init offset is not put back",
                               stacklevel=2)
             else:
-                off = self.base_offset[name]
                 with torch.no_grad():
                     w = self.base_weight()
-                    w.copy_((w.float() + ops.lora_delta(off.A, off.B, off.R, off.scale, torch.float32)).to(w.dtype))
+                    w.copy_((w.float() + self.base_offset[name].delta()).to(w.dtype))
         for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_R_fn, self.base_offset):
             if name in d:
                 del d[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora, self.frozen_factors):
-            d.pop(name, None)
+        self.settings.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.lora_A.keys()), None)
 
@@ -205,7 +292,7 @@ class LoraLinear(nn.Module):
 
     def set_trainable(self, name: str, trainable: bool) -> None:
         """Turns training of adapter ``name`` on (its factors that are not frozen) or off (all of them)."""
-        frozen = self.frozen_factors.get(name, frozenset())
+        frozen = self.settings[name].frozen
         for which, params in self.adapter_parameters(name).items():
             for p in params:
                 p.requires_grad_(trainable and which not in frozen)
@@ -215,19 +302,16 @@ class LoraLinear(nn.Module):
         name = self.active_adapter
         if not self.enabled or name is None or self.merged_adapter is not None:
             return self.base_layer(x)
-        quantized = getattr(self.base_layer, "quantized", False)
-        w = None if quantized else self.base_weight()
-        dtype = self.base_layer.qweight.dtype if quantized else w.dtype
+        dtype = compute_dtype(self.base_layer)
         A, B, R = self.factors(name)
         if A.dtype != dtype or B.dtype != dtype or (R is not None and R.dtype != dtype):
             A, B, R = A.to(dtype), B.to(dtype), (R.to(dtype) if R is not None else None)  # compute in W's dtype
         if x.dtype != dtype:
             x = x.to(dtype)
-        p = self.lora_dropout[name] if self.training else 0.0
+        settings = self.settings[name]
+        p = settings.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        if quantized:  # the weight is dequantised in forward and again in backward, never kept
-            return nf4_lora_linear(x, self.base_layer, A, B, R, self.scaling[name], p, seed)
-        return ops.lora_linear(x, w, self.base_layer.bias, A, B, R, self.scaling[name], p, seed)
+        return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
 
     # --- merge ---------------------------------------------------------------------------------------------
     @property
@@ -243,15 +327,19 @@ class LoraLinear(nn.Module):
         """Folds the active adapter into the base weight. Merging twice is merging once.
 
         Keeps 1 byte per weight element (plus rare exceptions) so that :meth:`unmerge` is exact.
+
+        Raises:
+            AdapterStateError: the base is NF4 (not stored densely).
+            RuntimeError: with ``safe``, a merge that would put NaN or Inf into W (W is left as it was).
         """
         if self.merged_adapter is not None or self.active_adapter is None:
             return
-        if getattr(self.base_layer, "quantized", False):
-            raise RuntimeError("cannot merge into a quantised (NF4) base weight; use lispetorch.save_as_lora, or "
-                               "dequantise the base first")
+        if isinstance(self.base_layer, NF4Linear):
+            raise AdapterStateError("cannot merge into a quantised (NF4) base weight; use lispetorch.save_as_lora, "
+                                    "or dequantise the base first")
         name = self.active_adapter
         A, B, R = self.factors(name)
-        distance, index, values = ops.lora_merge_(self.base_weight(), A, B, R, self.scaling[name], safe)
+        distance, index, values = ops.lora_merge_(self.base_weight(), A, B, R, self.settings[name].scaling, safe)
         self.register_buffer("merge_distance", distance, persistent=False)
         self.register_buffer("merge_index", index, persistent=False)
         self.register_buffer("merge_values", values, persistent=False)
@@ -272,12 +360,12 @@ class LoraLinear(nn.Module):
                 stacklevel=2,
             )
             state = None
-        ops.lora_unmerge_(self.base_weight(), A, B, R, self.scaling[name], state)
+        ops.lora_unmerge_(self.base_weight(), A, B, R, self.settings[name].scaling, state)
         for buf in ("merge_distance", "merge_index", "merge_values"):
             delattr(self, buf)
         self.merged_adapter = None
         self._merge_versions = None
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.settings.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={self.active_adapter!r}"

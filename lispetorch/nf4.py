@@ -6,7 +6,8 @@ element in the high nibble. Double quantisation stores the absmax values themsel
 subtracted and the rest quantised blockwise (blocks of 256) with bitsandbytes' signed dynamic 8-bit code.
 
 :class:`NF4Linear` holds such a weight and dequantises it at every forward, so a frozen quantised base (or a
-PiSSA residual) trains under any adapter here: :func:`quantize_nf4` swaps it in for the base layers of a model.
+PiSSA residual) trains under any adapter here (:func:`lispetorch.quantize_nf4` swaps it in for the base layers of
+a model); :meth:`NF4Linear.lora_linear` is the fused adapter operator over it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .hf import weight_out_in
 
 BLOCKSIZE = 64
 DOUBLE_BLOCKSIZE = 256
@@ -100,8 +102,6 @@ class NF4Linear(nn.Module):
         blocksize (int): default 64. double_quant (bool): default False.
     """
 
-    quantized = True
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, blocksize: int = BLOCKSIZE,
                  double_quant: bool = False) -> None:
         super().__init__()
@@ -114,96 +114,37 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, layer: nn.Module, blocksize: int = BLOCKSIZE, double_quant: bool = False) -> NF4Linear:
         """From an ``nn.Linear`` or a GPT-2 ``Conv1D`` (its weight is transposed to ``(out, in)``)."""
-        from .layer import weight_out_in
-
         return cls(weight_out_in(layer).detach(), layer.bias, blocksize, double_quant)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.qweight.dequantize()
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weight is dequantised to (the original weight's)."""
+        return self.qweight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.qweight.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def lora_linear(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor | None, scale: float,
+                    dropout: float, seed: int) -> torch.Tensor:
+        """:func:`lispetorch.ops.nf4_lora_linear` over this layer: ``x Wᵀ + b + scale · ((drop(x) Aᵀ) Rᵀ) Bᵀ``
+        with W dequantised when needed (forward and backward) rather than kept for backward.
+
+        Args:
+            x (Tensor): ``(..., in)`` in :attr:`weight_dtype`. A (Tensor): ``(r, in)``. B (Tensor): ``(out, r)``.
+            R (Tensor | None): ``(r, r)``. scale (float), dropout (float), seed (int): as the operator's.
+
+        Returns:
+            Tensor: ``(..., out)``.
+        """
+        q = self.qweight
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return ops.nf4_lora_linear(x, q.packed, q.absmax_values(), self.out_features, q.blocksize, bias, A, B, R,
+                                   scale, dropout, seed)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, blocksize={self.qweight.blocksize}, "
                 f"double_quant={self.qweight.double_quant}")
-
-
-class _NF4LoraLinear(torch.autograd.Function):
-    """The fused low-rank linear over an NF4 base: the native forward and backward kernels, with the base weight
-    dequantised in forward and again in backward instead of being kept for it. What backward keeps is what the
-    operator keeps over a dense base (the input and the r-wide intermediate), not the ``(out, in)`` weight."""
-
-    @staticmethod
-    def forward(ctx, x, A, B, R, bias, qweight, scale, p, seed):
-        W = qweight.dequantize(x.dtype)  # (out, in), dropped after the forward
-        y, hr = torch.ops.lispetorch.lora_linear_forward(x, W, bias, A, B, R, scale, p, seed)
-        keep_x = A.requires_grad or (R is not None and R.requires_grad)
-        ctx.save_for_backward(x if keep_x else None, A, B, R, hr)
-        ctx.qweight, ctx.args = qweight, (scale, p, seed)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, A, B, R, hr = ctx.saved_tensors
-        need_x, need_A, need_B, need_R = ctx.needs_input_grad[:4]
-        mask = [need_x, False, False, need_A, need_B, R is not None and need_R]
-        if not any(mask):
-            return (None,) * 9
-        W = ctx.qweight.dequantize(grad.dtype)  # again, for dL/dx = g W
-        grads = iter(torch.ops.lispetorch.lora_linear_backward(grad, x, W, A, B, R, hr, *ctx.args, mask))
-        gx, _, _, gA, gB, gR = (next(grads) if m else None for m in mask)
-        return gx, gA, gB, gR, None, None, None, None, None
-
-
-def nf4_lora_linear(x: torch.Tensor, layer: NF4Linear, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor | None,
-                    scale: float, dropout: float, seed: int) -> torch.Tensor:
-    """:func:`lispetorch.ops.lora_linear` over the NF4 layer ``layer``, its weight dequantised when needed
-    (forward and backward) rather than kept for backward.
-
-    Args:
-        x (Tensor): ``(..., in)`` in the layer's dtype. A (Tensor): ``(r, in)``. B (Tensor): ``(out, r)``.
-        R (Tensor | None): ``(r, r)``. scale (float), dropout (float), seed (int): as the operator's.
-
-    Returns:
-        Tensor: ``(..., out)``.
-    """
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return _NF4LoraLinear.apply(x, A, B, R, bias, layer.qweight, float(scale), float(dropout), int(seed))
-
-
-def quantize_nf4(model: nn.Module, target_modules: list[str] | str = "all-linear", exclude_modules=None,
-                 blocksize: int = BLOCKSIZE, double_quant: bool = False) -> dict[str, NF4Linear]:
-    """Replaces the selected linear layers' weights (the base layers under adapters included: after a PiSSA or
-    Rotational PiSSA init, that is the residual) by NF4, in place.
-
-    Returns:
-        dict[str, NF4Linear]: the quantised layers by module name.
-
-    Raises:
-        ValueError: nothing matches, or a selected layer has a merged adapter (the model is left unchanged).
-    """
-    from .layer import LoraLinear
-    from .model import _replace, match_modules
-
-    chosen = match_modules(model, target_modules, exclude_modules)
-    for name, module in chosen.items():
-        if isinstance(module, LoraLinear) and module.merged:
-            raise ValueError(f"layer {name!r} has adapter {module.merged_adapter!r} merged: unmerge before quantising")
-        base = module.base_layer if isinstance(module, LoraLinear) else module
-        if not isinstance(base, NF4Linear) and not base.weight.is_floating_point():
-            raise TypeError(f"NF4 quantises floating-point weights, but {name!r} holds {base.weight.dtype}")
-    done: dict[str, NF4Linear] = {}
-    for name, module in chosen.items():
-        base = module.base_layer if isinstance(module, LoraLinear) else module
-        if isinstance(base, NF4Linear):
-            done[name] = base
-            continue
-        q = NF4Linear.from_linear(base, blocksize, double_quant)
-        if isinstance(module, LoraLinear):
-            module.base_layer = q
-        else:
-            _replace(model, name, q)
-        done[name] = q
-    return done

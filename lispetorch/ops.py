@@ -16,6 +16,11 @@ from . import _C  # noqa: F401  (loads the library that registers the operators)
 
 _ops = torch.ops.lispetorch
 
+
+def native_library() -> str:
+    """The path of the compiled extension (``lispetorch._C``), beside which its CMake package files are installed."""
+    return _C.__file__
+
 __all__ = [
     "lora_linear",
     "dropout",
@@ -27,10 +32,12 @@ __all__ = [
     "lora_gram_modules",
     "lora_factored_svd",
     "svd_lowrank",
+    "svd_factors",
     "blockwise_quantize",
     "blockwise_dequantize",
     "nf4_quantize",
     "nf4_dequantize",
+    "nf4_lora_linear",
 ]
 
 
@@ -215,6 +222,18 @@ def svd_lowrank(
     return _ops.svd_lowrank(weight, int(rank), int(niter), int(oversample), int(seed))
 
 
+def svd_factors(w: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``r`` singular triplets of ``w`` ``(out, in)`` in float32: ``U (out, r)``, ``S (r,)``, ``Vᵀ (r, in)``.
+
+    A full SVD, or with ``niter`` :func:`svd_lowrank` with that many subspace iterations (Halko et al., 2011).
+    """
+    W = w.detach().float()
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous()
+    return svd_lowrank(W, r, niter)
+
+
 def blockwise_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of ``blocksize`` flattened values, the uint8 index of the ``code`` entry nearest ``x / absmax``.
 
@@ -244,6 +263,83 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, numel: int, block
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ``numel`` values of :func:`nf4_quantize`'s output, flattened, in ``dtype``."""
     return _ops.nf4_dequantize(packed, absmax, int(numel), int(blocksize), dtype)
+
+
+def nf4_lora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    out_features: int,
+    blocksize: int,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None = None,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """:func:`lora_linear` over an NF4-stored base weight, dequantised in forward and again in backward, never kept.
+
+    What backward keeps is what :func:`lora_linear` keeps over a dense base (the input and the r-wide
+    intermediate), not the ``(out, in)`` weight.
+
+    Args:
+        x (Tensor): input ``(..., in)``, in the dtype the weight is dequantised to.
+        packed (Tensor): the NF4 codes of the ``(out, in)`` weight, row-major, two per byte (:func:`nf4_quantize`).
+        absmax (Tensor): the per-block absmax, float32 (dequantised first when double-quantised).
+        out_features (int): rows of the weight. blocksize (int): values per absmax block.
+        bias (Tensor | None): ``(out,)``. lora_A, lora_B, lora_R, scale, dropout, seed: as :func:`lora_linear`.
+
+    Returns:
+        Tensor: ``(..., out)``.
+    """
+    y, _ = _nf4_lora_linear(x, packed, absmax, int(out_features), int(blocksize), bias, lora_A, lora_B, lora_R,
+                            float(scale), float(dropout), int(seed))
+    return y
+
+
+def _nf4_weight(packed, absmax, out_features: int, in_features: int, blocksize: int, dtype) -> torch.Tensor:
+    flat = _ops.nf4_dequantize(packed, absmax, out_features * in_features, blocksize, dtype)
+    return flat.view(out_features, in_features)  # (out, in)
+
+
+@torch.library.custom_op("lispetorch::nf4_lora_linear", mutates_args=())
+def _nf4_lora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_features: int, blocksize: int,
+                     bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     lora_R: torch.Tensor | None, scale: float, dropout: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    W = _nf4_weight(packed, absmax, out_features, x.shape[-1], blocksize, x.dtype)  # dropped after the forward
+    return _ops.lora_linear_forward(x, W, bias, lora_A, lora_B, lora_R, scale, dropout, seed)  # y, hr
+
+
+@_nf4_lora_linear.register_fake
+def _(x, packed, absmax, out_features, blocksize, bias, lora_A, lora_B, lora_R, scale, dropout, seed):
+    return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((_rows(x), lora_A.shape[0]))
+
+
+def _nf4_setup_context(ctx, inputs, output):
+    x, packed, absmax, out_features, blocksize, bias, A, B, R, scale, dropout, seed = inputs
+    keep_x = A.requires_grad or (R is not None and R.requires_grad)
+    ctx.save_for_backward(x if keep_x else None, packed, absmax, A, B, R, output[1])
+    ctx.in_features, ctx.args = x.shape[-1], (out_features, blocksize, scale, dropout, seed)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _nf4_backward(ctx, grad, _grad_hr):
+    x, packed, absmax, A, B, R, hr = ctx.saved_tensors
+    out_features, blocksize, scale, dropout, seed = ctx.args
+    need_x, need_A, need_B, need_R = (ctx.needs_input_grad[i] for i in (0, 6, 7, 8))
+    mask = [need_x, False, False, need_A, need_B, R is not None and need_R]
+    if not any(mask):
+        return (None,) * 12
+    W = _nf4_weight(packed, absmax, out_features, ctx.in_features, blocksize, grad.dtype)  # again, for dL/dx = g W
+    grads = iter(_ops.lora_linear_backward(grad, x, W, A, B, R, hr, scale, dropout, seed, mask))
+    gx, _, _, gA, gB, gR = (next(grads) if m else None for m in mask)
+    return gx, None, None, None, None, None, gA, gB, gR, None, None, None
+
+
+_nf4_lora_linear.register_autograd(_nf4_backward, setup_context=_nf4_setup_context)
 
 
 def _rows(x: torch.Tensor):

@@ -1,113 +1,111 @@
-"""Adapters on disk in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Adapters to and from PEFT's files: :func:`export` (the one way an adapter becomes PEFT tensors and config),
+:func:`save_adapter`, :func:`save_as_lora` and :func:`load_adapter`.
 
-Keys are PEFT's, with the adapter name stripped: ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and
-``...lora_B.weight`` ``(out, r)``. A directory written here loads with ``peft.PeftModel.from_pretrained``, and
-one written by PEFT loads with :func:`load_adapter`.
+A directory written here loads with ``peft.PeftModel.from_pretrained``, and one written by PEFT loads with
+:func:`load_adapter`. Keys are PEFT's with the adapter name stripped (:mod:`lispetorch.peft_format`).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import _atomic
-from .layer import LoraLinear, is_adaptable, weight_out_in
-from .model import _replace, adaptable_modules, adapter_layers, set_adapter
+from .adapters import AdapterPlan, install, layers_holding
+from .errors import AdapterFormatError, AdapterStateError, merged_error
+from .hf import model_id, task_type, weight_out_in
+from .layer import LoraLinear, base_of
+from .peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    exact_targets,
+    lora_config,
+    module_ranks,
+    parse_key,
+    peft_key,
+    read_config,
+    read_weights,
+    write_directory,
+)
+from .targets import adaptable_modules
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
-
-class AdapterFormatError(ValueError):
-    """An adapter directory that cannot be read: the message names the file and what is wrong."""
-
-
-# --- save --------------------------------------------------------------------------------------------------
 def _targets_for(names: list[str], model: nn.Module) -> list[str] | str:
     """The leaf names of ``names`` if they select exactly those modules, else an exact regular expression."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     selected = {n for n in adaptable_modules(model) if n.rsplit(".", 1)[-1] in leaves}
-    if selected == set(names):
-        return leaves
-    return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+    return leaves if selected == set(names) else exact_targets(names)
 
 
-def _most_common(values: dict[str, float]):
-    counts: dict[float, int] = {}
-    for v in values.values():
-        counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=lambda v: counts[v])
+def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
+    if R is None:
+        return B.detach()
+    return (B.detach().float() @ R.detach().float()).to(B.dtype)  # (out, r)
 
 
-def adapter_state(model: nn.Module, adapter_name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors (PEFT keys) and ``adapter_config.json`` content of one adapter, without writing anything."""
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("the model has no adapters to save")
-    if adapter_name is None:
-        adapter_name = next((layer.active_adapter for layer in layers.values() if layer.active_adapter), None)
-    holding = {n: layer for n, layer in layers.items() if adapter_name in layer.lora_A}
-    if not holding:
-        raise ValueError(f"no adapter named {adapter_name!r} in the model")
-    tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas, dropouts, rslora, fan = {}, {}, {}, set(), set()
-    for name, layer in holding.items():
-        if adapter_name in layer.lora_R or adapter_name in layer.lora_R_fn:
-            raise ValueError(
-                f"adapter {adapter_name!r} on {name!r} has an r×r core (lora_R), which PEFT's LoRA layout cannot "
-                "hold; lispetorch.save_as_lora writes it as a plain LoRA on the original weights"
+# --- export ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def export(model: nn.Module, adapter_name: str | None = None,
+           original_weights: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The PEFT tensors (PEFT keys) and ``adapter_config.json`` content of one adapter, without writing anything.
+
+    Args:
+        model (nn.Module): a model with adapters.
+        adapter_name (str | None): the adapter; the active one when None.
+        original_weights (bool): False: the factors as they are, applying to the model's base weights as they
+            are now (for PiSSA or LoRA-GA, the residual, as PEFT saves them); an adapter with an r×r core is
+            refused. True: the plain LoRA that gives this adapter's outputs on the original (pre-init) weights:
+            a core R is folded into ``B R``, and an init offset ``s·B₀R₀A₀`` taken out of the base (PiSSA,
+            LoRA-GA, Rotational PiSSA) makes it the rank-2r LoRA ``B' = [B R | −B₀R₀]``, ``A' = [A; A₀]`` with
+            alpha doubled (× √2 with rsLoRA), so the scaling is unchanged (PEFT's
+            ``path_initial_model_for_weight_conversion``). Default False.
+
+    Returns:
+        tuple[dict[str, Tensor], dict]: the tensors and the config.
+
+    Raises:
+        AdapterStateError: no such adapter, or it is merged, or (``original_weights`` False) it has a core.
+        ValueError: it mixes layers that one PEFT config cannot describe (rsLoRA and plain, Linear and Conv1D).
+    """
+    name, holding = layers_holding(model, adapter_name)
+    merged = [n for n, layer in holding.items() if layer.merged_adapter == name]
+    if merged and original_weights:
+        raise merged_error(name, merged[0], "unmerge before converting")
+    tensors, ranks, alphas, dropouts, rslora, fan = {}, {}, {}, {}, set(), set()
+    for mod, layer in holding.items():
+        settings = layer.settings[name]
+        A, B, R = layer.factors(name)
+        if R is not None and not original_weights:
+            raise AdapterStateError(
+                f"adapter {name!r} on {mod!r} has an r×r core (lora_R), which PEFT's LoRA layout cannot hold; "
+                "lispetorch.save_as_lora writes it as a plain LoRA on the original weights"
             )
-        A, B, _ = layer.factors(adapter_name)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.detach().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.detach().contiguous()
-        ranks[name] = layer.r[adapter_name]
-        alphas[name] = layer.lora_alpha[adapter_name]
-        dropouts[name] = layer.lora_dropout[adapter_name]
-        rslora.add(layer.use_rslora[adapter_name])
+        A, B = A.detach(), _with_core(B, R)
+        alpha, r = settings.alpha, settings.r
+        if original_weights and name in layer.base_offset:
+            off = layer.base_offset[name]
+            if not math.isclose(off.scale, settings.scaling):
+                raise ValueError(f"{mod!r}: the base offset's scale {off.scale} differs from the adapter's "
+                                 f"{settings.scaling}")
+            A = torch.cat([A, off.A.to(A.dtype)], dim=0)  # (2r, in)
+            B = torch.cat([B, -_with_core(off.B, off.R).to(B.dtype)], dim=1)  # (out, 2r)
+            r, alpha = 2 * r, alpha * (math.sqrt(2) if settings.use_rslora else 2)
+        tensors[peft_key(mod, "lora_A")] = A.contiguous()
+        tensors[peft_key(mod, "lora_B")] = B.contiguous()
+        ranks[mod], alphas[mod], dropouts[mod] = r, alpha, settings.dropout
+        rslora.add(settings.use_rslora)
         fan.add(layer.fan_in_fan_out)
     if len(rslora) > 1:
-        raise ValueError(f"adapter {adapter_name!r} mixes rsLoRA and plain scaling across layers")
+        raise ValueError(f"adapter {name!r} mixes rsLoRA and plain scaling across layers, which one PEFT config "
+                         "cannot hold")
     if len(fan) > 1:
-        raise ValueError(f"adapter {adapter_name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
-    return tensors, peft_config(model, list(holding), ranks, alphas, dropouts, rslora.pop(), fan == {True})
-
-
-def peft_config(model: nn.Module, modules: list[str], ranks: dict[str, int], alphas: dict[str, float],
-                dropouts: dict[str, float], use_rslora: bool, fan_in_fan_out: bool) -> dict:
-    """The ``adapter_config.json`` PEFT writes for a LoRA on ``modules``: the most common rank, alpha and dropout
-    become ``r``, ``lora_alpha`` and ``lora_dropout``, the other ranks and alphas ``rank_pattern``/``alpha_pattern``."""
-    r, alpha = _most_common(ranks), _most_common(alphas)
-    cfg_obj = getattr(model, "config", None)
-    base = getattr(cfg_obj, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": str(base) if base else None,
-        "revision": None,
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": _most_common(dropouts),
-        "target_modules": _targets_for(modules, model),
-        "exclude_modules": None,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "use_rslora": use_rslora,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-    }
+        raise ValueError(f"adapter {name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
+    config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, _targets_for(list(holding), model),
+                         base_model=model_id(model) or None, task_type=task_type(model))
+    return tensors, config
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -119,90 +117,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     Returns:
         Path: the directory.
     """
-    directory = Path(directory)
-    adapter_state(model, adapter_name)  # fail before touching the file system
-    with _atomic.directory(directory) as tmp:
-        write_adapter_files(model, tmp, adapter_name)
-    return directory
+    return write_directory(directory, *export(model, adapter_name))
 
 
-def write_adapter_files(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None,
-                        base_model: str | None = None) -> None:
-    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into an existing directory (one that
-    is itself being written atomically, such as a checkpoint). ``base_model`` overrides the recorded
-    ``base_model_name_or_path``."""
-    tensors, config = adapter_state(model, adapter_name)
-    if base_model is not None:
-        config["base_model_name_or_path"] = str(base_model)
-    write_peft_files(directory, tensors, config)
+def save_as_lora(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Writes ``adapter_name`` (the active one by default) as a plain PEFT LoRA directory that applies to the
+    original base weights (:func:`export` with ``original_weights=True``), atomically. PEFT's
+    ``PeftModel.from_pretrained`` on the original model then gives this model's outputs (up to the rounding of an
+    NF4-quantised residual, which the original weights do not have).
+
+    Returns:
+        Path: the directory.
+    """
+    return write_directory(directory, *export(model, adapter_name, original_weights=True))
 
 
-def write_peft_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """``adapter_model.safetensors`` (``tensors`` under PEFT keys) and ``adapter_config.json`` (``config``) in
-    ``directory``, which the caller writes atomically as a whole."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-# --- load --------------------------------------------------------------------------------------------------
-def read_config(directory: str | os.PathLike) -> dict:
-    """Reads ``adapter_config.json``; errors name the file (and the line, for JSON syntax)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: missing (an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise AdapterFormatError(f"{path}: not UTF-8 text ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type is {peft_type!r}; only LORA adapters can be loaded")
-    if config.get("use_dora"):
-        raise AdapterFormatError(f"{path}: DoRA adapters (use_dora) are not supported")
-    for key in ("r", "lora_alpha"):
-        if key in config and (not isinstance(config[key], (int, float)) or config[key] <= 0):
-            raise AdapterFormatError(f"{path}: {key} must be a positive number, got {config[key]!r}")
-    return config
-
-
-def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads the adapter tensors (safetensors; a legacy ``.bin`` with ``weights_only``); errors name the file."""
-    directory = Path(directory)
-    path = directory / WEIGHTS_NAME
-    if path.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
-            raise AdapterFormatError(f"{path}: not a readable safetensors file ({e})") from None
-    legacy = directory / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():
-        try:
-            return torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AdapterFormatError(f"{legacy}: not a readable weights file ({e})") from None
-    raise AdapterFormatError(f"{path}: missing (an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-
-
-def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name or a dotted suffix of it."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
+# --- load --------------------------------------------------------------------------------------------------------
 def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -226,20 +156,31 @@ def load_adapter(
     Raises:
         AdapterFormatError: a missing, truncated or malformed file, or a key the model has no module for.
         ValueError: a tensor whose shape does not fit the model (names the key and both shapes).
+        AdapterStateError: a layer it loads into has an adapter merged.
     """
     directory = Path(directory)
     config = read_config(directory)
     weights = read_weights(directory)
+    chosen, plans = _plans(model, directory, config, weights)
+    layers = install(model, chosen, plans, adapter_name, replace=True)
+    if not trainable:
+        for layer in layers.values():
+            layer.set_trainable(adapter_name, False)
+    return layers
+
+
+def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):
+    """The modules and the plans a PEFT adapter's tensors make, every tensor checked against the model."""
     wpath = directory / WEIGHTS_NAME
     modules = dict(model.named_modules())
+    adaptable = adaptable_modules(model)
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
-        if m is None:
+        parsed = parse_key(key)
+        if parsed is None:
             raise AdapterFormatError(f"{wpath}: unsupported key {key!r} (only lora_A / lora_B weights are read)")
-        name, which = m.group(1), m.group(2)
-        module = modules.get(name)
-        if module is None or not (isinstance(module, LoraLinear) or is_adaptable(module)):
+        name, which = parsed
+        if name not in adaptable:
             raise AdapterFormatError(f"{wpath}: key {key!r} names module {name!r}, which the model has no "
                                      "adaptable layer for")
         if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
@@ -249,53 +190,32 @@ def load_adapter(
         raise AdapterFormatError(f"{wpath}: holds no LoRA weights")
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     use_rslora = bool(config.get("use_rslora", False))
-    plan = []
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    chosen, plans = {}, {}
     for name, pair in found.items():
         if set(pair) != {"lora_A", "lora_B"}:
             missing = {"lora_A", "lora_B"} - set(pair)
             raise AdapterFormatError(f"{wpath}: module {name!r} lacks {missing.pop()}")
         module = modules[name]
-        layer = module if isinstance(module, LoraLinear) else None
-        base = layer.base_layer if layer else module
+        base = base_of(module)
         w = weight_out_in(base)
         out_f, in_f = w.shape
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0] if A.dim() == 2 else -1
         if A.dim() != 2 or A.shape[1] != in_f:
-            raise ValueError(f"{wpath}: {PREFIX}{name}.lora_A.weight has shape {tuple(A.shape)} but the model "
+            raise ValueError(f"{wpath}: {peft_key(name, 'lora_A')} has shape {tuple(A.shape)} but the model "
                              f"needs ({r if r > 0 else 'r'}, {in_f})")
         if B.shape != (out_f, r):
-            raise ValueError(f"{wpath}: {PREFIX}{name}.lora_B.weight has shape {tuple(B.shape)} but the model "
+            raise ValueError(f"{wpath}: {peft_key(name, 'lora_B')} has shape {tuple(B.shape)} but the model "
                              f"needs ({out_f}, {r})")
         if isinstance(base, nn.Linear) and fan_in_fan_out:
             raise AdapterFormatError(f"{directory / CONFIG_NAME}: fan_in_fan_out is true but {name!r} is nn.Linear")
-        if layer is not None and layer.merged_adapter is not None:
-            raise ValueError(f"layer {name!r} has adapter {layer.merged_adapter!r} merged: unmerge before loading")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        rank_cfg = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", r))
+        if isinstance(module, LoraLinear) and module.merged_adapter is not None:
+            raise merged_error(module.merged_adapter, name, "unmerge before loading")
+        rank_cfg, alpha = module_ranks(config, name, r)
         if rank_cfg != r:
-            raise ValueError(f"{wpath}: {PREFIX}{name}.lora_A.weight has rank {r} but {CONFIG_NAME} says {rank_cfg}")
-        plan.append((name, module, A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), float(alpha)))
-    # Everything checked: now change the model.
-    for name, layer in adapter_layers(model).items():
-        if adapter_name in layer.lora_A and name not in found:
-            layer.delete_adapter(adapter_name)
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    layers: dict[str, LoraLinear] = {}
-    for name, module, A, B, alpha in plan:
-        layer = module if isinstance(module, LoraLinear) else LoraLinear(module)
-        if adapter_name in layer.lora_A:
-            layer.delete_adapter(adapter_name)
-        layer.set_factors(adapter_name, A, B, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
-        if layer is not module:
-            _replace(model, name, layer)
-        layers[name] = layer
-    for p in model.parameters():
-        p.requires_grad_(False)
-    set_adapter(model, adapter_name)
-    if not trainable:
-        for layer in layers.values():
-            for p in layer.factors(adapter_name):
-                if p is not None:
-                    p.requires_grad_(False)
-    return layers
+            raise ValueError(f"{wpath}: {peft_key(name, 'lora_A')} has rank {r} but {CONFIG_NAME} says {rank_cfg}")
+        chosen[name] = module
+        plans[name] = AdapterPlan(A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), alpha, dropout,
+                                  use_rslora)
+    return chosen, plans

@@ -16,19 +16,26 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .. import _atomic, ops
-from ..peft_io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config, write_peft_files
+from .. import atomic, ops
+from ..peft_format import (
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    exact_targets,
+    peft_key,
+    ranked_fields,
+    read_config,
+    write_files,
+)
 from .config import CombineConfig, load_config
 from .optimize import open_checkpoints
-from .reader import Checkpoint, check_finite, common_modules, peft_key, single_thread, stream
+from .reader import Checkpoint, check_finite, common_modules, open_checkpoint, single_thread, stream
 
 MODES = ("cat", "svd", "linear")
 README_NAME = "COMBINATION_README.md"
@@ -56,19 +63,7 @@ def weights_of(weights) -> dict[str, float]:
 def _targets(modules: list[str], base_config: dict, base_modules: set[str] | None) -> list[str] | str:
     if base_modules is not None and set(modules) == base_modules and base_config.get("target_modules"):
         return base_config["target_modules"]
-    return "^(" + "|".join(re.escape(m) for m in modules) + ")$"
-
-
-def _ranked_config(base: dict, ranks: dict[str, int], alphas: dict[str, float], use_rslora: bool) -> dict:
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    cfg = dict(base)
-    cfg.update({
-        "r": r, "lora_alpha": alpha, "use_rslora": use_rslora,
-        "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
-    })
-    return cfg
+    return exact_targets(modules)
 
 
 def build(
@@ -196,11 +191,9 @@ def build(
         for key, default in defaults.items():
             out_cfg[key] = first.config.get(key, default)
     else:
-        out_cfg = _ranked_config(base_config, ranks, alphas, False)
+        out_cfg = {**base_config, **ranked_fields(ranks, alphas), "use_rslora": False}
     base_modules = None
     if template is not None and (template / WEIGHTS_NAME).is_file():
-        from .reader import open_checkpoint
-
         base_modules = set(open_checkpoint("template", template).modules)
     elif template is None:
         base_modules = set(first.modules)
@@ -215,7 +208,7 @@ def build(
     summary = {"output_dir": str(output_dir), "mode": mode, "weights": used_weights,
                "rank": out_cfg["r"], "relative_deviation": rel_dev, "num_modules": len(modules),
                "dropped_modules": dropped}
-    with _atomic.directory(output_dir) as tmp:
+    with atomic.directory(output_dir) as tmp:
         if template is not None:
             for item in sorted(template.iterdir()):
                 if item.name in _NOT_COPIED:
@@ -224,7 +217,7 @@ def build(
                     shutil.copytree(item, tmp / item.name, symlinks=True)
                 else:
                     shutil.copy2(item, tmp / item.name)
-        write_peft_files(tmp, tensors, out_cfg)
+        write_files(tmp, tensors, out_cfg)
         (tmp / README_NAME).write_text(_readme(cfg, opened, w, mode, summary, template, modules, out_dtype))
     return summary
 

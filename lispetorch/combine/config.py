@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .. import _atomic, _yaml
-from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
+from .. import atomic, yaml_io
+from ..errors import ConfigError
+from ..peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 DEFAULT_CONFIG = """\
 # LoRA checkpoints to combine. Relative paths are relative to this file.
@@ -64,7 +65,6 @@ class CombineConfig:
     verify_paths: bool = True
     verbose_paths: bool = False
     source: str = "<mapping>"
-    extra: dict = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -109,7 +109,7 @@ def load_config(config: str | os.PathLike | Mapping | CombineConfig) -> CombineC
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint list {path} does not exist (write one with "
                                 "`lispetorch combine init-config`)")
-    data = _yaml.load(path)
+    data = yaml_io.load(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with a 'checkpoints' key, got {type(data).__name__}")
     return _parse(data, str(path), path.parent)
@@ -119,7 +119,10 @@ def _parse(data: dict, source: str, base: Path) -> CombineConfig:
     entries = data.get("checkpoints")
     if not isinstance(entries, dict) or not entries:
         raise ValueError(f"{source}: 'checkpoints' must be a non-empty mapping name -> {{path, description}}")
-    unknown = set(data) - {"checkpoints", "settings"}
+    unknown = sorted(set(data) - {"checkpoints", "settings"}, key=str)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; a checkpoint list has 'checkpoints' and "
+                          "'settings'")
     checkpoints: dict[str, CheckpointEntry] = {}
     for name, entry in entries.items():
         if not isinstance(name, str) or not name:
@@ -137,12 +140,15 @@ def _parse(data: dict, source: str, base: Path) -> CombineConfig:
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
         raise ValueError(f"{source}: 'settings' must be a mapping, got {settings!r}")
+    unknown = sorted(set(settings) - {"verify_paths", "verbose_paths"}, key=str)
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; the settings are 'verify_paths' and "
+                          "'verbose_paths'")
     return CombineConfig(
         checkpoints,
         verify_paths=_flag(settings.get("verify_paths", True), "verify_paths", source),
         verbose_paths=_flag(settings.get("verbose_paths", False), "verbose_paths", source),
         source=source,
-        extra={k: data[k] for k in unknown},
     )
 
 
@@ -186,5 +192,5 @@ def write_default_config(path: str | os.PathLike, checkpoints: Mapping[str, str]
             yaml.safe_dump(body, sort_keys=False)
     else:
         text = DEFAULT_CONFIG
-    _atomic.write_text(path, text)
+    atomic.write_text(path, text)
     return path

@@ -29,10 +29,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import scaling
-from ..peft_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFormatError, _pattern_value, read_config
+from ..errors import AdapterFormatError
+from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
 
-_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight")
 
 
 @dataclass
@@ -60,7 +59,6 @@ class Checkpoint:
     dtype: torch.dtype
     fan_in_fan_out: bool = False
     use_rslora: bool = False
-    extra: dict = field(default_factory=dict)
     # the weights file's tensors and size when it was opened (see read_header)
     entries: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
     file_size: int = -1
@@ -156,16 +154,14 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     dtypes = {e.dtype for e in entries.values()}
     found: dict[str, dict[str, str]] = {}
     for key in shapes:
-        m = _KEY.fullmatch(key)
-        if m is None:
+        parsed = parse_key(key)
+        if parsed is None:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {key!r}, which is not a LoRA A/B weight "
                                      "(only lora_A / lora_B weights can be combined)")
-        found.setdefault(m.group(1), {})[m.group(2)] = key
+        found.setdefault(parsed[0], {})[parsed[1]] = key
     if not found:
         raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds no LoRA weights")
     use_rslora = bool(config.get("use_rslora", False))
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank_pattern = config.get("rank_pattern") or {}
     modules: dict[str, ModuleFactors] = {}
     for module in sorted(found, key=natural_key):
         pair = found[module]
@@ -177,11 +173,10 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile}: {pair['lora_A']} has shape {sa} and "
                                      f"{pair['lora_B']} has shape {sb}; expected (r, in) and (out, r)")
         r = sa[0]
-        r_cfg = _pattern_value(rank_pattern, module, config.get("r", r))
+        r_cfg, alpha = module_ranks(config, module, r)
         if r_cfg != r:
             raise AdapterFormatError(f"checkpoint {name!r}: {pair['lora_A']} has rank {r} but {path / CONFIG_NAME} "
                                      f"says {r_cfg}")
-        alpha = float(_pattern_value(alpha_pattern, module, config.get("lora_alpha", 8)))
         modules[module] = ModuleFactors(pair["lora_A"], pair["lora_B"], r, sa[1], sb[0], alpha,
                                         scaling(alpha, r, use_rslora))
     bad = {d for d in dtypes if d not in ("F16", "BF16", "F32", "F64")}
@@ -391,8 +386,3 @@ def check_finite(checkpoints: list[Checkpoint], module: str, As: list[torch.Tens
             if not torch.isfinite(t).all():
                 n = int((~torch.isfinite(t)).sum())
                 raise ValueError(f"checkpoint {c.name!r}: {c.weights_file}: {key} holds {n} NaN/Inf value(s)")
-
-
-def peft_key(module: str, which: str) -> str:
-    """The PEFT key of a module's factor: ``base_model.model.<module>.lora_A.weight``."""
-    return f"{PREFIX}{module}.{which}.weight"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _atomic, ops
+from .. import atomic, ops
 from .config import CombineConfig, load_config
 from .optimize import open_checkpoints, optimize
 from .reader import check_finite, layer_of, natural_key, stream
@@ -32,7 +32,7 @@ def _safe(name: str) -> str:
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     from safetensors.torch import save
 
-    _atomic.write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    atomic.write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def extract(
@@ -91,25 +91,25 @@ def extract(
                             "shape_A": [f.rank, f.in_features], "shape_B": [f.out_features, f.rank]}
                         for m, f in c.modules.items()},
         }
-        _atomic.write_text(out / f"{stem}_metadata.json", json.dumps(meta, indent=2) + "\n")
+        atomic.write_text(out / f"{stem}_metadata.json", json.dumps(meta, indent=2) + "\n")
         all_meta[c.name] = meta
         if verbose:
             log(f"extracted {c.name}: {len(modules)} modules -> {out}")
     _write_config_copy(cfg, config, out)
-    _atomic.write_text(out / SUMMARY_NAME, _summary(all_meta, delta))
+    atomic.write_text(out / SUMMARY_NAME, _summary(all_meta, delta))
     return all_meta
 
 
 def _write_config_copy(cfg: CombineConfig, config, out: Path) -> None:
     if isinstance(config, (str, os.PathLike)) and Path(config).is_file():
-        _atomic.write_bytes(out / "checkpoints_config.yml", Path(config).read_bytes())
+        atomic.write_bytes(out / "checkpoints_config.yml", Path(config).read_bytes())
         return
     import yaml
 
     body = {"checkpoints": {n: {"path": str(e.path), "description": e.description}
                             for n, e in cfg.checkpoints.items()},
             "settings": {"verify_paths": cfg.verify_paths, "verbose_paths": cfg.verbose_paths}}
-    _atomic.write_text(out / "checkpoints_config.yml", yaml.safe_dump(body, sort_keys=False))
+    atomic.write_text(out / "checkpoints_config.yml", yaml.safe_dump(body, sort_keys=False))
 
 
 def _summary(all_meta: dict, delta: bool) -> str:
@@ -166,7 +166,7 @@ def organize(input_dir: str | os.PathLike, output_dir: str | os.PathLike | None 
     handles = {}
     import contextlib
 
-    with contextlib.ExitStack() as stack, _atomic.directory(out) as tmp:
+    with contextlib.ExitStack() as stack, atomic.directory(out) as tmp:
         for meta in metas:
             for kind, fname in meta["files"].items():
                 path = src / fname
@@ -242,7 +242,7 @@ def run_all(
 def write_results(results: dict, path: str | os.PathLike) -> Path:
     """Writes an optimize() result as JSON, atomically."""
     path = Path(path)
-    _atomic.write_text(path, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    atomic.write_text(path, json.dumps(results, indent=2, allow_nan=False) + "\n")
     return path
 
 

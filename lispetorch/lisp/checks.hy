@@ -11,15 +11,16 @@ message starts with the script's ``file:line`` and the primitive's LispE name::
         inspect
         os
         sys
-        torch)
+        torch
+        lispetorch.errors [LispetorchError])
 
 (setv _HERE (os.path.dirname (os.path.abspath __file__)))
 (setv _HY (os.path.dirname (os.path.abspath (. (hy.I "hy") __file__))))
 
 
-(defclass PrimitiveError [ValueError TypeError]
+(defclass PrimitiveError [LispetorchError ValueError TypeError]
   "A primitive called with bad arguments (or failing on them): the message names the script line, the
-  primitive and what was wrong. It is both a ``ValueError`` and a ``TypeError``."
+  primitive and what was wrong. It is a ``lispetorch.LispetorchError``, a ``ValueError`` and a ``TypeError``."
 
   (defn __init__ [self primitive message [location None]]
     (setv self.primitive primitive

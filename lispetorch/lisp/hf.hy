@@ -20,14 +20,15 @@ Examples::
 (import os
         torch
         lispetorch :as lt
+        lispetorch.hf [DTYPES]
+        lispetorch.hf
+        lispetorch.config
         lispetorch.lisp.checks [primitive fail describe check-int check-number check-bool check-tensor
                                 check-string check-dict]
         lispetorch.lisp.tensors [resolve-device])
 
 (setv ADAPTER "default"
       LOAD-KEYS #("device" "dtype")
-      DTYPES {"float32" torch.float32 "float" torch.float32 "bfloat16" torch.bfloat16 "float16" torch.float16
-              "half" torch.float16}
       GENERATE-KEYS #("greedy" "topk" "top_k" "topp" "top_p" "temperature" "seed" "eos_id"))
 
 
@@ -64,7 +65,7 @@ Examples::
   (when (is value None) (return None))
   (when (or (not (isinstance value str)) (not-in value DTYPES))
     (fail primitive f"{what} must be one of {(.join ", " DTYPES)}, got {(describe value)}"))
-  (get DTYPES value))
+  (lispetorch.hf.parse-dtype value))
 
 
 ;; --- loading, adapters ----------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ Examples::
         config (if (= method "lora")
                    (lt.LoraConfig :r rank :alpha alpha :dropout dropout :target-modules target-modules :dtype dtype
                                   #** options)
-                   (lt.methods.method-config method rank alpha target-modules dtype dropout #** options)))
+                   (lispetorch.config.method-config method rank alpha target-modules dtype dropout #** options)))
   (when (in ADAPTER (lt.adapter-names model))
     (lt.delete-adapter model ADAPTER))
   (len (lt.inject model config :adapter-name ADAPTER :calibration-batches batches)))

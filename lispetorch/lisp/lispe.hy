@@ -28,7 +28,7 @@ Examples::
 
 (import json :as _json
         torch
-        lispetorch._atomic
+        lispetorch.atomic
         lispetorch.lisp.checks [primitive fail describe check-string])
 
 (setv nil None
@@ -170,7 +170,7 @@ Examples::
   "Writes ``text`` to ``path`` atomically (a crash leaves the old file or the new one); returns true."
   (check-string "fwrite" "path" path)
   (check-string "fwrite" "text" text)
-  (lispetorch._atomic.write-text path text)
+  (lispetorch.atomic.write-text path text)
   True)
 
 

@@ -21,7 +21,7 @@ Examples::
         torch [nn]
         safetensors.torch :as st
         lispetorch :as lt
-        lispetorch._atomic
+        lispetorch.atomic
         lispetorch.lisp.checks [primitive fail describe check-int check-number check-bool check-tensor
                                 check-string check-module])
 
@@ -132,7 +132,7 @@ Examples::
       (setv (get tensors (_key prefix "lora_R")) (.contiguous (.detach R))))
     (setv (get meta prefix) {"rank" (get layer.r name) "alpha" (get layer.lora-alpha name)
                              "dropout" (get layer.lora-dropout name) "use_rslora" (get layer.use-rslora name)}))
-  (lispetorch._atomic.write-bytes path (st.save tensors :metadata {METADATA-KEY (json.dumps meta)}))
+  (lispetorch.atomic.write-bytes path (st.save tensors :metadata {METADATA-KEY (json.dumps meta)}))
   path)
 
 

@@ -12,29 +12,20 @@ Examples::
         sys
         torch
         torch.nn.functional :as F
-        lispetorch.train.engine [available-devices]
+        lispetorch.devices :as devices
+        lispetorch.errors
         lispetorch.lisp.checks [primitive fail describe check-int check-string check-tensor])
 
-(setv _warned (set))
-
-
 (defn resolve-device [primitive name]
-  "The ``torch.device`` for ``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``).
-
-  ``auto`` picks cuda, then mps, then cpu. An accelerator that this machine lacks (a script written for
-  ``mps`` run elsewhere) falls back to the best available device with a notice on stderr, once per name; a
-  name that is no device at all is an error listing the devices available."
+  "The ``torch.device`` for ``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``), by the one device
+  policy (:func:`lispetorch.devices.resolve_device`, not strict): an accelerator this machine lacks (a script
+  written for ``mps`` run elsewhere) falls back to the best available device with a notice on stderr, once per
+  name; a name that is no device at all is an error listing the devices available."
   (check-string primitive "device" name)
-  (setv devices (available-devices)
-        best (cond (in "cuda" devices) "cuda" (in "mps" devices) "mps" True "cpu"))
-  (cond (= name "auto") (torch.device best)
-        (in name devices) (torch.device name)
-        (or (in name #("cuda" "mps")) (.startswith name "cuda:"))
-          (do (when (not-in name _warned)
-                (.add _warned name)
-                (print f"{primitive}: device {(repr name)} is not available here; using {best}" :file sys.stderr))
-              (torch.device best))
-        True (fail primitive f"unknown device {(repr name)}; available here: {(.join ", " devices)} (or auto)")))
+  (try
+    (devices.resolve-device name :strict False :who primitive)
+    (except [e lispetorch.errors.ConfigError]
+      (fail primitive (str e)))))
 
 
 (defn [primitive] tensor-create [data]

@@ -1,6 +1,11 @@
-"""TinyLoRA checkpoints in the ``tiny_lora_v.pt`` format: a dict with ``global_v`` (the trained vector, ``(u,)``;
-``(groups, u)`` when tied by groups), ``u_value``, ``rank``, ``seed``, ``model_id`` and ``total_replaced_layers``.
+"""TinyLoRA: ``ΔW = U_r diag(S_r) (Σᵢ vᵢ Pᵢ) V_rᵀ`` with one trained vector ``v`` shared across layers.
 
+On the one operator: ``A = V_rᵀ`` and ``B = U_r diag(S_r)`` are frozen SVD factors of each adapted W (which stays
+unchanged), the core ``R = Σᵢ vᵢ Pᵢ`` is computed at every forward by a :class:`TinyLoraCore` from the shared
+``v`` and its fixed, seeded ``P`` ``(u, r, r)``, and ``s = 1``.
+
+Checkpoints in the ``tiny_lora_v.pt`` format: a dict with ``global_v`` (the trained vector, ``(u,)``;
+``(groups, u)`` when tied by groups), ``u_value``, ``rank``, ``seed``, ``model_id`` and ``total_replaced_layers``.
 Everything else is rebuilt from the base model: the SVD factors are recomputed from its weights and the fixed
 ``P`` redrawn from ``seed``, so the same base model, seed, u and rank give the same adapted model.
 """
@@ -15,21 +20,76 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import _atomic
-from ..model import active_adapter, adapter_layers, match_modules
-from .config import TinyLoraConfig
-from .cores import TinyLoraCore
+from .. import atomic, ops
+from ..adapters import (
+    AdapterPlan,
+    active_adapter,
+    adapter_layers,
+    base_weight,
+    check_layers,
+    install,
+    select_for_new_adapter,
+)
+from ..config import TinyLoraConfig
+from ..errors import AdapterFormatError, AdapterStateError, ConfigError, TinyLoraFormatError
+from ..hf import model_id, parse_dtype
+from ..layer import LoraLinear
+from ..targets import match_modules
 
+
+# --- the core and the injection ------------------------------------------------------------------------------
+class TinyLoraCore(nn.Module):
+    """TinyLoRA's core ``R = Σᵢ vᵢ Pᵢ`` ``(r, r)``: ``v`` ``(u,)`` is shared (the same Parameter in many layers),
+    ``P`` ``(u, r, r)`` is fixed."""
+
+    def __init__(self, v: nn.Parameter, P: torch.Tensor, seed: int = 0) -> None:
+        super().__init__()
+        self.v = v
+        self.register_buffer("P", P)
+        self.seed = int(seed)  # the seed P was drawn with, recorded in tiny_lora_v.pt
+
+    def forward(self) -> torch.Tensor:
+        return torch.einsum("u,uij->ij", self.v, self.P)
+
+
+def tinylora_projections(shapes: int, u: int, r: int, seed: int) -> list[torch.Tensor]:
+    """The fixed ``P`` ``(u, r, r)`` of ``shapes`` modules, in order, from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(u, r, r, generator=g) for _ in range(shapes)]
+
+
+def group_of(index: int, count: int, groups: int) -> int:
+    """The group of module ``index`` of ``count`` when split into ``groups`` contiguous, nearly equal groups."""
+    return index * groups // count
+
+
+def inject(model: nn.Module, config: TinyLoraConfig, adapter_name: str = "default", calibration_batches=None,
+           v: torch.Tensor | None = None) -> dict[str, LoraLinear]:
+    """:func:`~lispetorch.inject` for :class:`~lispetorch.TinyLoraConfig`; ``v`` ``(u,)`` or ``(groups, u)`` sets
+    the vector."""
+    dtype = parse_dtype(config.dtype)
+    chosen = select_for_new_adapter(model, config, adapter_name)
+    check_layers(chosen, config.r, "TinyLoRA", changes_base=False)
+    groups = min(config.groups, len(chosen))
+    if groups != config.groups:
+        raise ConfigError(f"TinyLoraConfig.groups = {config.groups} but only {len(chosen)} modules are adapted")
+    device = base_weight(next(iter(chosen.values()))).device
+    values = torch.zeros(groups, config.u) if v is None else v.detach().float().reshape(groups, config.u)
+    shared = [nn.Parameter(values[k].clone().to(device)) for k in range(groups)]
+    projections = tinylora_projections(len(chosen), config.u, config.r, config.seed)
+    plans = {}
+    for index, (name, module) in enumerate(chosen.items()):
+        w = base_weight(module)
+        U, S, Vh = ops.svd_factors(w, config.r)
+        core = TinyLoraCore(shared[group_of(index, len(chosen), groups)], projections[index].to(w.device),
+                            config.seed)
+        plans[name] = AdapterPlan(Vh.to(dtype or w.dtype), (U * S[None, :]).to(dtype or w.dtype), float(config.r),
+                            R_fn=core, frozen=("A", "B"))
+    return install(model, chosen, plans, adapter_name)
+
+
+# --- the tiny_lora_v.pt format ------------------------------------------------------------------------------
 FIELDS = ("global_v", "u_value", "rank", "seed", "model_id", "total_replaced_layers")
-
-
-class TinyLoraFormatError(ValueError):
-    """A ``tiny_lora_v.pt`` that cannot be restored: the message names the file and what is wrong."""
-
-
-def _model_id(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "_name_or_path", "") or "")
 
 
 def tinylora_cores(model: nn.Module, adapter_name: str | None = None) -> dict[str, TinyLoraCore]:
@@ -61,7 +121,7 @@ def save_tinylora(model: nn.Module, path: str | os.PathLike, adapter_name: str |
     """
     cores = tinylora_cores(model, adapter_name)
     if not cores:
-        raise ValueError(f"the model has no TinyLoRA adapter {adapter_name or active_adapter(model)!r}")
+        raise AdapterStateError(f"the model has no TinyLoRA adapter {adapter_name or active_adapter(model)!r}")
     first = next(iter(cores.values()))
     vectors = _vectors(cores)
     v = vectors[0].detach() if len(vectors) == 1 else torch.stack([p.detach() for p in vectors])
@@ -70,13 +130,13 @@ def save_tinylora(model: nn.Module, path: str | os.PathLike, adapter_name: str |
         "u_value": int(first.P.shape[0]),
         "rank": int(first.P.shape[1]),
         "seed": int(first.seed),
-        "model_id": model_id if model_id is not None else _model_id(model),
+        "model_id": model_id if model_id is not None else model_id(model),
         "total_replaced_layers": len(cores),
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
     path = Path(path)
-    _atomic.write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -116,17 +176,15 @@ def restore_tinylora(model: nn.Module, path: str | os.PathLike, target_modules: 
 
     Raises:
         TinyLoraFormatError: a missing field or a malformed file.
-        ValueError: the model's adapted layers differ from the file's (the message names what differs).
+        AdapterFormatError: the model's adapted layers differ from the file's (the message names what differs).
     """
-    from .inject import inject_tinylora
-
     state = read_tinylora(path)
     u, rank, seed, count = state["u_value"], state["rank"], state["seed"], state["total_replaced_layers"]
     v = state["global_v"]
     groups = 1 if v.dim() == 1 else v.shape[0]
-    if state["model_id"] and _model_id(model) and state["model_id"] != _model_id(model):
+    if state["model_id"] and model_id(model) and state["model_id"] != model_id(model):
         warnings.warn(f"{path} was written for model_id {state['model_id']!r}, the model is "
-                      f"{_model_id(model)!r}", stacklevel=2)
+                      f"{model_id(model)!r}", stacklevel=2)
     cores = tinylora_cores(model, adapter_name)
     if cores:
         first = next(iter(cores.values()))
@@ -135,7 +193,7 @@ def restore_tinylora(model: nn.Module, path: str | os.PathLike, target_modules: 
         want = {"u_value": u, "rank": rank, "seed": seed, "total_replaced_layers": count, "groups": groups}
         diff = [f"{k}: file {want[k]}, model {have[k]}" for k in want if want[k] != have[k]]
         if diff:
-            raise ValueError(f"{path} does not match the model's TinyLoRA adapter {adapter_name!r}: "
+            raise AdapterFormatError(f"{path} does not match the model's TinyLoRA adapter {adapter_name!r}: "
                              + "; ".join(diff))
         with torch.no_grad():
             for k, p in enumerate(_vectors(cores)):
@@ -145,7 +203,7 @@ def restore_tinylora(model: nn.Module, path: str | os.PathLike, target_modules: 
                             exclude_modules=exclude_modules)
     chosen = match_modules(model, config.target_modules, config.exclude_modules)
     if len(chosen) != count:
-        raise ValueError(f"{path} was written for {count} replaced layers (model_id {state['model_id']!r}), but "
+        raise AdapterFormatError(f"{path} was written for {count} replaced layers (model_id {state['model_id']!r}), but "
                          f"target_modules {target_modules!r} selects {len(chosen)} layers of this model "
-                         f"({_model_id(model)!r}); pass the target_modules used in training")
-    return inject_tinylora(model, config, adapter_name, v=v)
+                         f"({model_id(model)!r}); pass the target_modules used in training")
+    return inject(model, config, adapter_name, v=v)

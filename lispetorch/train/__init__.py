@@ -6,10 +6,12 @@
     result.adapter_dir  # a PEFT adapter directory
 """
 
-from .config import ConfigError, LoraSection, TrainConfig
-from .data import DataError, Dataset, load_dataset, read_documents
-from .engine import Trainer, TrainResult, available_devices, checkpoints, resolve_device, train
-from .schedule import SCHEDULER_TYPES, lr_at, make_scheduler
+from ..devices import available_devices, resolve_device
+from ..errors import ConfigError, DataError
+from .config import LoraSection, TrainConfig
+from .data import Dataset, load_dataset, read_documents
+from .engine import Trainer, TrainResult, checkpoints, train
+from ..schedule import SCHEDULER_TYPES, lr_at, make_scheduler
 
 __all__ = [
     "SCHEDULER_TYPES",

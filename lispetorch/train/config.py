@@ -8,13 +8,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .. import _yaml
-from .schedule import SCHEDULER_TYPES
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run: the message names the key (and file and line, for YAML)."""
-
+from .. import yaml_io
+from ..config import CONFIGS, is_init, method_config
+from ..errors import ConfigError
+from ..hf import DTYPES
+from ..schedule import SCHEDULER_TYPES
 
 _NUMBER = "a number"
 _INT = "an integer"
@@ -35,8 +33,8 @@ class LoraSection:
     # calibration_batches training batches)
     init: str = "kaiming"
     calibration_batches: int = 4
-    # "lora" (with the init above), "rotational_pissa" or "tinylora"; options: the method's own fields (see
-    # lispetorch.methods.method_config), e.g. {"method": "way1"} or {"u": 64, "seed": 0}
+    # "lora" (with the init above), "rotational_pissa" or "tinylora" (lispetorch.config.CONFIGS); options: the
+    # method's own fields (see lispetorch.config.method_config), e.g. {"method": "givens"} or {"u": 64, "seed": 0}
     method: str = "lora"
     options: dict = dataclasses.field(default_factory=dict)
 
@@ -47,8 +45,6 @@ class LoraSection:
         Raises:
             ValueError: an unknown method or option, or a value out of range.
         """
-        from ..methods import method_config
-
         if self.method != "lora":
             name, options = self.method, self.options
         elif self.init in ("kaiming", "gaussian"):
@@ -118,7 +114,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        raw = _yaml.load(path, ConfigError) or {}
+        raw = yaml_io.load(path, ConfigError) or {}
         config = cls.from_dict(raw, str(path))
         # Relative paths in a config file are relative to the file.
         base = path.resolve().parent
@@ -158,8 +154,8 @@ class TrainConfig:
         if self.scheduler_type not in SCHEDULER_TYPES:
             raise ConfigError(f"{source}: unknown scheduler_type {self.scheduler_type!r}; choose one of "
                               f"{', '.join(SCHEDULER_TYPES)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"{source}: 'dtype' must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in self.report_to:
             if name not in ("tensorboard", "wandb"):
                 raise ConfigError(f"{source}: 'report_to' names {name!r}; choose tensorboard and/or wandb")
@@ -170,15 +166,13 @@ class TrainConfig:
             raise ConfigError(f"{source}: 'lora.alpha' must be > 0, got {lora.alpha}")
         if not 0 <= lora.dropout < 1:
             raise ConfigError(f"{source}: 'lora.dropout' must be in [0, 1), got {lora.dropout}")
-        from ..config import _INITS, pissa_niter
-
-        if not (lora.init in _INITS and lora.init != "pissa_niter_K" or pissa_niter(lora.init) is not None):
+        if not is_init(lora.init):
             raise ConfigError(f"{source}: 'lora.init' must be kaiming, gaussian, pissa, pissa_niter_K (K a number "
                               f"of subspace iterations) or lora_ga, got {lora.init!r}")
         if lora.calibration_batches <= 0:
             raise ConfigError(f"{source}: 'lora.calibration_batches' must be > 0, got {lora.calibration_batches}")
-        if lora.method not in METHODS:
-            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(METHODS)}, got {lora.method!r}")
+        if lora.method not in CONFIGS:
+            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(CONFIGS)}, got {lora.method!r}")
         if lora.method != "lora" and lora.init != "kaiming":
             raise ConfigError(f"{source}: 'lora.init' ({lora.init!r}) applies to method lora; method "
                               f"{lora.method} makes its own factors")
@@ -211,7 +205,6 @@ for _f in dataclasses.fields(TrainConfig):
 _MAPPING = "a mapping"
 _LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES, "init": _STR,
                 "calibration_batches": _INT, "method": _STR, "options": _MAPPING}
-METHODS = ("lora", "rotational_pissa", "tinylora")
 
 
 def _suggest(key: str, known) -> str:

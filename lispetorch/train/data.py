@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DataError
+
 IGNORE_INDEX = -100
 RECORD_SUFFIXES = {".json", ".jsonl"}
 # What a data directory contributes: text and source files, and records.
@@ -25,9 +27,6 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".hy", ".lisp", ".lsp", ".c", ".h
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
-
-class DataError(ValueError):
-    """Training data that cannot be used: the message names the file (and line) and what is wrong."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,13 +16,19 @@ from pathlib import Path
 
 import torch
 
-from .. import _atomic
-from ..config import LoraConfig
-from ..model import adapter_layers, inject, trainable_parameters
-from ..peft_io import PREFIX, adapter_state, write_peft_files
+from .. import atomic
+from ..adapters import adapter_layers, trainable_parameters
+from ..config import RotationalPiSSAConfig, method_of
+from ..devices import resolve_device
+from ..dispatch import inject
+from ..errors import ConfigError
+from ..hf import DTYPES
+from ..methods import orthogonality_loss
+from ..peft_format import PREFIX, write_files
+from ..peft_io import export
 from . import data as data_mod
-from .config import ConfigError, TrainConfig
-from .schedule import make_scheduler
+from .config import TrainConfig
+from ..schedule import make_scheduler
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 INFO_NAME = "training_info.json"
@@ -31,26 +37,6 @@ PLOT_NAME = "training_curves.png"
 FACTORS_NAME = "adapter_factors.safetensors"  # checkpoints of SVD inits: the trained factors, for resume
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", INFO_NAME)
-
-
-# --- devices -------------------------------------------------------------------------------------------------
-def available_devices() -> list[str]:
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; a named device must be available here."""
-    devices = available_devices()
-    if name == "auto":
-        return torch.device("cuda" if "cuda" in devices else "mps" if "mps" in devices else "cpu")
-    if name not in devices:
-        raise ConfigError(f"device {name!r} is not available here; available: {', '.join(devices)} (or auto)")
-    return torch.device(name)
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -154,8 +140,7 @@ class Trainer:
             if self.tokenizer is None:
                 self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             if self.model is None:
-                dtype = getattr(torch, cfg.dtype)
-                self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+                self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
         self.model_path = model_path
         self.dataset = data_mod.load_dataset(None, self.tokenizer, cfg.max_seq_length, packing=cfg.packing,
                                              mask_prompt=cfg.mask_prompt, validation_split=cfg.validation_split,
@@ -169,12 +154,12 @@ class Trainer:
         # A LoRA with a plain init trains and saves its factors as they are; every other method (SVD inits,
         # Rotational PiSSA, TinyLoRA) changes the base or computes its core, and is saved as its plain-LoRA
         # equivalent on the original weights, with its trained parameters beside it for resume.
-        self.plain = isinstance(self.lora_config, LoraConfig) and self.lora_config.init in ("kaiming", "gaussian")
-        # Rotational PiSSA way0's penalty keeps its free r×r cores near orthogonal.
-        self.orthogonality = getattr(self.lora_config, "method", None) == "way0" and \
-            getattr(self.lora_config, "orthogonality_reg_weight", 0.0) > 0
+        self.plain = method_of(self.lora_config) == "lora"
+        # Rotational PiSSA's penalty parametrisation keeps its free r×r cores near orthogonal.
+        self.orthogonality = isinstance(self.lora_config, RotationalPiSSAConfig) and \
+            self.lora_config.rotation == "penalty" and self.lora_config.orthogonality_reg_weight > 0
         calibration = None
-        if lora.method == "lora" and lora.init == "lora_ga":  # the gradients of the first training batches
+        if method_of(self.lora_config) == "lora_ga":  # the gradients of the first training batches
             micro = self.dataset.micro_batches(cfg.seed, 0, cfg.batch_size)[:lora.calibration_batches]
             calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
         inject(self.model, self.lora_config, calibration_batches=calibration)
@@ -207,8 +192,6 @@ class Trainer:
             (loss / max(total, 1)).backward()
             loss_sum += loss.item()
         if self.orthogonality:  # once per optimizer step, with the weight the adapter was made with
-            from ..methods import orthogonality_loss
-
             orthogonality_loss(self.model).backward()
         return loss_sum / max(total, 1), total
 
@@ -248,20 +231,15 @@ class Trainer:
         """The final adapter as a PEFT LoRA on the original base weights: as trained for a plain init; for every
         other method its plain-LoRA equivalent (rank 2r where the base is a residual: PiSSA, LoRA-GA, Rotational
         PiSSA; rank r for TinyLoRA, whose base is untouched)."""
-        if self.plain:
-            tensors, config = adapter_state(self.model)
-        else:
-            from ..methods import lora_equivalent
-
-            tensors, config = lora_equivalent(self.model)
+        tensors, config = export(self.model, original_weights=not self.plain)
         config["base_model_name_or_path"] = self.model_path
-        write_peft_files(directory, tensors, config)
+        write_files(directory, tensors, config)
 
     def save_checkpoint(self, train_loss: float | None) -> Path:
         """``output_dir/checkpoint-N``: adapter (PEFT layout), optimizer, scheduler, RNG, training_info.json;
         written into a temporary directory and renamed, so it is complete or absent."""
         path = self.output_dir / f"checkpoint-{self.global_step}"
-        with _atomic.directory(path) as tmp:
+        with atomic.directory(path) as tmp:
             self._write_adapter(tmp)
             if not self.plain:
                 # What resume needs: the trained parameters themselves, by their names in the model (the adapter
@@ -323,7 +301,7 @@ class Trainer:
         if path.exists():
             keep = [line for line in path.read_text().splitlines() if line.strip()
                     and json.loads(line).get("step", 0) <= step]
-            _atomic.write_text(path, "".join(line + "\n" for line in keep))
+            atomic.write_text(path, "".join(line + "\n" for line in keep))
 
     def _log(self, record: dict) -> None:
         with open(self.output_dir / METRICS_NAME, "a") as fh:
@@ -483,9 +461,9 @@ class Trainer:
                 self.best_loss = min(self.best_loss, final_eval)
                 self._log({"step": self.global_step, "eval_loss": final_eval, "eval_perplexity": math.exp(final_eval)})
         adapter_dir = self.output_dir / "adapter"
-        with _atomic.directory(adapter_dir) as tmp:
+        with atomic.directory(adapter_dir) as tmp:
             self._write_adapter(tmp)
-        _atomic.write_text(self.output_dir / INFO_NAME, json.dumps(self._info(last_loss), indent=2) + "\n")
+        atomic.write_text(self.output_dir / INFO_NAME, json.dumps(self._info(last_loss), indent=2) + "\n")
         if cfg.plot:
             self.plot()
         return TrainResult(self.output_dir, adapter_dir, self.global_step, self.epoch, last_loss, final_eval,

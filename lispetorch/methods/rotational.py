@@ -1,7 +1,12 @@
-"""Parametrised r×r cores: modules whose ``forward()`` returns the R of ``y = x Wᵀ + b + s·((x Aᵀ) Rᵀ) Bᵀ``.
+"""Rotational PiSSA: ``W = W_res + U_r R_U diag(S) R_Vᵀ V_rᵀ`` with ``U_r``, ``V_r`` and the residual ``W_res``
+frozen, and the rotations ``R_U``, ``R_V`` (and ``S``) trained.
 
-The adapter layer calls the core at every forward and hands the result to the native operator as its R input,
-so autograd flows from the operator's gradient for R into these parameters. Rotations are computed in float32.
+On the one operator: ``A = V_rᵀ`` and ``B = U_r`` are frozen, and the core ``R = R_U diag(S/s) R_Vᵀ`` is
+computed at every forward by a :class:`RotationalCore` (in float32) and handed to the operator as its R input, so
+autograd flows from the operator's gradient for R into the rotations' parameters. The base becomes
+``W − s·B R₀ A`` for the ``R₀`` actually produced at init. The parametrisations of ``R_U`` and ``R_V``:
+``penalty`` (free matrices with an orthogonality penalty, :func:`orthogonality_loss`), ``givens``, ``cayley``,
+``exp`` (exactly orthogonal); the Rotational PiSSA documents call them ``way0``–``way3``.
 """
 
 from __future__ import annotations
@@ -9,7 +14,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
+from ..adapters import (
+    AdapterPlan,
+    active_adapter,
+    adapter_layers,
+    base_weight,
+    check_layers,
+    install,
+    select_for_new_adapter,
+)
+from ..config import ROTATION_ALIASES, ROTATION_METHODS, RotationalPiSSAConfig
+from ..errors import AdapterStateError, ConfigError
+from ..hf import parse_dtype
+from ..layer import LoraLinear
+from ..nf4 import NF4Weight
+from ..peft_format import exact_targets
+from ..targets import quantize_nf4
 
+
+# --- the rotations ---------------------------------------------------------------------------------------------
 def _round_robin(r: int) -> list[list[tuple[int, int]]]:
     """The ``r(r−1)/2`` planes ``(i, j)`` in rounds of disjoint pairs (the circle method)."""
     n = r + (r % 2)
@@ -23,7 +47,7 @@ def _round_robin(r: int) -> list[list[tuple[int, int]]]:
 
 
 class FreeMatrix(nn.Module):
-    """``way0``: a free ``r×r`` matrix (identity at init); orthogonality only through a penalty."""
+    """``penalty`` (``way0``): a free ``r×r`` matrix (identity at init); orthogonality only through a penalty."""
 
     def __init__(self, r: int, init: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -39,7 +63,7 @@ class FreeMatrix(nn.Module):
 
 
 class GivensRotation(nn.Module):
-    """``way1``: ``Q = Πₖ G(iₖ, jₖ, θₖ)`` over all ``r(r−1)/2`` planes (angles from 0).
+    """``givens`` (``way1``): ``Q = Πₖ G(iₖ, jₖ, θₖ)`` over all ``r(r−1)/2`` planes (angles from 0).
 
     The planes are grouped in ``r−1`` rounds of disjoint planes; each round is one matrix, all rounds are built in
     one batched ``index_put`` and multiplied in a balanced tree (``⌈log₂(r−1)⌉`` batched products), so
@@ -72,7 +96,7 @@ class GivensRotation(nn.Module):
 
 
 class CayleyRotation(nn.Module):
-    """``way2``: ``Q = (I − K)⁻¹ (I + K)`` with the low-rank skew-symmetric ``K = X Yᵀ − Y Xᵀ``, exactly orthogonal.
+    """``cayley`` (``way2``): ``Q = (I − K)⁻¹ (I + K)`` with the low-rank skew-symmetric ``K = X Yᵀ − Y Xᵀ``, exactly orthogonal.
 
     ``X`` starts at zero and ``Y`` small and random, so ``Q = I`` at init and the gradient for ``X`` is non-zero.
     """
@@ -90,7 +114,7 @@ class CayleyRotation(nn.Module):
 
 
 class ExpRotation(nn.Module):
-    """``way3``: ``Q = exp(K)`` with ``K = M − Mᵀ`` from the strictly upper triangle ``M`` (zero at init)."""
+    """``exp`` (``way3``): ``Q = exp(K)`` with ``K = M − Mᵀ`` from the strictly upper triangle ``M`` (zero at init)."""
 
     def __init__(self, r: int, init: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -102,18 +126,20 @@ class ExpRotation(nn.Module):
 
 
 def make_rotation(method: str, r: int, skew_rank: int, identity: bool, generator: torch.Generator) -> nn.Module:
-    """The rotation module of ``method`` (``way0``–``way3``), at the identity or at a random rotation."""
-    if method == "way0":
+    """The rotation module of ``method`` (``penalty``, ``givens``, ``cayley``, ``exp`` or their aliases
+    ``way0``–``way3``), at the identity or at a random rotation."""
+    rotation = ROTATION_ALIASES.get(method, method)
+    if rotation == "penalty":
         init = None if identity else torch.linalg.qr(torch.randn(r, r, generator=generator))[0]
         return FreeMatrix(r, init)
-    if method == "way1":
+    if rotation == "givens":
         count = r * (r - 1) // 2
         return GivensRotation(r, None if identity else (torch.rand(count, generator=generator) * 2 - 1) * torch.pi)
-    if method == "way2":
+    if rotation == "cayley":
         return CayleyRotation(r, skew_rank, generator, identity)
-    if method == "way3":
+    if rotation == "exp":
         return ExpRotation(r, None if identity else torch.randn(r, r, generator=generator))
-    raise ValueError(f"unknown rotation method {method!r}; choose one of way0, way1, way2, way3")
+    raise ConfigError(f"unknown rotation method {method!r}; choose one of {', '.join(ROTATION_METHODS)}")
 
 
 class RotationalCore(nn.Module):
@@ -122,7 +148,7 @@ class RotationalCore(nn.Module):
     Args:
         S (Tensor): ``(r,)`` the singular values divided by the adapter scaling, so ``s · U_r R V_rᵀ`` is the
             principal part; trained unless ``freeze_singular_values``.
-        method (str): ``way0``–``way3``, see :class:`~lispetorch.RotationalPiSSAConfig`.
+        method (str): the rotation's parametrisation, see :class:`~lispetorch.RotationalPiSSAConfig`.
     """
 
     def __init__(self, S: torch.Tensor, method: str, skew_rank: int = 2, identity: bool = True,
@@ -137,33 +163,68 @@ class RotationalCore(nn.Module):
             self.register_buffer("S", S)
         else:
             self.S = nn.Parameter(S)
-        self.method = method
+        self.method = ROTATION_ALIASES.get(method, method)  # the descriptive name
         self.rot_U = make_rotation(method, r, skew_rank, identity, generator)
         self.rot_V = make_rotation(method, r, skew_rank, identity, generator)
 
     def forward(self) -> torch.Tensor:
         return (self.rot_U() * self.S) @ self.rot_V().t()  # R_U diag(S) R_Vᵀ, (r, r)
 
-    def rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R_U, R_V)``."""
-        return self.rot_U(), self.rot_V()
-
     def orthogonality_penalty(self) -> torch.Tensor:
-        """``‖R_UᵀR_U − I‖² + ‖R_VᵀR_V − I‖²`` for ``way0``; zero for the exactly orthogonal ways."""
-        if self.method != "way0":
+        """``‖R_UᵀR_U − I‖² + ‖R_VᵀR_V − I‖²`` for ``penalty``; zero for the exactly orthogonal parametrisations."""
+        if self.method != "penalty":
             return self.S.new_zeros(())
         return self.rot_U.orthogonality_penalty() + self.rot_V.orthogonality_penalty()
 
 
-class TinyLoraCore(nn.Module):
-    """TinyLoRA's core ``R = Σᵢ vᵢ Pᵢ`` ``(r, r)``: ``v`` ``(u,)`` is shared (the same Parameter in many layers),
-    ``P`` ``(u, r, r)`` is fixed."""
 
-    def __init__(self, v: nn.Parameter, P: torch.Tensor, seed: int = 0) -> None:
-        super().__init__()
-        self.v = v
-        self.register_buffer("P", P)
-        self.seed = int(seed)  # the seed P was drawn with, recorded in tiny_lora_v.pt
+# --- injection ------------------------------------------------------------------------------------------------
+def inject(model: nn.Module, config: RotationalPiSSAConfig, adapter_name: str = "default",
+           calibration_batches=None) -> dict[str, LoraLinear]:
+    """:func:`~lispetorch.inject` for :class:`~lispetorch.RotationalPiSSAConfig`."""
+    dtype = parse_dtype(config.dtype)
+    chosen = select_for_new_adapter(model, config, adapter_name)
+    check_layers(chosen, config.r, "Rotational PiSSA")
+    s = config.scaling
+    generator = torch.Generator().manual_seed(0)
+    plans = {}
+    for name, module in chosen.items():
+        w = base_weight(module)
+        U, S, Vh = ops.svd_factors(w, config.r)
+        if config.quantize_base_components:  # U_r and V_r through NF4 (the residual absorbs the rounding)
+            U, Vh = NF4Weight(U).dequantize(), NF4Weight(Vh).dequantize()
+        core = RotationalCore(S / s, config.method, config.skew_rank, config.init_identity,
+                              config.freeze_singular_values, generator, config.orthogonality_reg_weight).to(w.device)
+        plans[name] = AdapterPlan(Vh.to(dtype or w.dtype), U.to(dtype or w.dtype), config.lora_alpha, config.dropout,
+                            R_fn=core, frozen=("A", "B"), offset=True)
+    layers = install(model, chosen, plans, adapter_name)
+    if config.quantize_residual:
+        quantize_nf4(model, exact_targets(layers))
+    return layers
 
-    def forward(self) -> torch.Tensor:
-        return torch.einsum("u,uij->ij", self.v, self.P)
+
+def orthogonality_loss(model: nn.Module, adapter_name: str | None = None, weight: float | None = None) -> torch.Tensor:
+    """Rotational PiSSA's ``penalty`` (``way0``) term ``λ Σ_layers (‖R_UᵀR_U − I‖² + ‖R_VᵀR_V − I‖²)``, differentiable.
+
+    Args:
+        model (nn.Module): a model with a Rotational PiSSA adapter.
+        adapter_name (str | None): the adapter; the active one when None.
+        weight (float | None): λ; the one the adapter was injected with when None.
+
+    Returns:
+        Tensor: a scalar (zero for ``givens``, ``cayley`` and ``exp``, whose rotations are exactly orthogonal).
+
+    Raises:
+        AdapterStateError: the adapter is not a Rotational PiSSA adapter.
+    """
+    name = adapter_name or active_adapter(model)
+    total, lam = None, weight
+    for layer in adapter_layers(model).values():
+        core = layer.lora_R_fn[name] if name in layer.lora_R_fn else None
+        if isinstance(core, RotationalCore):
+            pen = core.orthogonality_penalty()
+            total = pen if total is None else total + pen
+            lam = core.reg_weight if lam is None else lam
+    if total is None:
+        raise AdapterStateError(f"adapter {name!r} is not a Rotational PiSSA adapter")
+    return lam * total

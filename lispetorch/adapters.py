@@ -1,0 +1,264 @@
+"""Adapters in a whole model: install them (the one path every method and loader takes), find, switch, enable,
+merge and delete them, count their memory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import AdapterStateError, merged_error
+from .hf import weight_out_in
+from .layer import LoraLinear, base_of
+from .nf4 import NF4Linear
+from .targets import match_modules, replace_module
+
+
+# --- installing ------------------------------------------------------------------------------------------------
+@dataclass
+class AdapterPlan:
+    """The factors and settings of one adapter on one layer, computed before the model changes.
+
+    ``offset``: the base becomes ``W − s·B R A`` (from the factors as installed), as SVD inits need.
+    """
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    R: torch.Tensor | None = None  # (r, r)
+    R_fn: nn.Module | None = None  # returns R (r, r) at every forward
+    frozen: tuple[str, ...] = ()
+    offset: bool = False
+
+
+def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
+    """The modules ``config`` targets; an error if any of them already holds an adapter named ``adapter_name``."""
+    chosen = match_modules(model, config.target_modules, config.exclude_modules)
+    twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
+    if twice:
+        raise AdapterStateError(
+            f"adapter {adapter_name!r} is already injected into {len(twice)} of the targeted layers (e.g. "
+            f"{twice[0]!r}); use another adapter name, or delete_adapter first"
+        )
+    return chosen
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen weight under ``module`` (adapted or not) as ``(out, in)``."""
+    return weight_out_in(base_of(module))
+
+
+def check_layers(chosen: dict[str, nn.Module], r: int, what: str, rank_factor: int = 1,
+                 changes_base: bool = True) -> None:
+    """Checks, before anything changes, that a method whose factors come from the weights (an SVD) fits the
+    chosen layers: a floating-point, unmerged, unquantised (where the base changes) weight of at least
+    ``rank_factor · r`` rows and columns.
+
+    Raises:
+        AdapterStateError: a merged layer, or a quantised base the method would change. TypeError: an integer
+            weight. ValueError: a rank that does not fit (names the layer and its shape).
+    """
+    for name, module in chosen.items():
+        layer = base_of(module)
+        if changes_base and isinstance(layer, NF4Linear):
+            raise AdapterStateError(f"{what} changes the base weight, but {name!r} is quantised: inject it first, "
+                                    "then quantize_nf4 (the residual is what gets quantised)")
+        w = weight_out_in(layer)
+        if not w.is_floating_point():
+            raise TypeError(f"{what} needs a floating-point weight, but {name!r} holds {w.dtype}")
+        if isinstance(module, LoraLinear) and module.merged:
+            raise merged_error(module.merged_adapter, name, f"unmerge before {what}")
+        if rank_factor * r > min(w.shape):
+            need = f"{rank_factor}·r = {rank_factor * r}" if rank_factor > 1 else f"r = {r}"
+            raise ValueError(f"{what}: {need} exceeds min(out, in) = {min(w.shape)} of {name!r} "
+                             f"(weight {tuple(w.shape)})")
+
+
+def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, AdapterPlan], adapter_name: str,
+            replace: bool = False) -> dict[str, LoraLinear]:
+    """Changes the model: wraps the chosen layers, installs each plan's factors as adapter ``adapter_name``,
+    takes the base offsets out, freezes everything else and activates the adapter. Every method and every
+    loader ends here; call it only once every plan is computed and checked.
+
+    Args:
+        chosen (dict[str, nn.Module]): the layers by module name (plain or already adapted).
+        plans (dict[str, AdapterPlan]): a plan for each of them.
+        replace (bool): an adapter of that name already in the model is replaced, and removed from the layers
+            not chosen. Default False.
+
+    Returns:
+        dict[str, LoraLinear]: the layers holding the adapter, by module name.
+    """
+    if replace:
+        for name, layer in adapter_layers(model).items():
+            if adapter_name in layer.lora_A and name not in chosen:
+                layer.delete_adapter(adapter_name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: dict[str, LoraLinear] = {}
+    for name, module in chosen.items():
+        plan = plans[name]
+        layer = module if isinstance(module, LoraLinear) else LoraLinear(module)
+        if replace and adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+        layer.set_factors(adapter_name, plan.A, plan.B, alpha=plan.alpha, dropout=plan.dropout,
+                          use_rslora=plan.use_rslora, R=plan.R, R_fn=plan.R_fn, frozen=plan.frozen)
+        if plan.offset:
+            layer.set_base_offset(adapter_name)
+        if layer is not module:
+            replace_module(model, name, layer)
+        layers[name] = layer
+    set_adapter(model, adapter_name)
+    return layers
+
+
+# --- finding ---------------------------------------------------------------------------------------------------
+def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The adapted layers of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present in ``model``, in order of first appearance."""
+    names: dict[str, None] = {}
+    for layer in adapter_layers(model).values():
+        names.update(dict.fromkeys(layer.lora_A.keys()))
+    return list(names)
+
+
+def layers_or_raise(model: nn.Module) -> dict[str, LoraLinear]:
+    """:func:`adapter_layers`, or an :class:`~lispetorch.AdapterStateError` when there are none."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise AdapterStateError("the model has no adapters: call lispetorch.inject or load_adapter first")
+    return layers
+
+
+def layers_holding(model: nn.Module, adapter_name: str | None = None) -> tuple[str, dict[str, LoraLinear]]:
+    """``(name, layers)``: the adapter ``adapter_name`` (the active one when None) and the layers holding it.
+
+    Raises:
+        AdapterStateError: no such adapter (the message lists those present).
+    """
+    layers = layers_or_raise(model)
+    name = adapter_name if adapter_name is not None else active_adapter(model)
+    holding = {n: layer for n, layer in layers.items() if name in layer.lora_A}
+    if not holding:
+        raise AdapterStateError(f"no adapter named {name!r} in the model; it has {adapter_names(model)}")
+    return name, holding
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name (None without adapters)."""
+    for layer in adapter_layers(model).values():
+        if layer.active_adapter is not None:
+            return layer.active_adapter
+    return None
+
+
+# --- switching, deleting -----------------------------------------------------------------------------------------
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Makes ``adapter_name`` the active adapter; only its factors train.
+
+    Raises:
+        AdapterStateError: no layer holds that adapter (the message lists the adapters present), or another
+            adapter is merged.
+    """
+    layers = layers_or_raise(model)
+    if not any(adapter_name in layer.lora_A for layer in layers.values()):
+        raise AdapterStateError(f"no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    merged = {layer.merged_adapter for layer in layers.values()} - {None, adapter_name}
+    if merged:
+        raise merged_error(sorted(merged)[0], then="unmerge before switching adapters")
+    for layer in layers.values():
+        layer.active_adapter = adapter_name if adapter_name in layer.lora_A else None
+        for name in layer.lora_A:
+            layer.set_trainable(name, name == adapter_name)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Removes ``adapter_name`` from every layer; layers left without adapters get their base layer back."""
+    layers = layers_or_raise(model)
+    if not any(adapter_name in layer.lora_A for layer in layers.values()):
+        raise AdapterStateError(f"no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    for name, layer in layers.items():
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+            if not layer.lora_A:
+                replace_module(model, name, layer.base_layer)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train: after :func:`~lispetorch.inject`, the active adapter's factors and nothing else."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- merging, enabling -----------------------------------------------------------------------------------------
+def merge(model: nn.Module, safe: bool = True) -> None:
+    """Folds the active adapter into the base weights (idempotent). ``safe`` refuses NaN/Inf results.
+
+    Unmerge is exact: each merged layer keeps 1 byte per weight element (plus rare exceptions) until then.
+    If a layer's merge fails, the layers merged before it are unmerged again, so the model is unchanged.
+    """
+    done = []
+    try:
+        for layer in layers_or_raise(model).values():
+            if not layer.merged:
+                layer.merge(safe=safe)
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Gives back the pre-merge base weights bit for bit (idempotent)."""
+    for layer in layers_or_raise(model).values():
+        layer.unmerge()
+
+
+def is_merged(model: nn.Module) -> bool:
+    """True when an adapter is merged into any layer."""
+    return any(layer.merged for layer in adapter_layers(model).values())
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Turns the adapters on or off without touching any weight (off: the base model's outputs)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    for layer in layers_or_raise(model).values():
+        layer.enabled = enabled
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: adapters off inside, each layer's previous state restored on exit (even on error)."""
+    layers = layers_or_raise(model)
+    before = {name: layer.enabled for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.enabled = False
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.enabled = before[name]
+
+
+def memory_usage(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (adapters and merge state included), each storage once."""
+    seen: set[tuple] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total

@@ -1,0 +1,49 @@
+"""``inject``: from a config to the method's module. Adding a method is one file in ``methods/``, one config
+class in :mod:`lispetorch.config`, and one line in :data:`INJECTORS`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import AdapterConfig, method_of, pissa_niter
+from .layer import LoraLinear
+from .methods import lora, lora_ga, pissa, rotational, tinylora
+
+# method name (lispetorch.config.METHODS) -> its inject(model, config, adapter_name, calibration_batches)
+INJECTORS = {
+    "lora": lora.inject,
+    "pissa": pissa.inject,
+    "lora_ga": lora_ga.inject,
+    "rotational_pissa": rotational.inject,
+    "tinylora": tinylora.inject,
+}
+
+
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+           calibration_batches=None) -> dict[str, LoraLinear]:
+    """Adapts the layers of ``model`` that ``config.target_modules`` selects, in place.
+
+    Every parameter of the model is frozen except the new adapter's trained factors, and it becomes the active
+    adapter. Every factor is computed and every input checked before the model changes.
+
+    Args:
+        model (nn.Module): any module; transformers models included.
+        config (LoraConfig | RotationalPiSSAConfig | TinyLoraConfig): the method and its rank, alpha, dropout,
+            targets, init (``LoraConfig.init`` ``"pissa"``, ``"pissa_niter_K"`` and ``"lora_ga"`` are SVD inits).
+        adapter_name (str): name of the adapter. Default ``"default"``.
+        calibration_batches (Iterable | None): for ``init="lora_ga"``: input_ids tensors or dicts of model inputs
+            whose averaged loss gradient initialises the adapter.
+
+    Returns:
+        dict[str, LoraLinear]: the adapted layers by module name.
+
+    Raises:
+        ValueError: no module matches. AdapterStateError: a matched layer already has an adapter of this name
+            (the model is left unchanged). TypeError: not an adapter config.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a LoraConfig, RotationalPiSSAConfig or TinyLoraConfig, got "
+                        f"{type(config).__name__}")
+    method = method_of(config)
+    injector = INJECTORS["pissa" if pissa_niter(method) is not None else method]
+    return injector(model, config, adapter_name, calibration_batches)

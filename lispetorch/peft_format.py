@@ -1,0 +1,174 @@
+"""PEFT's adapter files with no model in sight: file names, tensor keys, ``adapter_config.json`` fields.
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``; the tensors are keyed
+``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight`` ``(out, r)``. Per-module ranks
+and alphas that differ from the most common ones go to ``rank_pattern`` / ``alpha_pattern``, keyed by a regular
+expression that PEFT matches against a dotted suffix of the module name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .errors import AdapterFormatError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+# base_model.model.<module>.lora_A.weight; PEFT in memory also writes .lora_A.<adapter>.weight
+_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight")
+
+
+def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / √r`` for rank-stabilised LoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def peft_key(module: str, which: str) -> str:
+    """The PEFT key of a module's factor: ``base_model.model.<module>.lora_A.weight`` (``which``: lora_A, lora_B)."""
+    return f"{PREFIX}{module}.{which}.weight"
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """``(module, "lora_A" | "lora_B")`` of a PEFT LoRA key, with or without prefix and adapter name; else None."""
+    m = _KEY.fullmatch(key)
+    return None if m is None else (m.group(1), m.group(2))
+
+
+def exact_targets(modules) -> str:
+    """A regular expression that full-matches exactly the module names ``modules``."""
+    return "^(" + "|".join(re.escape(m) for m in sorted(modules)) + ")$"
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module name or a dotted suffix of it."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def most_common(values: dict):
+    """The most common of ``values``' values (the first seen among equals)."""
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def ranked_fields(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """``r``, ``lora_alpha`` (the most common) and ``rank_pattern``/``alpha_pattern`` (the modules that differ,
+    keyed by their escaped names) for per-module ranks and alphas."""
+    r, alpha = most_common(ranks), most_common(alphas)
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
+    }
+
+
+def lora_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: dict[str, float], use_rslora: bool,
+                fan_in_fan_out: bool, target_modules: list[str] | str, base_model: str | None = None,
+                task_type: str | None = None) -> dict:
+    """The ``adapter_config.json`` PEFT writes for a LoRA with these per-module ranks, alphas and dropouts."""
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model or None,
+        "revision": None,
+        "inference_mode": True,
+        **ranked_fields(ranks, alphas),
+        "lora_dropout": most_common(dropouts),
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+# --- write ---------------------------------------------------------------------------------------------------
+def write_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """``adapter_model.safetensors`` (``tensors`` under PEFT keys) and ``adapter_config.json`` (``config``) in
+    ``directory``, which the caller writes atomically as a whole (see :func:`write_directory`)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_directory(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """:func:`write_files` into ``directory`` as a whole, atomically: a crash leaves the previous one or none."""
+    directory = Path(directory)
+    with atomic.directory(directory) as tmp:
+        write_files(tmp, tensors, config)
+    return directory
+
+
+# --- read ----------------------------------------------------------------------------------------------------
+def read_config(directory: str | os.PathLike) -> dict:
+    """Reads ``adapter_config.json``; errors name the file (and the line, for JSON syntax)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: missing (an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise AdapterFormatError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"{path}: peft_type is {peft_type!r}; only LORA adapters can be loaded")
+    if config.get("use_dora"):
+        raise AdapterFormatError(f"{path}: DoRA adapters (use_dora) are not supported")
+    for key in ("r", "lora_alpha"):
+        if key in config and (not isinstance(config[key], (int, float)) or config[key] <= 0):
+            raise AdapterFormatError(f"{path}: {key} must be a positive number, got {config[key]!r}")
+    return config
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads the adapter tensors (safetensors; a legacy ``.bin`` with ``weights_only``); errors name the file."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+            raise AdapterFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdapterFormatError(f"{legacy}: not a readable weights file ({e})") from None
+    raise AdapterFormatError(f"{path}: missing (an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+
+
+def module_ranks(config: dict, module: str, found_rank: int) -> tuple[int, float]:
+    """The rank and alpha ``config`` gives ``module`` (its patterns, else ``r``/``lora_alpha``; PEFT's defaults
+    of the found rank and 8 where absent)."""
+    rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", found_rank))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    return rank, float(alpha)
