@@ -42,7 +42,9 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
+# lint-imports: the package's layers (the contract in pyproject.toml) before anything else.
 test: build
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: build

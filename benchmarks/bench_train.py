@@ -40,9 +40,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lispetorch as lt
 from lispetorch import default_model
+from lispetorch.schedule import make_scheduler
 from lispetorch.train import data as data_mod
 from lispetorch.train.engine import loss_sum
-from lispetorch.train.schedule import make_scheduler
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 

@@ -8,11 +8,13 @@ trace them. Users call these functions, never ``torch.ops.lispetorch`` directly.
 from __future__ import annotations
 
 import functools
+import importlib
 import operator
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that registers the operators)
+# The compiled extension: loading it loads the library that registers the operators.
+_C = importlib.import_module(f"{__package__}._C")
 
 _ops = torch.ops.lispetorch
 
@@ -321,13 +323,16 @@ def _(x, packed, absmax, out_features, blocksize, bias, lora_A, lora_B, lora_R, 
 def _nf4_setup_context(ctx, inputs, output):
     x, packed, absmax, out_features, blocksize, bias, A, B, R, scale, dropout, seed = inputs
     keep_x = A.requires_grad or (R is not None and R.requires_grad)
-    ctx.save_for_backward(x if keep_x else None, packed, absmax, A, B, R, output[1])
+    ctx.save_for_backward(x if keep_x else None, A, B, R, output[1])
+    # The frozen NF4 storage is held by its layer anyway: referenced, not saved as an activation.
+    ctx.storage = (packed, absmax)
     ctx.in_features, ctx.args = x.shape[-1], (out_features, blocksize, scale, dropout, seed)
     ctx.mark_non_differentiable(output[1])
 
 
 def _nf4_backward(ctx, grad, _grad_hr):
-    x, packed, absmax, A, B, R, hr = ctx.saved_tensors
+    x, A, B, R, hr = ctx.saved_tensors
+    packed, absmax = ctx.storage
     out_features, blocksize, scale, dropout, seed = ctx.args
     need_x, need_A, need_B, need_R = (ctx.needs_input_grad[i] for i in (0, 6, 7, 8))
     mask = [need_x, False, False, need_A, need_B, R is not None and need_R]

@@ -11,7 +11,7 @@ from conftest import load, logits
 from torch import nn
 
 import lispetorch as lt
-from lispetorch.layer import weight_out_in
+from lispetorch.hf import weight_out_in
 
 
 def _train(model, ids, steps=3, lr=1e-2, extra=None):
@@ -321,7 +321,7 @@ def test_rotational_way0_penalty_value_and_gradient(model_dirs):
 
 
 def test_cayley_is_exactly_orthogonal_where_first_order_is_not():
-    from lispetorch.methods.cores import CayleyRotation
+    from lispetorch.methods.rotational import CayleyRotation
 
     rot = CayleyRotation(6, 2, torch.Generator().manual_seed(0), identity=False)
     with torch.no_grad():
@@ -442,7 +442,7 @@ def test_method_config_by_name(model_dirs, input_ids):
 
 @pytest.mark.parametrize("r", [1, 2, 5, 8])
 def test_givens_product_matches_sequential_rotations(r):
-    from lispetorch.methods.cores import GivensRotation, _round_robin
+    from lispetorch.methods.rotational import GivensRotation, _round_robin
 
     angles = torch.randn(r * (r - 1) // 2, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
     rot = GivensRotation(r, angles)

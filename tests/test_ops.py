@@ -219,3 +219,43 @@ def test_delta_and_merge_with_R():
 
 def test_public_names():
     assert callable(lt.ops.lora_linear) and lt.LoraConfig().r == 8
+
+
+def test_opcheck_merge_and_unmerge():
+    _, W, _, A, B, R = make(out=12, r=4)
+    A, B, R = A.detach(), B.detach(), R.detach()
+    torch.library.opcheck(torch.ops.lispetorch.lora_merge_.default, (W.clone(), A, B, R, 0.5, True))
+    merged = W.clone()
+    distance, index, values = ops.lora_merge_(merged, A, B, R, 0.5)
+    torch.library.opcheck(torch.ops.lispetorch.lora_unmerge_.default,
+                          (merged.clone(), A, B, R, 0.5, distance, index, values))
+    torch.library.opcheck(torch.ops.lispetorch.lora_unmerge_.default, (merged.clone(), A, B, None, 0.5, None, None,
+                                                                         None))
+
+
+def _nf4_inputs(with_R=True, bias=True):
+    x, W, b, A, B, R = make((2, 3, 64), out=48, r=4, bias=bias, with_R=with_R)
+    packed, absmax = ops.nf4_quantize(W, 64)
+    W_q = ops.nf4_dequantize(packed, absmax, W.numel(), 64, W.dtype).view_as(W)  # the weight the op computes with
+    return x, W_q, b, A, B, R, packed, absmax
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("with_R", [True, False])
+def test_nf4_lora_linear_matches_the_operator_over_the_dequantised_weight(p, with_R):
+    x, W_q, b, A, B, R, packed, absmax = _nf4_inputs(with_R=with_R)
+    leaves = [t for t in (x, A, B, R) if t is not None]
+    y = ops.nf4_lora_linear(x, packed, absmax, 48, 64, b, A, B, R, 0.7, p, 11)
+    y_ref = ops.lora_linear(x, W_q, b, A, B, R, 0.7, p, 11)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_opcheck_nf4_lora_linear(p):
+    x, _, b, A, B, R, packed, absmax = _nf4_inputs()
+    op = torch.ops.lispetorch.nf4_lora_linear.default
+    torch.library.opcheck(op, (x, packed, absmax, 48, 64, b, A, B, R, 0.5, p, 7))
+    torch.library.opcheck(op, (x, packed, absmax, 48, 64, None, A, B, None, 2.0, p, 7))

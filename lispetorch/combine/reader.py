@@ -33,7 +33,6 @@ from ..errors import AdapterFormatError
 from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
 
 
-
 @dataclass
 class ModuleFactors:
     """Where one module's factors are in a checkpoint, and its shapes and scaling."""

@@ -16,7 +16,7 @@ Examples::
 "
 
 (import torch
-        lispetorch.train.schedule [make-scheduler SCHEDULER-TYPES]
+        lispetorch.schedule [make-scheduler SCHEDULER-TYPES]
         lispetorch.lisp.checks [primitive fail describe check-number check-bool check-tensor check-dict
                                 check-module check-string])
 

@@ -96,7 +96,8 @@ class GivensRotation(nn.Module):
 
 
 class CayleyRotation(nn.Module):
-    """``cayley`` (``way2``): ``Q = (I − K)⁻¹ (I + K)`` with the low-rank skew-symmetric ``K = X Yᵀ − Y Xᵀ``, exactly orthogonal.
+    """``cayley`` (``way2``): ``Q = (I − K)⁻¹ (I + K)`` with the low-rank skew-symmetric ``K = X Yᵀ − Y Xᵀ``,
+    exactly orthogonal.
 
     ``X`` starts at zero and ``Y`` small and random, so ``Q = I`` at init and the gradient for ``X`` is non-zero.
     """
@@ -169,6 +170,10 @@ class RotationalCore(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return (self.rot_U() * self.S) @ self.rot_V().t()  # R_U diag(S) R_Vᵀ, (r, r)
+
+    def rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R_U, R_V)``, each ``(r, r)``."""
+        return self.rot_U(), self.rot_V()
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``‖R_UᵀR_U − I‖² + ‖R_VᵀR_V − I‖²`` for ``penalty``; zero for the exactly orthogonal parametrisations."""

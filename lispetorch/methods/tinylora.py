@@ -32,7 +32,8 @@ from ..adapters import (
 )
 from ..config import TinyLoraConfig
 from ..errors import AdapterFormatError, AdapterStateError, ConfigError, TinyLoraFormatError
-from ..hf import model_id, parse_dtype
+from ..hf import model_id as model_id_of
+from ..hf import parse_dtype
 from ..layer import LoraLinear
 from ..targets import match_modules
 
@@ -130,7 +131,7 @@ def save_tinylora(model: nn.Module, path: str | os.PathLike, adapter_name: str |
         "u_value": int(first.P.shape[0]),
         "rank": int(first.P.shape[1]),
         "seed": int(first.seed),
-        "model_id": model_id if model_id is not None else model_id(model),
+        "model_id": model_id if model_id is not None else model_id_of(model),
         "total_replaced_layers": len(cores),
     }
     buffer = io.BytesIO()
@@ -182,9 +183,9 @@ def restore_tinylora(model: nn.Module, path: str | os.PathLike, target_modules: 
     u, rank, seed, count = state["u_value"], state["rank"], state["seed"], state["total_replaced_layers"]
     v = state["global_v"]
     groups = 1 if v.dim() == 1 else v.shape[0]
-    if state["model_id"] and model_id(model) and state["model_id"] != model_id(model):
+    if state["model_id"] and model_id_of(model) and state["model_id"] != model_id_of(model):
         warnings.warn(f"{path} was written for model_id {state['model_id']!r}, the model is "
-                      f"{model_id(model)!r}", stacklevel=2)
+                      f"{model_id_of(model)!r}", stacklevel=2)
     cores = tinylora_cores(model, adapter_name)
     if cores:
         first = next(iter(cores.values()))
@@ -203,7 +204,8 @@ def restore_tinylora(model: nn.Module, path: str | os.PathLike, target_modules: 
                             exclude_modules=exclude_modules)
     chosen = match_modules(model, config.target_modules, config.exclude_modules)
     if len(chosen) != count:
-        raise AdapterFormatError(f"{path} was written for {count} replaced layers (model_id {state['model_id']!r}), but "
-                         f"target_modules {target_modules!r} selects {len(chosen)} layers of this model "
-                         f"({model_id(model)!r}); pass the target_modules used in training")
+        raise AdapterFormatError(f"{path} was written for {count} replaced layers (model_id "
+                                 f"{state['model_id']!r}), but target_modules {target_modules!r} selects "
+                                 f"{len(chosen)} layers of this model ({model_id_of(model)!r}); pass the "
+                                 "target_modules used in training")
     return inject(model, config, adapter_name, v=v)

@@ -8,10 +8,10 @@
 
 from ..devices import available_devices, resolve_device
 from ..errors import ConfigError, DataError
+from ..schedule import SCHEDULER_TYPES, lr_at, make_scheduler
 from .config import LoraSection, TrainConfig
 from .data import Dataset, load_dataset, read_documents
 from .engine import Trainer, TrainResult, checkpoints, train
-from ..schedule import SCHEDULER_TYPES, lr_at, make_scheduler
 
 __all__ = [
     "SCHEDULER_TYPES",

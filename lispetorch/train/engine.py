@@ -26,9 +26,9 @@ from ..hf import DTYPES
 from ..methods import orthogonality_loss
 from ..peft_format import PREFIX, write_files
 from ..peft_io import export
+from ..schedule import make_scheduler
 from . import data as data_mod
 from .config import TrainConfig
-from ..schedule import make_scheduler
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 INFO_NAME = "training_info.json"
