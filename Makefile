@@ -1,5 +1,6 @@
-# make test   — create/reuse .venv, install torch and the dependencies, build the extension, run the tests
+# make test   — create/reuse .venv, install torch and the dependencies, build the extension and the docs, run the tests
 # make demo   — the same setup, then run the main job (examples/lora_training.hy; builds the default model once)
+# make docs   — the same setup, then build the documentation (docs/, mkdocs.yml) into build/site/, strictly
 # Override the torch requirement for another platform, e.g. `make test TORCH_SPEC="torch==2.13.0+cu128"`.
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ BUILD_STAMP := $(VENV)/.build.stamp
 SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt cmake/lispetorchConfig.cmake pyproject.toml \
 	$(wildcard lispetorch/*/__init__.py lispetorch/*/*/__init__.py)
 
-.PHONY: all build test demo bench clean
+.PHONY: all build test demo bench docs clean
 
 all: build
 
@@ -37,15 +38,23 @@ $(DEPS_STAMP): pyproject.toml | $(BIN)/python
 
 # Editable install with a persistent build directory (build/): rebuilds are incremental.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,docs]"
 	touch $@
 
 build: $(BUILD_STAMP)
 
 # lint-imports: the package's layers (the contract in pyproject.toml) before anything else.
-test: build
+test: build docs
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Strict: any warning (a broken link or anchor, an API name that no longer resolves) fails the build. Not --quiet,
+# which hides the warnings and with them the failure. The API pages are read from the sources, not imported. Then
+# the README's links into docs/, which MkDocs does not see.
+docs: build
+	$(BIN)/mkdocs build --strict
+	@for f in $$(grep -o '](docs/[^)#]*' README.md | cut -c3-); do \
+		test -f "$$f" || { echo "README.md: no such file: $$f" >&2; exit 1; }; done
 
 demo: build
 	$(BIN)/lispetorch run examples/lora_training.hy
