@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def configure(parser) -> None:
-    parser.add_argument("config", help="a YAML training config (the LispeTorch guide's keys; see the README)")
+    parser.add_argument("config", help="a YAML training config (the LispeTorch guide's keys; see docs/training.md)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
