@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AdapterStateError, merged_error
+from .errors import AdapterStateError, ConfigError, merged_error
 from .hf import weight_out_in
 from .layer import LoraLinear, base_of
 from .nf4 import NF4Linear
@@ -75,8 +75,8 @@ def check_layers(chosen: dict[str, nn.Module], r: int, what: str, rank_factor: i
             raise merged_error(module.merged_adapter, name, f"unmerge before {what}")
         if rank_factor * r > min(w.shape):
             need = f"{rank_factor}·r = {rank_factor * r}" if rank_factor > 1 else f"r = {r}"
-            raise ValueError(f"{what}: {need} exceeds min(out, in) = {min(w.shape)} of {name!r} "
-                             f"(weight {tuple(w.shape)})")
+            raise ConfigError(f"{what}: {need} exceeds min(out, in) = {min(w.shape)} of {name!r} "
+                              f"(weight {tuple(w.shape)})")
 
 
 def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, AdapterPlan], adapter_name: str,

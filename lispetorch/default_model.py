@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .errors import DataError
 from .schedule import make_scheduler
 
 CACHE_ENV = "LISPETORCH_CACHE"
@@ -213,8 +214,8 @@ def build(directory: str | os.PathLike, spec: ModelSpec = DEFAULT, progress: boo
                                                                    "total_steps": spec.steps, "min_lr": 0.0})
     n_windows = (train_tokens.numel() - 1) // spec.seq_len
     if n_windows < spec.batch_size:
-        raise ValueError(f"the corpus gives {n_windows} training windows of {spec.seq_len} tokens; "
-                         f"{spec.batch_size} are needed for one batch")
+        raise DataError(f"the corpus gives {n_windows} training windows of {spec.seq_len} tokens; "
+                        f"{spec.batch_size} are needed for one batch")
     windows = train_tokens[: n_windows * spec.seq_len + 1]
     gen = torch.Generator().manual_seed(spec.seed)
     bar = _progress(spec.steps, f"building the default model {spec.name} (once)", progress)

@@ -28,8 +28,12 @@ class AdapterStateError(LispetorchError, RuntimeError, ValueError):
     """An operation the adapters' current state forbids (an adapter is merged, absent, or of another kind)."""
 
 
+class ShapeError(LispetorchError, ValueError):
+    """Tensors whose shapes do not fit each other or the model: the message names them and both shapes."""
+
+
 class DataError(LispetorchError, ValueError):
-    """Training data that cannot be read: the message names the file (and line)."""
+    """Data that cannot be used (training text, calibration batches): the message names the file (and line)."""
 
 
 def merged_error(name: str, layer: str | None = None, then: str = "unmerge it first") -> AdapterStateError:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .errors import AdapterStateError, merged_error
+from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
 from .hf import is_conv1d, is_dense_linear, weight_out_in
 from .nf4 import NF4Linear
 from .peft_format import scaling
@@ -218,17 +218,17 @@ class LoraLinear(nn.Module):
             raise merged_error(name)
         r = A.shape[0]
         if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
-            raise ValueError(
+            raise ShapeError(
                 f"adapter {name!r}: expected A ({r}, {self.in_features}) and B ({self.out_features}, {r}), "
                 f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
             )
         if R is not None and R_fn is not None:
-            raise ValueError(f"adapter {name!r}: give R or R_fn, not both")
+            raise ConfigError(f"adapter {name!r}: give R or R_fn, not both")
         if R is not None and R.shape != (r, r):
-            raise ValueError(f"adapter {name!r}: expected R ({r}, {r}), got {tuple(R.shape)}")
+            raise ShapeError(f"adapter {name!r}: expected R ({r}, {r}), got {tuple(R.shape)}")
         unknown = set(frozen) - set(FACTORS)
         if unknown:
-            raise ValueError(f"adapter {name!r}: frozen names factors {sorted(unknown)}; factors are A, B, R")
+            raise ConfigError(f"adapter {name!r}: frozen names factors {sorted(unknown)}; factors are A, B, R")
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         for container, value in ((self.lora_R, None if R is None else nn.Parameter(R)), (self.lora_R_fn, R_fn)):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .errors import ShapeError
 from .hf import weight_out_in
 
 BLOCKSIZE = 64
@@ -106,7 +107,7 @@ class NF4Linear(nn.Module):
                  double_quant: bool = False) -> None:
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+            raise ShapeError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.qweight = NF4Weight(weight, blocksize, double_quant)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterPlan, install, layers_holding
-from .errors import AdapterFormatError, AdapterStateError, merged_error
+from .errors import AdapterFormatError, AdapterStateError, ShapeError, merged_error
 from .hf import model_id, task_type, weight_out_in
 from .layer import LoraLinear, base_of
 from .peft_format import (
@@ -88,8 +88,8 @@ def export(model: nn.Module, adapter_name: str | None = None,
         if original_weights and name in layer.base_offset:
             off = layer.base_offset[name]
             if not math.isclose(off.scale, settings.scaling):
-                raise ValueError(f"{mod!r}: the base offset's scale {off.scale} differs from the adapter's "
-                                 f"{settings.scaling}")
+                raise AdapterStateError(f"{mod!r}: the base offset's scale {off.scale} differs from the adapter's "
+                                        f"{settings.scaling}")
             A = torch.cat([A, off.A.to(A.dtype)], dim=0)  # (2r, in)
             B = torch.cat([B, -_with_core(off.B, off.R).to(B.dtype)], dim=1)  # (out, 2r)
             r, alpha = 2 * r, alpha * (math.sqrt(2) if settings.use_rslora else 2)
@@ -99,10 +99,10 @@ def export(model: nn.Module, adapter_name: str | None = None,
         rslora.add(settings.use_rslora)
         fan.add(layer.fan_in_fan_out)
     if len(rslora) > 1:
-        raise ValueError(f"adapter {name!r} mixes rsLoRA and plain scaling across layers, which one PEFT config "
-                         "cannot hold")
+        raise AdapterStateError(f"adapter {name!r} mixes rsLoRA and plain scaling across layers, which one PEFT config "
+                                "cannot hold")
     if len(fan) > 1:
-        raise ValueError(f"adapter {name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
+        raise AdapterStateError(f"adapter {name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
     config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, _targets_for(list(holding), model),
                          base_model=model_id(model) or None, task_type=task_type(model))
     return tensors, config
@@ -203,10 +203,10 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0] if A.dim() == 2 else -1
         if A.dim() != 2 or A.shape[1] != in_f:
-            raise ValueError(f"{wpath}: {peft_key(name, 'lora_A')} has shape {tuple(A.shape)} but the model "
+            raise ShapeError(f"{wpath}: {peft_key(name, 'lora_A')} has shape {tuple(A.shape)} but the model "
                              f"needs ({r if r > 0 else 'r'}, {in_f})")
         if B.shape != (out_f, r):
-            raise ValueError(f"{wpath}: {peft_key(name, 'lora_B')} has shape {tuple(B.shape)} but the model "
+            raise ShapeError(f"{wpath}: {peft_key(name, 'lora_B')} has shape {tuple(B.shape)} but the model "
                              f"needs ({out_f}, {r})")
         if isinstance(base, nn.Linear) and fan_in_fan_out:
             raise AdapterFormatError(f"{directory / CONFIG_NAME}: fan_in_fan_out is true but {name!r} is nn.Linear")
@@ -214,7 +214,8 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
             raise merged_error(module.merged_adapter, name, "unmerge before loading")
         rank_cfg, alpha = module_ranks(config, name, r)
         if rank_cfg != r:
-            raise ValueError(f"{wpath}: {peft_key(name, 'lora_A')} has rank {r} but {CONFIG_NAME} says {rank_cfg}")
+            raise AdapterFormatError(f"{wpath}: {peft_key(name, 'lora_A')} has rank {r} but {CONFIG_NAME} says "
+                                     f"{rank_cfg}")
         chosen[name] = module
         plans[name] = AdapterPlan(A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), alpha, dropout,
                                   use_rslora)

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .errors import ConfigError
+
 SCHEDULER_TYPES = ("linear_warmup_cosine", "cosine", "linear", "exponential", "step", "constant")
 
 # LispE's defaults for the keys a config leaves out (initial_lr: the optimizer's own learning rate).
@@ -35,13 +37,13 @@ _KEYS = {"initial_lr": float, "min_lr": float, "total_steps": int, "warmup_steps
 
 def _check_config(scheduler_type: str, config: Mapping) -> dict:
     if scheduler_type not in SCHEDULER_TYPES:
-        raise ValueError(f"unknown scheduler type {scheduler_type!r}; choose one of {', '.join(SCHEDULER_TYPES)}")
+        raise ConfigError(f"unknown scheduler type {scheduler_type!r}; choose one of {', '.join(SCHEDULER_TYPES)}")
     if not isinstance(config, Mapping):
         raise TypeError(f"scheduler config must be a mapping, got {type(config).__name__}")
     out = dict(DEFAULTS)
     for key, value in config.items():
         if key not in _KEYS:
-            raise ValueError(f"unknown scheduler config key {key!r}; the keys are {', '.join(_KEYS)}")
+            raise ConfigError(f"unknown scheduler config key {key!r}; the keys are {', '.join(_KEYS)}")
         kind = _KEYS[key]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if kind is int:
@@ -52,15 +54,15 @@ def _check_config(scheduler_type: str, config: Mapping) -> dict:
         out[key] = kind(value)
     for key in ("total_steps", "warmup_steps"):
         if out[key] < 0:
-            raise ValueError(f"scheduler config key {key!r} must be ≥ 0, got {out[key]}")
+            raise ConfigError(f"scheduler config key {key!r} must be ≥ 0, got {out[key]}")
     if out["step_size"] < 1:
-        raise ValueError(f"scheduler config key 'step_size' must be ≥ 1, got {out['step_size']}")
+        raise ConfigError(f"scheduler config key 'step_size' must be ≥ 1, got {out['step_size']}")
     if out["min_lr"] < 0:
-        raise ValueError(f"scheduler config key 'min_lr' must be ≥ 0, got {out['min_lr']}")
+        raise ConfigError(f"scheduler config key 'min_lr' must be ≥ 0, got {out['min_lr']}")
     if out["gamma"] <= 0:
-        raise ValueError(f"scheduler config key 'gamma' must be > 0, got {out['gamma']}")
+        raise ConfigError(f"scheduler config key 'gamma' must be > 0, got {out['gamma']}")
     if "initial_lr" in out and out["initial_lr"] <= 0:
-        raise ValueError(f"scheduler config key 'initial_lr' must be > 0, got {out['initial_lr']}")
+        raise ConfigError(f"scheduler config key 'initial_lr' must be > 0, got {out['initial_lr']}")
     return out
 
 
@@ -68,7 +70,7 @@ def lr_at(scheduler_type: str, t: int, config: Mapping) -> float:
     """The learning rate after ``t`` scheduler steps (``config`` must contain ``initial_lr``)."""
     c = _check_config(scheduler_type, config)
     if "initial_lr" not in c:
-        raise ValueError("scheduler config needs 'initial_lr' to compute a learning rate")
+        raise ConfigError("scheduler config needs 'initial_lr' to compute a learning rate")
     return _lr(scheduler_type, t, c)
 
 
@@ -119,6 +121,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, config
             group.pop("initial_lr", None)
     base = optimizer.param_groups[0]["lr"] if optimizer.param_groups else 1.0
     if base <= 0:
-        raise ValueError(f"the optimizer's learning rate must be > 0 for a schedule, got {base}")
+        raise ConfigError(f"the optimizer's learning rate must be > 0 for a schedule, got {base}")
     c["initial_lr"] = c.get("initial_lr", base)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Multiplier(scheduler_type, c))

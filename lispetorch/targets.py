@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from .errors import AdapterStateError
+from .errors import AdapterStateError, ConfigError
 from .hf import output_head
 from .layer import LoraLinear, base_of, is_adaptable
 from .nf4 import BLOCKSIZE, NF4Linear
@@ -51,7 +51,7 @@ def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_mod
         chosen = {n: m for n, m in chosen.items() if not name_matches(n, exclude_modules)}
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        raise ValueError(
+        raise ConfigError(
             f"target_modules {target_modules!r} matches no adaptable module; the model's adaptable modules are "
             f"named {leaves} ({len(candidates)} in all)"
         )

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic, ops
+from ..errors import AdapterFormatError, ConfigError
 from ..peft_format import (
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
@@ -47,7 +48,7 @@ def weights_of(weights) -> dict[str, float]:
     if isinstance(weights, Mapping) and "global_weights" in weights:
         names = weights.get("checkpoint_names")
         if not isinstance(names, list) or len(names) != len(weights["global_weights"]):
-            raise ValueError("the optimization result has global_weights but no matching checkpoint_names")
+            raise AdapterFormatError("the optimization result has global_weights but no matching checkpoint_names")
         weights = dict(zip(names, weights["global_weights"], strict=True))
     if not isinstance(weights, Mapping) or not weights:
         raise TypeError(f"weights must be a non-empty mapping name -> weight or an optimize() result, got "
@@ -55,7 +56,7 @@ def weights_of(weights) -> dict[str, float]:
     out = {}
     for n, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"the weight of checkpoint {n!r} must be a finite number, got {w!r}")
+            raise ConfigError(f"the weight of checkpoint {n!r} must be a finite number, got {w!r}")
         out[str(n)] = float(w)
     return out
 
@@ -108,31 +109,31 @@ def build(
         FileExistsError: ``output_dir`` exists, is not empty and ``overwrite`` is False.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if rank is not None and mode != "svd":
-        raise ValueError(f"rank applies to mode 'svd' only (mode is {mode!r})")
+        raise ConfigError(f"rank applies to mode 'svd' only (mode is {mode!r})")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     cfg = load_config(config)
     wmap = weights_of(weights)
     names = cfg.select(list(wmap))
     names = [n for n in cfg.names if n in names]  # the list's order
     used = [n for n in names if wmap[n] != 0.0]
     if not used:
-        raise ValueError("every weight is 0: the combined adapter would be empty")
+        raise ConfigError("every weight is 0: the combined adapter would be empty")
     output_dir = Path(output_dir)
     verbose = cfg.verbose_paths if verbose is None else verbose
     opened = open_checkpoints(cfg, used, verbose=verbose, log=log)
     for e in cfg.checkpoints.values():
         if output_dir.resolve() == e.path.resolve():
-            raise ValueError(f"output_dir {output_dir} is checkpoint {e.name!r} of the list: refusing to "
-                             "overwrite an input")
+            raise ConfigError(f"output_dir {output_dir} is checkpoint {e.name!r} of the list: refusing to "
+                              "overwrite an input")
     template = Path(template) if template is not None else None
     if template is not None:
         if not template.is_dir():
             raise FileNotFoundError(f"template checkpoint {template} does not exist or is not a directory")
         if output_dir.resolve() == template.resolve():
-            raise ValueError(f"output_dir {output_dir} is the template: refusing to overwrite an input")
+            raise ConfigError(f"output_dir {output_dir} is the template: refusing to overwrite an input")
         base_config = read_config(template)
     else:
         base_config = dict(opened[0].config)
@@ -167,8 +168,8 @@ def build(
             else:
                 rs = {c.name: c.modules[m].rank for c in opened}
                 if len(set(rs.values())) > 1:
-                    raise ValueError(f"mode 'linear' needs equal ranks, but module {m!r} has ranks {rs}; use mode "
-                                     "'cat' (exact) or 'svd'")
+                    raise ConfigError(f"mode 'linear' needs equal ranks, but module {m!r} has ranks {rs}; use mode "
+                                      "'cat' (exact) or 'svd'")
                 f = first.modules[m]
                 out_scale = f.scale
                 A = sum(wi * a.double() for wi, a in zip(w, As, strict=True))  # (r, in)

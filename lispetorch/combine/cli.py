@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import AdapterFormatError, ConfigError
+
 STEPS = ("init-config", "extract", "organize", "optimize", "build", "all")
 
 
@@ -91,11 +93,11 @@ def _pairs(items, what, convert):
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ValueError(f"{what} must be NAME=VALUE, got {item!r}")
+            raise ConfigError(f"{what} must be NAME=VALUE, got {item!r}")
         try:
             out[name] = convert(value)
         except ValueError:
-            raise ValueError(f"{what} {item!r}: {value!r} is not a valid value") from None
+            raise ConfigError(f"{what} {item!r}: {value!r} is not a valid value") from None
     return out
 
 
@@ -156,7 +158,8 @@ def main(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 raise FileNotFoundError(f"results file {path} does not exist") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+                raise AdapterFormatError(
+                    f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
         else:
             weights = _pairs(args.weights, "--weights", float)
         s = build(args.config, weights, args.output, args.mode, args.rank, args.template, overwrite=args.overwrite,

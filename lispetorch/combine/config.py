@@ -77,16 +77,16 @@ class CombineConfig:
         names = list(names)
         unknown = [n for n in names if n not in self.checkpoints]
         if unknown:
-            raise ValueError(f"checkpoint(s) {', '.join(map(repr, unknown))} are not in {self.source} "
-                             f"(it lists {', '.join(self.names)})")
+            raise ConfigError(f"checkpoint(s) {', '.join(map(repr, unknown))} are not in {self.source} "
+                              f"(it lists {', '.join(self.names)})")
         if len(set(names)) != len(names):
-            raise ValueError(f"checkpoint names given more than once: {names}")
+            raise ConfigError(f"checkpoint names given more than once: {names}")
         return names
 
 
 def _flag(value, key: str, source: str) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{source}: settings.{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{source}: settings.{key} must be true or false, got {value!r}")
     return value
 
 
@@ -111,14 +111,14 @@ def load_config(config: str | os.PathLike | Mapping | CombineConfig) -> CombineC
                                 "`lispetorch combine init-config`)")
     data = yaml_io.load(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with a 'checkpoints' key, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping with a 'checkpoints' key, got {type(data).__name__}")
     return _parse(data, str(path), path.parent)
 
 
 def _parse(data: dict, source: str, base: Path) -> CombineConfig:
     entries = data.get("checkpoints")
     if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"{source}: 'checkpoints' must be a non-empty mapping name -> {{path, description}}")
+        raise ConfigError(f"{source}: 'checkpoints' must be a non-empty mapping name -> {{path, description}}")
     unknown = sorted(set(data) - {"checkpoints", "settings"}, key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; a checkpoint list has 'checkpoints' and "
@@ -126,12 +126,12 @@ def _parse(data: dict, source: str, base: Path) -> CombineConfig:
     checkpoints: dict[str, CheckpointEntry] = {}
     for name, entry in entries.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{source}: checkpoint names must be non-empty strings, got {name!r}")
+            raise ConfigError(f"{source}: checkpoint names must be non-empty strings, got {name!r}")
         if isinstance(entry, (str, os.PathLike)):
             entry = {"path": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), (str, os.PathLike)) \
                 or not str(entry["path"]):
-            raise ValueError(f"{source}: checkpoint {name!r} needs a 'path' (a string), got {entry!r}")
+            raise ConfigError(f"{source}: checkpoint {name!r} needs a 'path' (a string), got {entry!r}")
         path = Path(os.path.expanduser(str(entry["path"])))
         if not path.is_absolute():
             path = base / path
@@ -139,7 +139,7 @@ def _parse(data: dict, source: str, base: Path) -> CombineConfig:
         checkpoints[name] = CheckpointEntry(name, path, str(description))
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
-        raise ValueError(f"{source}: 'settings' must be a mapping, got {settings!r}")
+        raise ConfigError(f"{source}: 'settings' must be a mapping, got {settings!r}")
     unknown = sorted(set(settings) - {"verify_paths", "verbose_paths"}, key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; the settings are 'verify_paths' and "

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .. import ops
+from ..errors import ConfigError
 from .config import CombineConfig, load_config, verify_paths
 from .reader import Checkpoint, check_finite, common_modules, file_order, layer_of, open_checkpoint, stream
 from .solver import CONSTRAINTS, objective, solve
@@ -125,13 +126,13 @@ def optimize(
     """
     t_start = time.perf_counter()
     if constraint not in CONSTRAINTS:
-        raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        raise ConfigError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
     cfg = load_config(config)
     if not isinstance(target, str) or target not in cfg.checkpoints:
-        raise ValueError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")
+        raise ConfigError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")
     names = [n for n in cfg.select(checkpoints) if n != target]
     if not names:
-        raise ValueError(f"no checkpoint to combine: {cfg.source} lists only the target {target!r}")
+        raise ConfigError(f"no checkpoint to combine: {cfg.source} lists only the target {target!r}")
     verbose = cfg.verbose_paths if verbose is None else verbose
     opened = open_checkpoints(cfg, [*names, target], verbose=verbose, log=log)
     modules, dropped = common_modules(opened, on_mismatch)

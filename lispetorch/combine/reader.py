@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, ConfigError, ShapeError
 from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
 
 
@@ -124,7 +124,8 @@ def read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, Tensor
         for key, e in entries.items():
             width = _DTYPES[e.dtype].itemsize if e.dtype in _DTYPES else None
             if not base <= e.begin <= e.end <= size or (width and math.prod(e.shape) * width != e.end - e.begin):
-                raise ValueError(f"{key}: shape {list(e.shape)} of {e.dtype} in bytes [{e.begin}, {e.end}) of {size}")
+                raise AdapterFormatError(
+                    f"{key}: shape {list(e.shape)} of {e.dtype} in bytes [{e.begin}, {e.end}) of {size}")
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise AdapterFormatError(f"{bad} ({e})") from None
     return entries, size
@@ -202,11 +203,11 @@ def common_modules(checkpoints: list[Checkpoint], on_mismatch: str = "error") ->
             or checkpoints that disagree on ``fan_in_fan_out``.
     """
     if on_mismatch not in ("error", "intersect"):
-        raise ValueError(f"on_mismatch must be 'error' or 'intersect', got {on_mismatch!r}")
+        raise ConfigError(f"on_mismatch must be 'error' or 'intersect', got {on_mismatch!r}")
     fan = {c.name: c.fan_in_fan_out for c in checkpoints}
     if len(set(fan.values())) > 1:
-        raise ValueError(f"checkpoints disagree on fan_in_fan_out ({fan}): they were trained on different layer "
-                         "types and cannot be combined")
+        raise AdapterFormatError(f"checkpoints disagree on fan_in_fan_out ({fan}): they were trained on different "
+                                 "layer types and cannot be combined")
     sets = [set(c.modules) for c in checkpoints]
     common = set.intersection(*sets)
     union = set.union(*sets)
@@ -221,15 +222,16 @@ def common_modules(checkpoints: list[Checkpoint], on_mismatch: str = "error") ->
         detail = "; ".join(lines)
         if on_mismatch == "error" or not common:
             extra = "" if common else " (no module is adapted by all of them)"
-            raise ValueError(f"the checkpoints adapt different module sets{extra}: {detail}. Pass "
-                             "on_mismatch='intersect' (--intersect) to combine only the modules all of them adapt")
+            raise AdapterFormatError(f"the checkpoints adapt different module sets{extra}: {detail}. Pass "
+                                     "on_mismatch='intersect' (--intersect) to combine only the modules all of "
+                                     "them adapt")
         warnings.warn(f"combining only the {len(common)} modules all checkpoints adapt; dropped {len(dropped)}: "
                       f"{detail}", stacklevel=3)
     modules = sorted(common, key=natural_key)
     for m in modules:
         shapes = {c.name: (c.modules[m].out_features, c.modules[m].in_features) for c in checkpoints}
         if len(set(shapes.values())) > 1:
-            raise ValueError(f"module {m!r} has different shapes (out, in) across checkpoints: {shapes}")
+            raise ShapeError(f"module {m!r} has different shapes (out, in) across checkpoints: {shapes}")
     return modules, dropped
 
 
@@ -384,4 +386,4 @@ def check_finite(checkpoints: list[Checkpoint], module: str, As: list[torch.Tens
         for key, t in ((c.modules[module].key_A, A), (c.modules[module].key_B, B)):
             if not torch.isfinite(t).all():
                 n = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"checkpoint {c.name!r}: {c.weights_file}: {key} holds {n} NaN/Inf value(s)")
+                raise AdapterFormatError(f"checkpoint {c.name!r}: {c.weights_file}: {key} holds {n} NaN/Inf value(s)")

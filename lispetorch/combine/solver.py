@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import AdapterFormatError, ConfigError, ShapeError
+
 CONSTRAINTS = ("simplex", "nonnegative", "unconstrained")
 METHODS = {"simplex": "simplex_active_set", "nonnegative": "nonnegative_active_set",
            "unconstrained": "unconstrained_least_squares"}
@@ -41,10 +43,10 @@ def _check(G, b):
     G = np.asarray(G, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if G.ndim != 2 or G.shape[0] != G.shape[1] or b.shape != (G.shape[0],) or G.shape[0] == 0:
-        raise ValueError(f"the Gram matrix must be (k, k) and b (k,), got {G.shape} and {b.shape}")
+        raise ShapeError(f"the Gram matrix must be (k, k) and b (k,), got {G.shape} and {b.shape}")
     if not (np.isfinite(G).all() and np.isfinite(b).all()):
-        raise ValueError("the Gram matrix or the cross products hold NaN or Inf (a checkpoint holds non-finite "
-                         "values)")
+        raise AdapterFormatError("the Gram matrix or the cross products hold NaN or Inf (a checkpoint holds non-finite "
+                                 "values)")
     return (G + G.T) / 2.0, b
 
 
@@ -169,7 +171,7 @@ def solve(G, b, c: float = 0.0, constraint: str = "simplex", tol: float = 1e-9) 
         ValueError: an unknown constraint, shapes that do not fit, or non-finite input.
     """
     if constraint not in CONSTRAINTS:
-        raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        raise ConfigError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
     G, b = _check(G, b)
     if constraint == "unconstrained":
         w = np.linalg.lstsq(G, b, rcond=None)[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic, ops
+from ..errors import AdapterFormatError, ConfigError
 from .config import CombineConfig, load_config
 from .optimize import open_checkpoints, optimize
 from .reader import check_finite, layer_of, natural_key, stream
@@ -155,7 +156,7 @@ def organize(input_dir: str | os.PathLike, output_dir: str | os.PathLike | None 
             meta = json.loads(p.read_text(encoding="utf-8"))
             meta["files"], meta["name"], meta["modules"]  # noqa: B018  (the keys organize needs)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{p}: not an extraction metadata file ({e})") from None
+            raise AdapterFormatError(f"{p}: not an extraction metadata file ({e})") from None
         metas.append(meta)
     if not metas:
         raise FileNotFoundError(f"{src} holds no *_metadata.json (run `lispetorch combine extract` into it first)")
@@ -220,7 +221,7 @@ def run_all(
 
     cfg = load_config(config)
     if target not in cfg.checkpoints:
-        raise ValueError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")
+        raise ConfigError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")
     names = cfg.select(checkpoints)
     if target not in names:
         names = [*names, target]

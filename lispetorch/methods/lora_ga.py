@@ -14,7 +14,7 @@ from torch import nn
 
 from ..adapters import AdapterPlan, base_weight, check_layers, install, select_for_new_adapter
 from ..config import LoraConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..hf import is_conv1d, parse_dtype
 from ..layer import LoraLinear, base_of
 
@@ -32,7 +32,7 @@ def _batch_loss(model: nn.Module, batch) -> torch.Tensor:
     out = model(**kwargs)
     loss = out.loss if hasattr(out, "loss") else out["loss"]
     if loss is None:
-        raise ValueError("the model returned no loss for a calibration batch")
+        raise DataError("the model returned no loss for a calibration batch")
     return loss
 
 
@@ -66,7 +66,7 @@ def average_gradients(model: nn.Module, chosen: dict[str, nn.Module], batches: I
         for p, g in grads_before.items():
             p.grad = g
     if count == 0:
-        raise ValueError("LoRA-GA needs at least one calibration batch")
+        raise DataError("LoRA-GA needs at least one calibration batch")
     return {name: g / count for name, g in sums.items()}
 
 
