@@ -172,8 +172,7 @@ def load_adapter(
 def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):
     """The modules and the plans a PEFT adapter's tensors make, every tensor checked against the model."""
     wpath = directory / WEIGHTS_NAME
-    modules = dict(model.named_modules())
-    adaptable = adaptable_modules(model)
+    adaptable = adaptable_modules(model)  # by name: plain layers, or the adapters already wrapping them
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         parsed = parse_key(key)
@@ -196,7 +195,7 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
         if set(pair) != {"lora_A", "lora_B"}:
             missing = {"lora_A", "lora_B"} - set(pair)
             raise AdapterFormatError(f"{wpath}: module {name!r} lacks {missing.pop()}")
-        module = modules[name]
+        module = adaptable[name]
         base = base_of(module)
         w = weight_out_in(base)
         out_f, in_f = w.shape
