@@ -36,6 +36,7 @@ from .errors import (
     ConfigError,
     DataError,
     LispetorchError,
+    ShapeError,
     TinyLoraFormatError,
 )
 from .layer import LoraLinear
@@ -56,6 +57,7 @@ __all__ = [
     "LoraLinear",
     "NF4Linear",
     "RotationalPiSSAConfig",
+    "ShapeError",
     "TinyLoraConfig",
     "TinyLoraFormatError",
     "active_adapter",

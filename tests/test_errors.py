@@ -11,8 +11,8 @@ import lispetorch as lt
 
 
 def test_hierarchy():
-    for cls in (lt.ConfigError, lt.AdapterFormatError, lt.AdapterStateError, lt.DataError, lt.TinyLoraFormatError,
-                lt.train.ConfigError, lt.train.DataError):
+    for cls in (lt.ConfigError, lt.ShapeError, lt.AdapterFormatError, lt.AdapterStateError, lt.DataError,
+                lt.TinyLoraFormatError, lt.train.ConfigError, lt.train.DataError):
         assert issubclass(cls, lt.LispetorchError) and issubclass(cls, ValueError)
     assert issubclass(lt.AdapterStateError, RuntimeError)
     assert issubclass(lt.TinyLoraFormatError, lt.AdapterFormatError)
