@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from . import __version__
+
 # name -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lispetorch.train.cli", "train a LoRA adapter from a YAML config"),
@@ -36,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         args = parser.parse_args(argv)
         if args.version:
-            from . import __version__
-
             print(__version__)
             return 0
         parser.print_help()

@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 
 from ..errors import AdapterFormatError, ConfigError
+from .build import build
+from .config import write_default_config
+from .optimize import optimize
+from .steps import extract, organize, run_all, write_results
 
 STEPS = ("init-config", "extract", "organize", "optimize", "build", "all")
 
@@ -127,8 +131,6 @@ def _print_build(s: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from . import build, extract, optimize, organize, run_all, write_default_config, write_results
-
     on_mismatch = "intersect" if getattr(args, "intersect", False) else "error"
     if args.step == "init-config":
         pairs = _pairs(args.checkpoint, "--checkpoint", str) if args.checkpoint else None

@@ -17,6 +17,7 @@ import torch
 
 from .. import atomic, ops
 from ..errors import AdapterFormatError, ConfigError
+from .build import build
 from .config import CombineConfig, load_config
 from .optimize import open_checkpoints, optimize
 from .reader import check_finite, layer_of, natural_key, stream
@@ -217,8 +218,6 @@ def run_all(
 ) -> dict:
     """Extract and organize into ``work_dir``, optimize (``work_dir/combination_results.json``), then build into
     ``output_dir`` with the target checkpoint as template unless one is given. Returns the paths and results."""
-    from .build import build
-
     cfg = load_config(config)
     if target not in cfg.checkpoints:
         raise ConfigError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .engine import Trainer
+
 
 def configure(parser) -> None:
     parser.add_argument("config", help="a YAML training config (the LispeTorch guide's keys; see docs/training.md)")
@@ -11,8 +13,6 @@ def configure(parser) -> None:
 
 
 def main(args) -> int:
-    from .engine import Trainer
-
     trainer = Trainer(args.config, progress=not args.no_progress)
     try:
         result = trainer.train(resume=args.resume)

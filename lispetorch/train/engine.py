@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic
+from .. import atomic, default_model
 from ..adapters import adapter_layers, trainable_parameters
 from ..config import RotationalPiSSAConfig, method_of
 from ..devices import resolve_device
@@ -131,8 +131,6 @@ class Trainer:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             if model_path is None:
-                from .. import default_model
-
                 model_path = str(default_model.ensure(progress=self.progress))
             elif not Path(model_path).is_dir():
                 raise ConfigError(f"model {model_path!r} is not a directory (a Hugging Face model directory "
