@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -12,6 +14,7 @@ DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bf
           "half": torch.float16, "float64": torch.float64}
 
 
+@functools.cache  # asked at every adapted forward (weight_out_in)
 def conv1d_type():
     """transformers' GPT-2 ``Conv1D`` (weight stored ``(in, out)``), or None without transformers."""
     try:
