@@ -53,12 +53,12 @@ def resolve_device(name: str, strict: bool = True, who: str = "") -> torch.devic
         return torch.device(best_device())
     if name in devices:
         return torch.device(name)
-    if not strict and isinstance(name, str) and _ACCELERATOR.fullmatch(name):
+    if strict:
+        raise ConfigError(f"device {name!r} is not available here; available: {', '.join(devices)} (or auto)")
+    if isinstance(name, str) and _ACCELERATOR.fullmatch(name):
         best = best_device()
         if name not in _noticed:
             _noticed.add(name)
             print(f"{who + ': ' if who else ''}device {name!r} is not available here; using {best}", file=sys.stderr)
         return torch.device(best)
-    if strict:
-        raise ConfigError(f"device {name!r} is not available here; available: {', '.join(devices)} (or auto)")
     raise ConfigError(f"unknown device {name!r}; available here: {', '.join(devices)} (or auto)")
