@@ -15,7 +15,7 @@ from .config import CombineConfig, load_config, verify_paths, write_default_conf
 from .optimize import module_grams, optimize
 from .reader import Checkpoint, open_checkpoint
 from .solver import CONSTRAINTS, Solution, kkt, solve
-from .steps import extract, organize, run_all, write_results
+from .steps import extract, organize, run_all, summarize, write_results
 
 __all__ = [
     "CONSTRAINTS",
@@ -33,6 +33,7 @@ __all__ = [
     "organize",
     "run_all",
     "solve",
+    "summarize",
     "verify_paths",
     "weights_of",
     "write_default_config",

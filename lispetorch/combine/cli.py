@@ -5,10 +5,17 @@
     lispetorch combine organize --input-dir extracted [--output-dir extracted/organized_by_layer_module]
     lispetorch combine optimize --config checkpoints_config.yml --target concatenationTrained \\
         --output combination_results.json [--layerwise] [--constraint simplex|nonnegative|unconstrained]
+    lispetorch combine optimize --input-dir extracted/organized_by_layer_module --output-dir results
+    lispetorch combine summary  --results-file results/memory_efficient_global_results.json
     lispetorch combine build    --config checkpoints_config.yml --results combination_results.json \\
-        --output combined [--mode cat|svd|linear] [--rank R] [--template DIR]
+        --output combined [--template DIR] [--mode template|cat|svd|linear] [--rank R] [--layerwise module|layer]
+    lispetorch combine build    --extracted-dir extracted --results-file R.json --template-checkpoint DIR \\
+        --output-checkpoint combined
     lispetorch combine all      --config checkpoints_config.yml --target concatenationTrained \\
         --work-dir work --output combined
+
+Every ``--long-option`` is also accepted as the optimizer guide writes it, with underscores (``--input_dir``,
+``--output_dir``, ``--create_default_config``, ``--results_file``, ``--template_checkpoint``, …).
 """
 
 from __future__ import annotations
@@ -21,15 +28,27 @@ from ..errors import AdapterFormatError, ConfigError
 from .build import build
 from .config import write_default_config
 from .optimize import optimize
-from .steps import extract, organize, run_all, write_results
+from .steps import extract, organize, run_all, summarize, write_results
 
-STEPS = ("init-config", "extract", "organize", "optimize", "build", "all")
+STEPS = ("init-config", "extract", "organize", "optimize", "summary", "build", "all")
+RESULTS_NAME = "memory_efficient_global_results.json"
+_CONFIG_HELP = ("checkpoint list (YAML): checkpoints: {name: {path, description}}, settings: {verify_paths, "
+                "verbose_paths}")
+
+
+def _flag(*names: str) -> tuple[str, ...]:
+    """Each ``--long-name`` with its underscore spelling (the optimizer guide's) as an alias."""
+    out = []
+    for n in names:
+        out.append(n)
+        if "-" in n[2:]:
+            out.append("--" + n[2:].replace("-", "_"))
+    return tuple(out)
 
 
 def _common(p: argparse.ArgumentParser, config=True, checkpoints=True) -> None:
     if config:
-        p.add_argument("--config", required=True, help="checkpoint list (YAML): checkpoints: {name: {path, "
-                       "description}}, settings: {verify_paths, verbose_paths}")
+        p.add_argument("--config", required=True, help=_CONFIG_HELP)
     if checkpoints:
         p.add_argument("--checkpoints", nargs="+", metavar="NAME", help="use only these checkpoints of the list")
     p.add_argument("--verbose", action="store_true", default=None, help="explain path validation and progress")
@@ -42,7 +61,7 @@ def _mismatch(p):
 
 
 def _optimize_args(p):
-    p.add_argument("--target", required=True, help="name of the checkpoint to approximate")
+    p.add_argument("--target", help="name of the checkpoint to approximate (default: the last of the list)")
     p.add_argument("--layerwise", action="store_true", help="also solve per module and per layer")
     p.add_argument("--constraint", default="simplex", choices=("simplex", "nonnegative", "unconstrained"),
                    help="simplex: weights >= 0 summing to 1 (default)")
@@ -50,17 +69,25 @@ def _optimize_args(p):
 
 
 def _build_args(p, results=True):
-    p.add_argument("--output", required=True, help="the adapter directory to write")
-    p.add_argument("--mode", default="cat", choices=("cat", "svd", "linear"),
-                   help="cat: exact, rank = sum of ranks (default); svd: best rank-R approximation; linear: A and B "
-                        "averaged separately (approximation)")
+    p.add_argument(*_flag("--output", "--output-checkpoint"), dest="output", required=True,
+                   help="the adapter directory to write")
+    p.add_argument("--mode", choices=("template", "cat", "svd", "linear"),
+                   help="template: a drop-in for the template (its shapes, ranks and config; the best approximation "
+                        "at its ranks; the default with a template); cat: exact, rank = sum of ranks (the default "
+                        "without one); svd: best rank-R approximation; linear: A and B averaged separately "
+                        "(approximation)")
     p.add_argument("--rank", type=int, help="rank of --mode svd (default: the largest rank combined)")
-    p.add_argument("--template", help="checkpoint directory whose tokenizer, configs and other files are copied")
+    p.add_argument(*_flag("--template", "--template-checkpoint"), dest="template",
+                   help="checkpoint directory whose shapes and ranks (mode template), tokenizer, configs, other files "
+                        "and other tensors (modules_to_save) the output takes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     if results:
         src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--results", help="an optimize results JSON (its global_weights)")
+        src.add_argument(*_flag("--results", "--results-file"), dest="results",
+                         help="an optimize results JSON (its global_weights)")
         src.add_argument("--weights", nargs="+", metavar="NAME=W", help="weights given directly")
+        p.add_argument("--layerwise", choices=("module", "layer"),
+                       help="use the per-module or per-layer weights of a results file written with --layerwise")
         _mismatch(p)
 
 
@@ -71,24 +98,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+", metavar="NAME=PATH", help="fill it with these checkpoints")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p = sub.add_parser("extract", help="write A, B (and with --delta ΔW) of every checkpoint, with metadata")
-    _common(p)
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--config", help=_CONFIG_HELP + " (default with --create_default_config: checkpoints_config.yml)")
+    p.add_argument("--checkpoints", nargs="+", metavar="NAME", help="use only these checkpoints of the list")
+    p.add_argument("--verbose", action="store_true", default=None, help="explain path validation and progress")
+    p.add_argument(*_flag("--create-default-config"), dest="create_default_config", action="store_true",
+                   help="write a default checkpoint list at --config and stop")
+    p.add_argument(*_flag("--output-dir"), dest="output_dir")
     p.add_argument("--delta", action="store_true", help="also write ΔW = scale·B A (large: out×in per module)")
     p = sub.add_parser("organize", help="regroup extracted factors by module, with master_index.json")
-    p.add_argument("--input-dir", required=True, help="an extract output directory")
-    p.add_argument("--output-dir", help="default INPUT_DIR/organized_by_layer_module")
+    p.add_argument(*_flag("--input-dir"), dest="input_dir", required=True, help="an extract output directory")
+    p.add_argument(*_flag("--output-dir"), dest="output_dir", help="default INPUT_DIR/organized_by_layer_module")
     p = sub.add_parser("optimize", help="find the combination weights; write the results JSON")
-    _common(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help=_CONFIG_HELP)
+    src.add_argument(*_flag("--input-dir"), dest="input_dir",
+                     help="the organize (or extract) step's output directory, whose files are read")
+    p.add_argument("--checkpoints", nargs="+", metavar="NAME", help="use only these checkpoints of the list")
+    p.add_argument("--verbose", action="store_true", default=None, help="explain path validation and progress")
     _optimize_args(p)
-    p.add_argument("--output", default="combination_results.json", help="results JSON to write")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--output", help="results JSON to write (default combination_results.json)")
+    out.add_argument(*_flag("--output-dir"), dest="output_dir", help=f"write DIR/{RESULTS_NAME}")
+    p = sub.add_parser("summary", help="print the analysis of an existing results file")
+    p.add_argument(*_flag("--results", "--results-file"), dest="results", required=True, help="an optimize results "
+                   "JSON")
     p = sub.add_parser("build", help="write the combined PEFT adapter directory")
-    _common(p, checkpoints=False)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help=_CONFIG_HELP)
+    src.add_argument(*_flag("--extracted-dir"), dest="extracted_dir",
+                     help="the extract (or organize) step's output directory, whose factor files are read")
+    p.add_argument("--verbose", action="store_true", default=None, help="explain path validation and progress")
     _build_args(p)
     p = sub.add_parser("all", help="extract, organize, optimize and build")
     _common(p)
     _optimize_args(p)
     _build_args(p, results=False)
-    p.add_argument("--work-dir", required=True, help="where extracted files and the results JSON go")
+    p.add_argument(*_flag("--work-dir"), dest="work_dir", required=True,
+                   help="where extracted files and the results JSON go")
     p.add_argument("--delta", action="store_true", help="also extract ΔW")
 
 
@@ -128,6 +174,20 @@ def _print_build(s: dict) -> None:
     note = " (approximation with cross terms)" if s["mode"] == "linear" else ""
     print(f"wrote {s['output_dir']}: mode {s['mode']}{note}, {s['num_modules']} modules, rank {s['rank']}, "
           f"relative distance from the exact combination {s['relative_deviation']:.3e}")
+    if s.get("kept_tensors"):
+        print(f"kept {len(s['kept_tensors'])} other tensor(s) from {s['kept_from']}: {', '.join(s['kept_tensors'])}")
+
+
+def _read_results(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"results file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def main(args: argparse.Namespace) -> int:
@@ -138,6 +198,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {path}; edit the paths, then run `lispetorch combine optimize --config {path} --target NAME`")
         return 0
     if args.step == "extract":
+        if args.create_default_config:
+            path = write_default_config(args.config or "checkpoints_config.yml")
+            print(f"wrote {path}; edit the paths, then run `lispetorch combine extract --config {path} --output_dir "
+                  "DIR`")
+            return 0
+        if not args.config or not args.output_dir:
+            raise ConfigError("extract needs --config and --output_dir (or --create_default_config)")
         meta = extract(args.config, args.output_dir, args.checkpoints, delta=args.delta, verbose=args.verbose)
         print(f"extracted {len(meta)} checkpoint(s) into {args.output_dir}")
         return 0
@@ -146,26 +213,27 @@ def main(args: argparse.Namespace) -> int:
         print(f"organized {index['num_combinations']} modules of {len(index['checkpoints'])} checkpoints")
         return 0
     if args.step == "optimize":
-        r = optimize(args.config, args.target, args.layerwise, constraint=args.constraint,
+        r = optimize(args.config or args.input_dir, args.target, args.layerwise, constraint=args.constraint,
                      checkpoints=args.checkpoints, on_mismatch=on_mismatch, verbose=args.verbose)
-        write_results(r, args.output)
+        output = Path(args.output_dir) / RESULTS_NAME if args.output_dir else Path(args.output or
+                                                                                   "combination_results.json")
+        write_results(r, output)
         _print_results(r)
-        print(f"results: {args.output}")
+        print(f"results: {output}")
         return 0 if r["kkt"]["satisfied"] else 1
+    if args.step == "summary":
+        path = Path(args.results)
+        print(summarize(_read_results(path), path))
+        return 0
     if args.step == "build":
         if args.results:
-            path = Path(args.results)
-            try:
-                weights = json.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise FileNotFoundError(f"results file {path} does not exist") from None
-            except json.JSONDecodeError as e:
-                raise AdapterFormatError(
-                    f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+            weights = _read_results(Path(args.results))
         else:
+            if args.layerwise:
+                raise ConfigError("--layerwise needs --results_file (a results file written with --layerwise)")
             weights = _pairs(args.weights, "--weights", float)
-        s = build(args.config, weights, args.output, args.mode, args.rank, args.template, overwrite=args.overwrite,
-                  on_mismatch=on_mismatch, verbose=args.verbose)
+        s = build(args.config or args.extracted_dir, weights, args.output, args.mode, args.rank, args.template,
+                  overwrite=args.overwrite, on_mismatch=on_mismatch, verbose=args.verbose, layerwise=args.layerwise)
         _print_build(s)
         return 0
     out = run_all(args.config, args.target, args.work_dir, args.output, args.mode, args.rank, args.template,

@@ -21,6 +21,34 @@ from ..errors import ConfigError
 from .config import CombineConfig, load_config, verify_paths
 from .reader import Checkpoint, check_finite, common_modules, file_order, layer_of, open_checkpoint, stream
 from .solver import CONSTRAINTS, objective, solve
+from .stored import StoredCheckpoint, is_stored, open_stored, stream_stored
+
+
+def stream_factors(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None,
+                   in_file_order: bool = False):
+    """:func:`~lispetorch.combine.reader.stream` over checkpoint directories (with ``in_file_order``, in the order
+    the factors lie in the files), or :func:`~lispetorch.combine.stored.stream_stored` over the extract or organize
+    step's files."""
+    if any(isinstance(c, StoredCheckpoint) for c in checkpoints):
+        return stream_stored(checkpoints, modules, timer)
+    return stream(checkpoints, file_order(checkpoints, modules) if in_file_order else modules, timer)
+
+
+def open_list(config, names: list[str] | None = None, verbose: bool = False, log=print) \
+        -> tuple[CombineConfig, list[Checkpoint] | None]:
+    """The checkpoint list and, for an extracted or organised directory, its checkpoints already opened
+    (None for a checkpoint list, whose checkpoints :func:`open_checkpoints` opens)."""
+    if is_stored(config):
+        cfg, opened = open_stored(config)
+        if verbose:
+            log(f"reading {len(opened)} checkpoint(s) from {cfg.source}: {', '.join(cfg.names)}")
+        return cfg, opened
+    return load_config(config), None
+
+
+def default_target(cfg: CombineConfig) -> str:
+    """The checkpoint to approximate when none is named: the last of the list (the guide's list ends with it)."""
+    return cfg.names[-1]
 
 
 def open_checkpoints(cfg: CombineConfig, names: list[str], verbose: bool = False, log=print) -> list[Checkpoint]:
@@ -58,7 +86,7 @@ def module_grams(checkpoints: list[Checkpoint], modules: list[str], timer: dict 
         timer["gram_s"] = timer.get("gram_s", 0.0) + time.perf_counter() - t0
         batch.clear()
 
-    with stream(checkpoints, file_order(checkpoints, modules), timer) as it:
+    with stream_factors(checkpoints, modules, timer, in_file_order=True) as it:
         for m, As, Bs in it:
             s = [c.modules[m].scale for c in checkpoints]
             if scales is not None:
@@ -92,7 +120,7 @@ def _split(G):
 
 def optimize(
     config: str | os.PathLike | Mapping | CombineConfig,
-    target: str,
+    target: str | None = None,
     layerwise: bool = False,
     *,
     constraint: str = "simplex",
@@ -104,8 +132,11 @@ def optimize(
     """Finds the weights w minimising ``Σ_modules ‖Σᵢ wᵢ ΔWᵢ − ΔW_target‖²_F``.
 
     Args:
-        config (str | PathLike | Mapping): a checkpoint list (YAML path) or a mapping name → checkpoint path.
-        target (str): the name of the checkpoint to approximate; every other listed checkpoint is a source.
+        config (str | PathLike | Mapping): a checkpoint list (YAML path), a mapping name → checkpoint path, or
+            the directory the ``extract`` or ``organize`` step wrote (``organized_by_layer_module/``), whose
+            files are then read.
+        target (str | None): the name of the checkpoint to approximate; every other listed checkpoint is a
+            source. Default the last checkpoint of the list.
         layerwise (bool): also solve per module and per layer, and report how much closer that gets. Default False.
         constraint (str): ``"simplex"`` (Σw = 1, w ≥ 0; default), ``"nonnegative"`` or ``"unconstrained"``.
         checkpoints (Iterable[str] | None): restrict the sources to these names. Default all but the target.
@@ -127,14 +158,20 @@ def optimize(
     t_start = time.perf_counter()
     if constraint not in CONSTRAINTS:
         raise ConfigError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
-    cfg = load_config(config)
+    cfg, stored = open_list(config, verbose=bool(verbose), log=log)
+    if target is None:
+        target = default_target(cfg)
     if not isinstance(target, str) or target not in cfg.checkpoints:
         raise ConfigError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")
     names = [n for n in cfg.select(checkpoints) if n != target]
     if not names:
         raise ConfigError(f"no checkpoint to combine: {cfg.source} lists only the target {target!r}")
     verbose = cfg.verbose_paths if verbose is None else verbose
-    opened = open_checkpoints(cfg, [*names, target], verbose=verbose, log=log)
+    if stored is None:
+        opened = open_checkpoints(cfg, [*names, target], verbose=verbose, log=log)
+    else:
+        by_name = {c.name: c for c in stored}
+        opened = [by_name[n] for n in [*names, target]]
     modules, dropped = common_modules(opened, on_mismatch)
     timer: dict[str, float] = {}
     grams = module_grams(opened, modules, timer)

@@ -61,6 +61,8 @@ class Checkpoint:
     # the weights file's tensors and size when it was opened (see read_header)
     entries: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
     file_size: int = -1
+    # tensors of the weights file that are not LoRA factors (``modules_to_save``: a trained head, embeddings)
+    other: list[str] = field(default_factory=list)
 
     @property
     def weights_file(self) -> Path:
@@ -153,8 +155,12 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     shapes = {k: e.shape for k, e in entries.items()}
     dtypes = {e.dtype for e in entries.values()}
     found: dict[str, dict[str, str]] = {}
+    other = []
     for key in shapes:
         parsed = parse_key(key)
+        if parsed is None and not re.search(r"(^|\.)lora_", key):
+            other.append(key)  # a whole tensor trained beside the adapter (modules_to_save)
+            continue
         if parsed is None:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {key!r}, which is not a LoRA A/B weight "
                                      "(only lora_A / lora_B weights can be combined)")
@@ -179,6 +185,7 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
                                      f"says {r_cfg}")
         modules[module] = ModuleFactors(pair["lora_A"], pair["lora_B"], r, sa[1], sb[0], alpha,
                                         scaling(alpha, r, use_rslora))
+    dtypes = {e.dtype for k, e in entries.items() if k not in other}
     bad = {d for d in dtypes if d not in ("F16", "BF16", "F32", "F64")}
     if bad:
         raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds tensors of dtype {sorted(bad)}; LoRA "
@@ -188,7 +195,7 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     dtype = _DTYPES[widest]
     return Checkpoint(name, path, description, config, modules, dtype,
                       fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), use_rslora=use_rslora,
-                      entries=entries, file_size=size)
+                      entries=entries, file_size=size, other=other)
 
 
 def common_modules(checkpoints: list[Checkpoint], on_mismatch: str = "error") -> tuple[list[str], list[str]]:

@@ -8,6 +8,7 @@ optionally ΔW of every checkpoint), ``organize`` (one file per module with ever
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -62,7 +63,7 @@ def extract(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     all_meta = {}
-    for c in opened:
+    for position, c in enumerate(opened):
         modules = list(c.modules)
         As, Bs, Ds = {}, {}, {}
         with stream([c], modules) as it:
@@ -82,7 +83,7 @@ def extract(
             _write_tensors(out / files["AB"], Ds, {"checkpoint": c.name, "content": f"scale * B @ A {orient}"})
             del Ds
         meta = {
-            "name": c.name, "path": str(c.path), "description": c.description, "files": files,
+            "name": c.name, "index": position, "path": str(c.path), "description": c.description, "files": files,
             "dtype": str(c.dtype).replace("torch.", ""),
             "adapter_config": {k: c.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "fan_in_fan_out",
                                                             "target_modules", "base_model_name_or_path")},
@@ -159,11 +160,15 @@ def organize(input_dir: str | os.PathLike, output_dir: str | os.PathLike | None 
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise AdapterFormatError(f"{p}: not an extraction metadata file ({e})") from None
         metas.append(meta)
+    metas.sort(key=lambda meta: meta.get("index", len(metas)))  # the checkpoint list's order
     if not metas:
         raise FileNotFoundError(f"{src} holds no *_metadata.json (run `lispetorch combine extract` into it first)")
     modules = sorted({m for meta in metas for m in meta["modules"]}, key=natural_key)
     out = Path(output_dir) if output_dir is not None else src / "organized_by_layer_module"
-    index: dict = {"checkpoints": [m["name"] for m in metas], "num_combinations": len(modules), "modules": {}}
+    index: dict = {"checkpoints": [m["name"] for m in metas], "num_combinations": len(modules), "modules": {},
+                   "checkpoint_info": {m["name"]: {k: m.get(k) for k in ("path", "description", "dtype",
+                                                                          "adapter_config", "delta_orientation")}
+                                       for m in metas}}
     taken: set[str] = set()
     handles = {}
     import contextlib
@@ -178,20 +183,21 @@ def organize(input_dir: str | os.PathLike, output_dir: str | os.PathLike | None 
         for i, m in enumerate(modules):
             label = _label(m, taken)
             fname = f"index_{i:03d}_{label}_matrices.safetensors"
-            tensors, present, scales = {}, [], {}
+            tensors, present, scales, shapes = {}, [], {}, {}
             for meta in metas:
                 if m not in meta["modules"]:
                     continue
                 name = meta["name"]
                 present.append(name)
                 scales[name] = meta["modules"][m]["scale"]
+                shapes[name] = {k: meta["modules"][m].get(k) for k in ("shape_A", "shape_B", "alpha", "rank")}
                 tensors[f"{name}.lora_A"] = handles[(name, "A")].get_tensor(m)
                 tensors[f"{name}.lora_B"] = handles[(name, "B")].get_tensor(m)
                 if (name, "AB") in handles:
                     tensors[f"{name}.delta"] = handles[(name, "AB")].get_tensor(m)
             _write_tensors(tmp / fname, tensors, {"module": m, "scales": json.dumps(scales)})
             index["modules"][m] = {"index": i, "file": fname, "layer": layer_of(m), "module_type": m.rsplit(".", 1)[-1],
-                                   "checkpoints": present, "scales": scales}
+                                   "checkpoints": present, "scales": scales, "shapes": shapes}
         (tmp / MASTER_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if log:
         log(f"organized {len(modules)} modules of {len(metas)} checkpoints -> {out}")
@@ -200,10 +206,10 @@ def organize(input_dir: str | os.PathLike, output_dir: str | os.PathLike | None 
 
 def run_all(
     config: str | os.PathLike | Mapping | CombineConfig,
-    target: str,
+    target: str | None,
     work_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    mode: str = "cat",
+    mode: str | None = None,
     rank: int | None = None,
     template: str | os.PathLike | None = None,
     *,
@@ -217,8 +223,12 @@ def run_all(
     log=print,
 ) -> dict:
     """Extract and organize into ``work_dir``, optimize (``work_dir/combination_results.json``), then build into
-    ``output_dir`` with the target checkpoint as template unless one is given. Returns the paths and results."""
+    ``output_dir`` with the target checkpoint as template unless one is given (so by default the output is a
+    drop-in for the target: mode ``template``). ``target`` None: the last checkpoint of the list. Returns the paths
+    and results."""
     cfg = load_config(config)
+    if target is None:
+        target = cfg.names[-1]
     if target not in cfg.checkpoints:
         raise ConfigError(f"target {target!r} is not in {cfg.source} (it lists {', '.join(cfg.names)})")
     names = cfg.select(checkpoints)
@@ -239,6 +249,74 @@ def run_all(
             "results_file": str(results_path), "results": results, "build": summary}
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def summarize(results: Mapping, source: str | os.PathLike = "<results>") -> str:
+    """The analysis of an optimize results file as text: each checkpoint's weight and share, the dominant one, the
+    residual, relative error and R² with what they mean, the constraint and KKT checks, the layer-wise gain when
+    solved. Reads the fields the optimizer's guide's results have (``global_weights``, ``method``,
+    ``evaluation``) and uses the others when present.
+
+    Raises:
+        AdapterFormatError: no ``global_weights`` list of finite numbers, or ``checkpoint_names`` not matching it.
+    """
+    w = results.get("global_weights")
+    if not isinstance(w, list) or not w or not all(_number(x) for x in w):
+        raise AdapterFormatError(f"{source}: 'global_weights' must be a non-empty list of finite numbers, got {w!r}")
+    names = results.get("checkpoint_names")
+    if names is None:
+        names = [f"w{i + 1}" for i in range(len(w))]
+    if not isinstance(names, list) or len(names) != len(w):
+        raise AdapterFormatError(f"{source}: 'checkpoint_names' must list one name per weight, got {names!r}")
+    ev = results.get("evaluation") if isinstance(results.get("evaluation"), Mapping) else {}
+    lines = [f"Optimization results: {source}"]
+    if results.get("target"):
+        lines.append(f"target (approximated): {results['target']}")
+    lines.append(f"method: {results.get('method', 'unknown')}; constraint: {results.get('constraint', 'simplex')}")
+    if results.get("num_modules"):
+        lines.append(f"modules: {results['num_modules']}; ΔW elements per checkpoint: "
+                     f"{results.get('total_elements', 0):,}")
+    total = sum(abs(x) for x in w) or 1.0
+    lines += ["", "weights:"]
+    for n, x in zip(names, w, strict=True):
+        lines.append(f"  {n:>24s}  {x: .6f}  ({abs(x) / total:.1%} of the total weight)")
+    top = max(range(len(w)), key=lambda i: abs(w[i]))
+    lines.append(f"dominant: {names[top]} ({abs(w[top]) / total:.1%})")
+    lines.append("")
+    resid, rel, r2 = ev.get("residual_norm"), ev.get("relative_error"), ev.get("r_squared")
+    if _number(resid):
+        lines.append(f"residual norm (final L2 error): {resid:.6f}")
+    if _number(ev.get("objective_value")):
+        lines.append(f"objective (squared residual): {ev['objective_value']:.6f}")
+    if _number(rel):
+        lines.append(f"relative error (residual / target norm): {rel:.6f}")
+    if _number(r2):
+        meaning = ("the combination explains most of the target" if r2 > 0.5 else
+                   "the combination explains part of the target" if r2 > 0 else
+                   "negative: the target holds directions no combination of the sources reaches (the zero adapter "
+                   "would be as close)")
+        lines.append(f"R²: {r2:.6f} ({meaning})")
+    if _number(ev.get("constraint_violation")):
+        lines.append(f"constraint violation: {ev['constraint_violation']:.2e}")
+    kkt = results.get("kkt")
+    if isinstance(kkt, Mapping) and "satisfied" in kkt:
+        lines.append("KKT conditions: " + ("satisfied (the weights are the global optimum)" if kkt["satisfied"]
+                                            else "NOT satisfied"))
+    lw = results.get("layerwise")
+    if isinstance(lw, Mapping):
+        for key, what in (("per_module", "per-module"), ("per_layer", "per-layer")):
+            part = lw.get(key) or {}
+            if _number(part.get("residual_norm")) and _number(part.get("improvement")):
+                lines.append(f"{what} weights: residual {part['residual_norm']:.6f} ({part['improvement']:.2%} "
+                             "closer than the global weights)")
+    t = results.get("timings")
+    if isinstance(t, Mapping) and _number(t.get("total_s")):
+        lines.append(f"computation time: {t['total_s']:.3f} s")
+    return "\n".join(lines)
+
+
 def write_results(results: dict, path: str | os.PathLike) -> Path:
     """Writes an optimize() result as JSON, atomically."""
     path = Path(path)
@@ -246,4 +324,4 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["extract", "organize", "run_all", "write_results"]
+__all__ = ["extract", "organize", "run_all", "summarize", "write_results"]
