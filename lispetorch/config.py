@@ -236,6 +236,11 @@ class TinyLoraConfig(AdapterConfig):
         exclude_modules (list[str] | str | None): as in :class:`LoraConfig`.
         dtype (str | torch.dtype | None): dtype of the frozen factors; the base weight's when None (``v`` and
             ``P`` are float32).
+        convention (str): ``"paper"`` (default: the above) or ``"qwen-coder"``, the convention of the TinyLoRA
+            trainer whose ``tiny_lora_v.pt`` files circulate (TinyLoRA-Qwen-Coder): ``Pᵢ`` of shape ``(u, r)``
+            drawn in bfloat16 as ``randn(u, r) / √r`` on each weight's device from the default generator seeded
+            with ``seed``, one per adapted layer in module order, and ``ΔW = U_r diag(S_r ⊙ (v P)) V_rᵀ`` with
+            ``U_r, S_r, V_r`` (of a float32 SVD on the CPU) and ``v P`` in bfloat16.
 
     Raises:
         ConfigError: a field out of range (``u ≤ 0`` included), named with its value (a ``ValueError``).
@@ -248,11 +253,18 @@ class TinyLoraConfig(AdapterConfig):
     target_modules: list[str] | str = "all-linear"
     exclude_modules: list[str] | str | None = None
     dtype: object = None
+    convention: str = "paper"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int(self.u, "TinyLoraConfig.u")
         positive_int(self.groups, "TinyLoraConfig.groups")
+        if self.convention not in TINYLORA_CONVENTIONS:
+            raise ConfigError(f"TinyLoraConfig.convention must be one of {TINYLORA_CONVENTIONS}, got "
+                              f"{self.convention!r}")
+        if self.convention == "qwen-coder" and self.groups != 1:
+            raise ConfigError(f"TinyLoraConfig.groups = {self.groups}: the 'qwen-coder' convention shares one v "
+                              "across all layers (groups = 1)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"TinyLoraConfig.seed must be an integer, got {self.seed!r}")
 
@@ -264,6 +276,8 @@ class TinyLoraConfig(AdapterConfig):
     def dropout(self) -> float:
         return 0.0
 
+
+TINYLORA_CONVENTIONS = ("paper", "qwen-coder")
 
 # The config class of each method that has one; PiSSA and LoRA-GA are inits of LoRA (PEFT's init_lora_weights).
 CONFIGS = {"lora": LoraConfig, "rotational_pissa": RotationalPiSSAConfig, "tinylora": TinyLoraConfig}
