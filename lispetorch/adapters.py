@@ -221,6 +221,7 @@ def unmerge(model: nn.Module) -> None:
     """Gives back the pre-merge base weights bit for bit (idempotent)."""
     for layer in layers_or_raise(model).values():
         layer.unmerge()
+        layer.merged_when_disabled = None  # unmerged on purpose: enabling does not merge it back
 
 
 def is_merged(model: nn.Module) -> bool:
@@ -229,25 +230,55 @@ def is_merged(model: nn.Module) -> bool:
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
-    """Turns the adapters on or off without touching any weight (off: the base model's outputs)."""
+    """Turns the adapters on or off (off: the base model's outputs), as PEFT's ``enable_adapter_layers`` /
+    ``disable_adapter_layers`` do.
+
+    On a merged model, disabling unmerges each merged layer exactly (the base weights come back bit for bit) and
+    enabling merges it back (the same merged weights, bit for bit); on an unmerged model no weight changes.
+    """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    for layer in layers_or_raise(model).values():
-        layer.enabled = enabled
+    layers = layers_or_raise(model)
+    done = []
+    try:
+        for layer in layers.values():
+            before = (layer.enabled, getattr(layer, "merged_when_disabled", None))
+            set_layer_enabled(layer, enabled)
+            done.append((layer, before))
+    except BaseException:
+        for layer, (was_enabled, _) in reversed(done):
+            set_layer_enabled(layer, was_enabled)
+        raise
+
+
+def set_layer_enabled(layer: LoraLinear, enabled: bool) -> None:
+    """One layer's part of :func:`set_enabled`: a merged adapter is unmerged when disabled and recorded in
+    ``layer.merged_when_disabled``, then merged back when enabled (if it is still the layer's active adapter)."""
+    if not enabled and layer.merged:
+        name = layer.merged_adapter
+        layer.unmerge()
+        layer.merged_when_disabled = name
+    elif enabled and getattr(layer, "merged_when_disabled", None) is not None:
+        name = layer.merged_when_disabled
+        layer.merged_when_disabled = None
+        if name == layer.active_adapter and not layer.merged:
+            layer.merge()
+    layer.enabled = enabled
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: adapters off inside, each layer's previous state restored on exit (even on error)."""
+    """Context manager: adapters off inside (merged ones unmerged exactly, see :func:`set_enabled`), each layer's
+    previous state restored on exit (even on error), merged layers merged back."""
     layers = layers_or_raise(model)
     before = {name: layer.enabled for name, layer in layers.items()}
     try:
         for layer in layers.values():
-            layer.enabled = False
+            set_layer_enabled(layer, False)
         yield model
     finally:
         for name, layer in layers.items():
-            layer.enabled = before[name]
+            set_layer_enabled(layer, before[name])
 
 
 def memory_usage(model: nn.Module) -> int:
