@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..hf import DTYPES
 from ..schedule import SCHEDULER_TYPES
 
+QUANTIZE_BASE = ("none", "nf4")
 _NUMBER = "a number"
 _INT = "an integer"
 _BOOL = "true or false"
@@ -86,6 +87,9 @@ class TrainConfig:
     seed: int = 42
     report_to: list[str] = dataclasses.field(default_factory=list)  # "tensorboard", "wandb"
     plot: bool = True
+    # "nf4": the base model's linear layers (all but the output head) stored in NF4 before the adapter is made,
+    # as QLoRA and the TinyLoRA trainer load theirs; "none": as loaded
+    quantize_base: str = "none"
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     # --- construction ----------------------------------------------------------------------------------------
@@ -156,6 +160,9 @@ class TrainConfig:
                               f"{', '.join(SCHEDULER_TYPES)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize_base not in QUANTIZE_BASE:
+            raise ConfigError(f"{source}: 'quantize_base' must be one of {', '.join(QUANTIZE_BASE)}, got "
+                              f"{self.quantize_base!r}")
         for name in self.report_to:
             if name not in ("tensorboard", "wandb"):
                 raise ConfigError(f"{source}: 'report_to' names {name!r}; choose tensorboard and/or wandb")

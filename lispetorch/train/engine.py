@@ -18,15 +18,16 @@ import torch
 
 from .. import atomic, default_model
 from ..adapters import adapter_layers, trainable_parameters
-from ..config import RotationalPiSSAConfig, method_of
+from ..config import RotationalPiSSAConfig, TinyLoraConfig, method_of
 from ..devices import resolve_device
 from ..dispatch import inject
 from ..errors import ConfigError
 from ..hf import DTYPES
-from ..methods import orthogonality_loss
+from ..methods import orthogonality_loss, save_tinylora
 from ..peft_format import PREFIX, write_files
 from ..peft_io import export
 from ..schedule import make_scheduler
+from ..targets import quantize_nf4
 from . import data as data_mod
 from .config import TrainConfig
 
@@ -34,6 +35,7 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 INFO_NAME = "training_info.json"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "training_curves.png"
+TINYLORA_NAME = "tiny_lora_v.pt"  # method tinylora: the trained vector (lispetorch.restore_tinylora reads it)
 FACTORS_NAME = "adapter_factors.safetensors"  # checkpoints of SVD inits: the trained factors, for resume
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", INFO_NAME)
@@ -154,8 +156,11 @@ class Trainer:
         # equivalent on the original weights, with its trained parameters beside it for resume.
         self.plain = method_of(self.lora_config) == "lora"
         # Rotational PiSSA's penalty parametrisation keeps its free r×r cores near orthogonal.
+        self.last_ortho_loss = 0.0
         self.orthogonality = isinstance(self.lora_config, RotationalPiSSAConfig) and \
             self.lora_config.rotation == "penalty" and self.lora_config.orthogonality_reg_weight > 0
+        if cfg.quantize_base == "nf4":  # the frozen base in NF4 before the adapter is made from it
+            quantize_nf4(self.model, "all-linear")
         calibration = None
         if method_of(self.lora_config) == "lora_ga":  # the gradients of the first training batches
             micro = self.dataset.micro_batches(cfg.seed, 0, cfg.batch_size)[:lora.calibration_batches]
@@ -190,7 +195,9 @@ class Trainer:
             (loss / max(total, 1)).backward()
             loss_sum += loss.item()
         if self.orthogonality:  # once per optimizer step, with the weight the adapter was made with
-            orthogonality_loss(self.model).backward()
+            ortho = orthogonality_loss(self.model)
+            ortho.backward()
+            self.last_ortho_loss = float(ortho.detach())
         return loss_sum / max(total, 1), total
 
     @torch.no_grad()
@@ -232,6 +239,8 @@ class Trainer:
         tensors, config = export(self.model, original_weights=not self.plain)
         config["base_model_name_or_path"] = self.model_path
         write_files(directory, tensors, config)
+        if isinstance(self.lora_config, TinyLoraConfig):  # the trained vector in TinyLoRA's own file too
+            save_tinylora(self.model, directory / TINYLORA_NAME, model_id=self.model_path)
 
     def save_checkpoint(self, train_loss: float | None) -> Path:
         """``output_dir/checkpoint-N``: adapter (PEFT layout), optimizer, scheduler, RNG, training_info.json;
@@ -394,6 +403,7 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         tokens_total, started = 0, time.perf_counter()
         window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        window_ortho = 0.0
         last_loss = float("nan") if self._resumed_loss is None else self._resumed_loss
         evaluated: tuple[int, float | None] | None = None  # (step, validation loss) of the latest validation
         try:
@@ -405,6 +415,8 @@ class Trainer:
                     batches = [self._collate(idx) for idx in window]
                     step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
                     loss, _ = self.accumulate(batches)
+                    if self.orthogonality:
+                        window_ortho += self.last_ortho_loss
                     grad_norm = None
                     if cfg.max_grad_norm > 0:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -428,6 +440,10 @@ class Trainer:
                                   "tokens_per_second": rate}
                         if grad_norm is not None:
                             record["grad_norm"] = grad_norm
+                        if self.orthogonality:  # way0: the task loss, the penalty and the loss minimised
+                            ortho = window_ortho / window_steps
+                            record.update(task_loss=last_loss, ortho_loss=ortho, total_loss=last_loss + ortho)
+                            window_ortho = 0.0
                         self._log(record)
                         window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
                     if cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0:
