@@ -19,7 +19,7 @@ from torch import nn
 from . import ops
 from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
 from .hf import is_conv1d, is_dense_linear, weight_out_in
-from .nf4 import NF4Linear
+from .nf4 import NF4Linear, NF4Weight
 from .peft_format import scaling
 
 FACTORS = ("A", "B", "R")
@@ -102,6 +102,37 @@ class BaseOffset(nn.Module):
         return ops.lora_delta(self.A, self.B, self.R, self.scale, torch.float32)
 
 
+class NF4Factors(nn.Module):
+    """An adapter's frozen ``A`` and ``B`` stored in NF4 (about 4.5 bits a value), dequantised at each use."""
+
+    def __init__(self, A: NF4Weight, B: NF4Weight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.A_nf4, self.B_nf4 = A, B
+        self.dtype = dtype
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A_nf4.dequantize(self.dtype), self.B_nf4.dequantize(self.dtype)
+
+
+class NF4BaseOffset(BaseOffset):
+    """A :class:`BaseOffset` whose ``A`` and ``B`` are the adapter's own NF4-stored frozen factors (shared, not
+    copied)."""
+
+    def __init__(self, factors: NF4Factors, R: torch.Tensor | None, scale: float) -> None:
+        nn.Module.__init__(self)
+        self.factors = factors
+        self.register_buffer("R", None if R is None else R.detach().clone())
+        self.scale = float(scale)
+
+    @property
+    def A(self) -> torch.Tensor:  # noqa: N802  (the factor's name)
+        return self.factors.dequantize()[0]
+
+    @property
+    def B(self) -> torch.Tensor:  # noqa: N802
+        return self.factors.dequantize()[1]
+
+
 class LoraLinear(nn.Module):
     """A frozen linear layer with low-rank adapters: ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
 
@@ -129,6 +160,8 @@ class LoraLinear(nn.Module):
         # Adapters whose r×r core is computed from parameters at every forward (rotations, TinyLoRA's Σ vᵢPᵢ):
         # a module whose forward() returns R (r, r); autograd flows through it into the operator's R input.
         self.lora_R_fn = nn.ModuleDict()
+        # Adapters whose frozen A and B are stored in NF4 (lora_A / lora_B then hold empty placeholders).
+        self.lora_nf4 = nn.ModuleDict()
         # Adapters whose init took a delta out of the base weight (PiSSA, LoRA-GA, Rotational PiSSA).
         self.base_offset = nn.ModuleDict()
         self.settings: dict[str, AdapterSettings] = {}
@@ -231,6 +264,8 @@ class LoraLinear(nn.Module):
             raise ConfigError(f"adapter {name!r}: frozen names factors {sorted(unknown)}; factors are A, B, R")
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        if name in self.lora_nf4:
+            del self.lora_nf4[name]
         for container, value in ((self.lora_R, None if R is None else nn.Parameter(R)), (self.lora_R_fn, R_fn)):
             if value is not None:
                 container[name] = value
@@ -263,7 +298,7 @@ class LoraLinear(nn.Module):
                 with torch.no_grad():
                     w = self.base_weight()
                     w.copy_((w.float() + self.base_offset[name].delta()).to(w.dtype))
-        for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_R_fn, self.base_offset):
+        for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_R_fn, self.base_offset, self.lora_nf4):
             if name in d:
                 del d[name]
         self.settings.pop(name, None)
@@ -271,15 +306,44 @@ class LoraLinear(nn.Module):
             self.active_adapter = next(iter(self.lora_A.keys()), None)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(A, B, R)`` of adapter ``name``; R is None without a core, and computed when it is parametrised."""
+        """``(A, B, R)`` of adapter ``name``; R is None without a core, and computed when it is parametrised;
+        A and B dequantised when they are stored in NF4."""
+        A, B = self.lora_nf4[name].dequantize() if name in self.lora_nf4 else (self.lora_A[name], self.lora_B[name])
         if name in self.lora_R_fn:
             R = self.lora_R_fn[name]()
-            A = self.lora_A[name]
             if R.dtype != A.dtype:  # cores compute in float32; the factors may be kept in another dtype
                 R = R.to(A.dtype)
         else:
             R = self.lora_R[name] if name in self.lora_R else None
-        return self.lora_A[name], self.lora_B[name], R
+        return A, B, R
+
+    @torch.no_grad()
+    def store_factors_nf4(self, name: str, A: NF4Weight, B: NF4Weight) -> None:
+        """Stores adapter ``name``'s frozen ``A`` and ``B`` as the NF4 tensors ``A`` and ``B``, which must
+        dequantise to them exactly (quantise the factors before installing them); the dense copies are freed, and
+        the base offset, when it holds the same factors, shares the NF4 ones.
+
+        Raises:
+            AdapterStateError: A or B trains, or the adapter is merged. ValueError: NF4 tensors that are not the
+                installed factors.
+        """
+        if self.merged_adapter == name:
+            raise merged_error(name)
+        if not {"A", "B"} <= self.settings[name].frozen:
+            raise AdapterStateError(f"adapter {name!r}: only frozen A and B can be stored in NF4")
+        A0, B0 = self.lora_A[name], self.lora_B[name]
+        nf4 = NF4Factors(A, B, A0.dtype)
+        qa, qb = nf4.dequantize()
+        if qa.shape != A0.shape or qb.shape != B0.shape or not torch.equal(qa, A0) or not torch.equal(qb, B0):
+            raise ShapeError(f"adapter {name!r}: the NF4 factors are not the installed A and B")
+        offset = self.base_offset[name] if name in self.base_offset else None
+        same = offset is not None and torch.equal(offset.A, A0) and torch.equal(offset.B, B0)
+        self.lora_nf4[name] = nf4
+        r = A0.shape[0]
+        self.lora_A[name] = nn.Parameter(A0.new_empty((r, 0)), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(B0.new_empty((0, r)), requires_grad=False)
+        if same:
+            self.base_offset[name] = NF4BaseOffset(nf4, offset.R, offset.scale)
 
     def adapter_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
         """The parameters of adapter ``name`` by factor: ``{"A": [...], "B": [...], "R": [...]}``."""

@@ -193,16 +193,21 @@ def inject(model: nn.Module, config: RotationalPiSSAConfig, adapter_name: str = 
     s = config.scaling
     generator = torch.Generator().manual_seed(0)
     plans = {}
+    stored: dict[str, tuple[NF4Weight, NF4Weight]] = {}
     for name, module in chosen.items():
         w = base_weight(module)
         U, S, Vh = ops.svd_factors(w, config.r)
-        if config.quantize_base_components:  # U_r and V_r through NF4 (the residual absorbs the rounding)
-            U, Vh = NF4Weight(U).dequantize(), NF4Weight(Vh).dequantize()
+        if config.quantize_base_components:  # U_r and V_r in NF4 (the residual absorbs the rounding)
+            fdtype = dtype or w.dtype
+            stored[name] = (NF4Weight(Vh.to(fdtype)), NF4Weight(U.to(fdtype)))
+            Vh, U = stored[name][0].dequantize(), stored[name][1].dequantize()
         core = RotationalCore(S / s, config.method, config.skew_rank, config.init_identity,
                               config.freeze_singular_values, generator, config.orthogonality_reg_weight).to(w.device)
         plans[name] = AdapterPlan(Vh.to(dtype or w.dtype), U.to(dtype or w.dtype), config.lora_alpha, config.dropout,
                             R_fn=core, frozen=("A", "B"), offset=True)
     layers = install(model, chosen, plans, adapter_name)
+    for name, (qa, qb) in stored.items():  # the dense copies freed: U_r and V_r held in NF4 only
+        layers[name].store_factors_nf4(adapter_name, qa, qb)
     if config.quantize_residual:
         quantize_nf4(model, exact_targets(layers))
     return layers
