@@ -14,7 +14,7 @@ from .errors import AdapterStateError, ConfigError, merged_error
 from .hf import weight_out_in
 from .layer import LoraLinear, base_of
 from .nf4 import NF4Linear
-from .targets import match_modules, replace_module
+from .targets import adopt_bitsandbytes, match_modules, replace_module
 
 
 # --- installing ------------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ class AdapterPlan:
 
 def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
     """The modules ``config`` targets; an error if any of them already holds an adapter named ``adapter_name``."""
-    chosen = match_modules(model, config.target_modules, config.exclude_modules)
+    chosen = adopt_bitsandbytes(model, match_modules(model, config.target_modules, config.exclude_modules))
     twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
     if twice:
         raise AdapterStateError(

@@ -27,6 +27,11 @@ DOUBLE_BLOCKSIZE = 256
 
 
 @functools.lru_cache(maxsize=1)
+def is_bitsandbytes_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (``Linear4bit``: a packed weight with a ``quant_state``)."""
+    return isinstance(module, nn.Linear) and getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
 def dynamic_map() -> torch.Tensor:
     """The signed dynamic 8-bit code, built as bitsandbytes' ``create_dynamic_map(signed=True)`` builds it
     (compared with it by the tests where bitsandbytes is installed): 256 sorted values in [-1, 1].
@@ -87,6 +92,31 @@ class NF4Weight(nn.Module):
         flat = ops.nf4_dequantize(self.packed, self.absmax_values(), numel, self.blocksize, dtype or self.dtype)
         return flat.view(self.shape)
 
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                    blocksize: int = BLOCKSIZE) -> NF4Weight:
+        """An NF4 tensor from codes already packed in this layout (two a byte, the first element in the high
+        nibble, as bitsandbytes packs them) and their float32 per-block absmax, without quantising anything.
+
+        Raises:
+            ShapeError: codes or absmax whose sizes do not fit ``shape`` and ``blocksize``.
+        """
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        packed, absmax = packed.reshape(-1), absmax.reshape(-1).float()
+        if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2 or \
+                absmax.numel() != -(-numel // blocksize):
+            raise ShapeError(f"NF4 codes ({packed.dtype}, {packed.numel()}) and absmax ({absmax.numel()}) do not "
+                             f"fit shape {tuple(shape)} in blocks of {blocksize}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.shape, self.dtype = tuple(int(d) for d in shape), dtype
+        self.blocksize, self.double_quant = int(blocksize), False
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("absmax", absmax.contiguous())
+        return self
+
     def nbytes(self) -> int:
         """Bytes held by the quantised representation."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -116,6 +146,36 @@ class NF4Linear(nn.Module):
     def from_linear(cls, layer: nn.Module, blocksize: int = BLOCKSIZE, double_quant: bool = False) -> NF4Linear:
         """From an ``nn.Linear`` or a GPT-2 ``Conv1D`` (its weight is transposed to ``(out, in)``)."""
         return cls(weight_out_in(layer).detach(), layer.bias, blocksize, double_quant)
+
+    @classmethod
+    def from_bitsandbytes(cls, layer: nn.Module, dtype: torch.dtype | None = None) -> NF4Linear:
+        """From a bitsandbytes ``Linear4bit`` holding NF4 (as transformers loads a model with
+        ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``): the same codes, the same per-block
+        absmax (dequantised from bitsandbytes' nested 8-bit form when double-quantised), so the weight is the
+        very one bitsandbytes dequantises; nothing is requantised. ``dtype``: the dtype the weight is dequantised
+        to and computed in (the model's activations'); default the one bitsandbytes records.
+
+        Raises:
+            TypeError: not a 4-bit bitsandbytes layer, or one holding FP4 rather than NF4.
+        """
+        qs = getattr(getattr(layer, "weight", None), "quant_state", None)
+        if qs is None:
+            raise TypeError(f"{type(layer).__name__} is not a 4-bit bitsandbytes layer (its weight has no quant_state)")
+        if qs.quant_type != "nf4":
+            raise TypeError(f"the bitsandbytes layer holds {qs.quant_type!r}, not 'nf4'; only NF4 is read")
+        absmax = qs.absmax
+        if qs.nested:
+            from bitsandbytes.functional import dequantize_blockwise
+
+            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = (int(d) for d in qs.shape)
+        self.qweight = NF4Weight.from_packed(layer.weight.data, absmax, tuple(qs.shape), dtype or qs.dtype,
+                                             qs.blocksize)
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return self
 
     @property
     def weight(self) -> torch.Tensor:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from .errors import AdapterStateError, ConfigError
 from .hf import output_head
 from .layer import LoraLinear, base_of, is_adaptable
-from .nf4 import BLOCKSIZE, NF4Linear
+from .nf4 import BLOCKSIZE, NF4Linear, is_bitsandbytes_4bit
 
 
 def name_matches(name: str, targets: list[str] | str) -> bool:
@@ -32,6 +33,28 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
         elif is_adaptable(module):
             found[name] = module
     return found
+
+
+def adopt_bitsandbytes(model: nn.Module, chosen: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Replaces the chosen bitsandbytes 4-bit NF4 layers (a model loaded by transformers with
+    ``load_in_4bit=True``) by :class:`~lispetorch.NF4Linear` holding the very same codes and absmax, so that an
+    adapter wraps them like any NF4 base; the model computes the same function. Returns ``chosen`` with the
+    replacements.
+
+    Raises:
+        TypeError: a chosen 4-bit layer that holds FP4 (nothing is replaced then).
+    """
+    found = {n: m for n, m in chosen.items() if is_bitsandbytes_4bit(m)}
+    if not found:
+        return chosen
+    # the activations' dtype (the model's own, as loaded): what the other layers compute in
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+    converted = {n: NF4Linear.from_bitsandbytes(m, dtype) for n, m in found.items()}  # all checked first
+    for name, layer in converted.items():
+        replace_module(model, name, layer)
+    return {n: converted.get(n, m) for n, m in chosen.items()}
 
 
 def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None) -> dict[str, nn.Module]:
@@ -83,8 +106,9 @@ def quantize_nf4(model: nn.Module, target_modules: list[str] | str = "all-linear
             raise AdapterStateError(f"layer {name!r} has adapter {module.merged_adapter!r} merged: unmerge before "
                                     "quantising")
         base = base_of(module)
-        if not isinstance(base, NF4Linear) and not base.weight.is_floating_point():
+        if not isinstance(base, NF4Linear) and not is_bitsandbytes_4bit(base) and not base.weight.is_floating_point():
             raise TypeError(f"NF4 quantises floating-point weights, but {name!r} holds {base.weight.dtype}")
+    chosen = adopt_bitsandbytes(model, chosen)  # already NF4: taken as it is
     done: dict[str, NF4Linear] = {}
     for name, module in chosen.items():
         base = base_of(module)

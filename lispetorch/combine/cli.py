@@ -103,6 +103,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", default=None, help="explain path validation and progress")
     p.add_argument(*_flag("--create-default-config"), dest="create_default_config", action="store_true",
                    help="write a default checkpoint list at --config and stop")
+    p.add_argument("--force", action="store_true", help="with --create_default_config: overwrite an existing file")
     p.add_argument(*_flag("--output-dir"), dest="output_dir")
     p.add_argument("--delta", action="store_true", help="also write ΔW = scale·B A (large: out×in per module)")
     p = sub.add_parser("organize", help="regroup extracted factors by module, with master_index.json")
@@ -199,7 +200,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.step == "extract":
         if args.create_default_config:
-            path = write_default_config(args.config or "checkpoints_config.yml")
+            path = write_default_config(args.config or "checkpoints_config.yml", force=args.force)
             print(f"wrote {path}; edit the paths, then run `lispetorch combine extract --config {path} --output_dir "
                   "DIR`")
             return 0
