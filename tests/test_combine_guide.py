@@ -190,6 +190,7 @@ def test_guide_flags_for_subsets_and_layerwise_weights_build_a_checkpoint(guide_
         out = tmp_path / f"lw_{how}"
         assert cli_main(["combine", "build", "--config", str(yml), "--results_file", str(res), "--layerwise", how,
                          "--output_checkpoint", str(out), "--mode", "cat"]) == 0
+        assert f"its own {how}'s weights" in (out / "COMBINATION_README.md").read_text()
         model = peft.PeftModel.from_pretrained(load(model_dirs["starcoder2"]), out)
         lw = r["layerwise"]
         for name, mod in model.named_modules():

@@ -133,7 +133,7 @@ def build(
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     cfg, stored = open_list(config)
     per_module = _layer_weights(weights, layerwise) if layerwise is not None else None
-    wmap = weights_of(weights)
+    wmap = global_w = weights_of(weights)
     if per_module is not None:  # a checkpoint is used when some module gives it a weight
         wmap = {n: float(any(v.get(n, 0.0) != 0.0 for v in per_module.values())) for n in wmap}
     names = cfg.select(list(wmap))
@@ -259,6 +259,8 @@ def build(
     out_cfg["use_dora"] = False
 
     rel_dev = math.sqrt(max(dev_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0
+    if per_module is not None:  # what is reported: the global solution beside the per-module weights used
+        w = [global_w[c.name] for c in opened]
     used_weights = {c.name: wi for c, wi in zip(opened, w, strict=True)}
     summary = {"output_dir": str(output_dir), "mode": mode, "weights": used_weights,
                "rank": out_cfg["r"], "relative_deviation": rel_dev, "num_modules": len(modules),
@@ -348,6 +350,9 @@ def _readme(cfg, opened: list[Checkpoint], w, mode, summary, template, modules, 
               f"{summary['rank']} (per-module ranks in `rank_pattern`)."]
     if summary["dropped_modules"]:
         lines.append(f"Modules left out (not adapted by every checkpoint): {', '.join(summary['dropped_modules'])}.")
+    if summary.get("layerwise"):
+        lines.append(f"Each module was combined with its own {summary['layerwise']}'s weights from the layer-wise "
+                     "solution (the table gives the global weights).")
     lines.append("")
     dev = summary["relative_deviation"]
     if mode == "template":
