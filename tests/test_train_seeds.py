@@ -87,6 +87,11 @@ def test_nf4_base_holds_less_memory(tiny_default_model, corpus, tmp_path):
     assert linear and lt.memory_usage(quant.model) < lt.memory_usage(dense.model)
     with pytest.raises(lt.train.ConfigError, match="'quantize_base' must be one of none, nf4, got 'int8'"):
         lt.train.train(config(tiny_default_model, corpus, tmp_path / "c", quantize_base="int8"), progress=False)
+    for lora, what in (({"init": "pissa"}, "init pissa"), ({"method": "rotational_pissa"}, "rotational_pissa")):
+        with pytest.raises(lt.train.ConfigError, match=f"'quantize_base: nf4' needs .*; {what} takes its init"):
+            lt.train.train(config(tiny_default_model, corpus, tmp_path / "d", quantize_base="nf4", lora=lora),
+                           progress=False)
+    assert not (tmp_path / "d").exists()
 
 
 def test_way0_logs_task_ortho_and_total_loss(tiny_default_model, corpus, tmp_path):

@@ -190,6 +190,13 @@ class TrainConfig:
             lora.adapter_config()
         except ValueError as e:
             raise ConfigError(f"{source}: 'lora.options': {e}") from None
+        if self.quantize_base == "nf4" and (lora.method == "rotational_pissa" or lora.init not in ("kaiming",
+                                                                                                "gaussian")):
+            what = lora.method if lora.method != "lora" else f"init {lora.init}"
+            raise ConfigError(f"{source}: 'quantize_base: nf4' needs a method that leaves the base as it is (lora "
+                              f"with init kaiming or gaussian, tinylora); {what} takes its init out of the base "
+                              "weight (Rotational PiSSA: options {quantize_residual: true} stores that residual in "
+                              "NF4)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
