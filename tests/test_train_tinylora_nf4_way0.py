@@ -1,5 +1,6 @@
-"""`lispetorch train` as the seeds run it: TinyLoRA's tiny_lora_v.pt written beside the adapter, the base in NF4
-(`quantize_base: nf4`), and Rotational PiSSA's way0 losses (task, penalty, total) in the metrics."""
+"""`lispetorch train` as the TinyLoRA trainer and Rotational PiSSA's trainer run: TinyLoRA's tiny_lora_v.pt written
+beside the adapter, the base in NF4 (`quantize_base: nf4`), and way0's losses (task, penalty, total) in the
+metrics."""
 
 from __future__ import annotations
 
