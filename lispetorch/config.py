@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 from .hf import dtype_name
 from .peft_format import scaling
+from .validate import compile_pattern
 
 # The method names, one vocabulary for every surface (Python, training configs, the Lisp primitives): a method
 # with a config class of its own (CONFIGS, below), or LoRA with an SVD init.
@@ -68,10 +69,7 @@ def module_selection(value, name: str):
     """Module names (a non-empty list), a regular expression, or ``"all-linear"``."""
     if isinstance(value, str):
         if value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ConfigError(f"{name} is not a valid regular expression: {value!r} ({e})") from None
+            compile_pattern(value, name)  # RE2, as every pattern is matched: linear time, no backtracking
         return value
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(t, str) and t for t in value):
         return list(value)

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from .errors import AdapterStateError, ConfigError
 from .hf import output_head
 from .layer import LoraLinear, base_of, is_adaptable
 from .nf4 import BLOCKSIZE, NF4Linear
+from .validate import fullmatch
 
 
 def name_matches(name: str, targets: list[str] | str) -> bool:
-    """``targets`` as a full-match regular expression (a string), or names and dotted name suffixes (a list)."""
+    """``targets`` as a full-match regular expression (a string, matched with RE2 in linear time), or names and
+    dotted name suffixes (a list)."""
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return fullmatch(targets, name)
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
