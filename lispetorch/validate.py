@@ -3,7 +3,7 @@ linear time, and values shown in messages at a bounded size.
 
 Every check raises the error kind its caller names (:class:`~lispetorch.errors.ConfigError` by default,
 :class:`~lispetorch.errors.AdapterFormatError` for adapter files) with a message naming the file (``source``),
-the key and the value: ``train.yaml: 'learning_rate' must be a finite number > 0 and ≤ 10, got inf (float)``.
+the key and the value: ``train.yaml: 'learning_rate' must be > 0 and ≤ 10, got 1000.0 (float)``.
 
 - Types are strict: a string is not a boolean (``"false"`` is refused, not read as true), a boolean is not a
   number, a float is not an integer.
@@ -29,7 +29,7 @@ from .errors import ConfigError
 class _BoundedRepr(reprlib.Repr):
     def __init__(self) -> None:
         super().__init__()
-        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 2, 80, 80, 40
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 2, 200, 80, 40
         self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = 6
 
     def repr_int(self, x, level):
@@ -41,12 +41,12 @@ class _BoundedRepr(reprlib.Repr):
 _REPR = _BoundedRepr()
 
 
-SHOWN = 160  # the most characters a value takes in a message
+SHOWN = 320  # the most characters a value takes in a message
 
 
 def show(value) -> str:
-    """``repr(value)`` cut to a bounded size: strings to 80 characters, containers to 6 items and 2 levels, the
-    whole to :data:`SHOWN` characters."""
+    """``repr(value)`` cut to a bounded size: strings to 200 characters (a long module name fits), containers to 6
+    items and 2 levels, the whole to :data:`SHOWN` characters."""
     text = _REPR.repr(value)
     return text if len(text) <= SHOWN else text[:SHOWN - 3] + "..."
 
