@@ -425,3 +425,12 @@ def test_a_broken_link_in_the_data_is_skipped(tmp_path):
     (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     with pytest.warns(UserWarning, match=r"gone\.txt: skipped, a broken link"):
         assert data_mod.data_files(tmp_path) == [tmp_path / "a.txt"]
+
+
+@pytest.mark.parametrize("key,value", [("gamma", math.nan), ("gamma", math.inf), ("min_lr", math.nan),
+                                       ("initial_lr", math.inf)])
+def test_scheduler_refuses_non_finite_values(key, value):
+    """make_scheduler (the Hy surface's torch_lr_scheduler) refuses what the training config refuses."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(lt.ConfigError, match=rf"scheduler config: '{key}' must be a finite number, got {value}"):
+        lt.train.make_scheduler(optimizer, "step", {key: value})
