@@ -434,3 +434,11 @@ def test_scheduler_refuses_non_finite_values(key, value):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     with pytest.raises(lt.ConfigError, match=rf"scheduler config: '{key}' must be a finite number, got {value}"):
         lt.train.make_scheduler(optimizer, "step", {key: value})
+
+
+def test_a_record_with_many_keys_is_named_in_a_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({f"k{i}": 1 for i in range(100_000)}) + "\n")
+    with pytest.raises(lt.DataError, match=r"d\.jsonl:1: a record needs 'text'.*\(keys: \['k0', 'k1', ") as caught:
+        data_mod.read_documents(path)
+    assert len(str(caught.value)) < len(str(path)) + 400

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..validate import show
 
 IGNORE_INDEX = -100
 RECORD_SUFFIXES = {".json", ".jsonl"}
@@ -59,7 +60,7 @@ def record_document(obj, where: str) -> Document | None:
     missing = [k for k in ("instruction", "response") if k not in obj]
     if missing:
         raise DataError(f"{where}: a record needs 'text', or 'instruction' and 'response'; it lacks "
-                        f"{' and '.join(repr(k) for k in missing)} (keys: {sorted(obj)})")
+                        f"{' and '.join(repr(k) for k in missing)} (keys: {show(sorted(obj))})")
     for key in ("instruction", "response", "input"):
         if key in obj and not isinstance(obj[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
