@@ -442,3 +442,24 @@ def test_a_record_with_many_keys_is_named_in_a_line(tmp_path):
     with pytest.raises(lt.DataError, match=r"d\.jsonl:1: a record needs 'text'.*\(keys: \['k0', 'k1', ") as caught:
         data_mod.read_documents(path)
     assert len(str(caught.value)) < len(str(path)) + 400
+
+
+def test_a_shared_structure_of_a_billion_values_is_named_in_a_line():
+    """The same value built in Python (no YAML to bound it): the type error shows it at a bounded size instead of
+    expanding its 9^9 strings. A regression runs out of memory or time, in the subprocess."""
+    code = """
+        import lispetorch as lt
+        laughs = ["lol"] * 9
+        for _ in range(8):
+            laughs = [laughs] * 9
+        for key in ("report_to", "data", "lora"):
+            try:
+                lt.train.TrainConfig.from_dict({"data": "d", "output_dir": "o", key: laughs}, "t.yaml")
+            except lt.ConfigError as e:
+                assert len(str(e)) < 600, len(str(e))
+                print(str(e).split(",")[0])
+    """
+    done = run_python(code, 120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["t.yaml: 'report_to' must be a list of names", "t.yaml: 'data' must be a "
+                                        "path or a list of paths", "t.yaml: 'lora' must be a mapping (rank"]
