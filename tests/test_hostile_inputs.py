@@ -85,7 +85,7 @@ def test_strict_checks_pass_good_values():
     ("q_proj|v_proj", "model.layers.0.self_attn.v_proj", True),
     ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj", True),  # the full name
     ("^model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj", True),
-    ("(.|.)*!", "model.layers.0.self_attn.q_proj", False),
+    ("(.|.)*!", "layers.0.q", False),  # short: PEFT's backtracking match takes minutes on a real module name
 ])
 def test_pattern_keys_match_as_in_peft(key, name, expected):
     from peft.utils.other import get_pattern_key
