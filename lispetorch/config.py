@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 from .hf import dtype_name
 from .peft_format import scaling
+from .validate import compile_pattern, show
 
 # The method names, one vocabulary for every surface (Python, training configs, the Lisp primitives): a method
 # with a config class of its own (CONFIGS, below), or LoRA with an SVD init.
@@ -42,25 +43,32 @@ def is_init(value) -> bool:
 # --- validators: each raises ConfigError naming the field and the value ----------------------------------------
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {show(value)}")
     return value
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
 def positive_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not _finite(value):
+        raise ConfigError(f"{name} must be a positive number, got {show(value)}")
     return value
 
 
 def non_negative_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-        raise ConfigError(f"{name} must be ≥ 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not _finite(value):
+        raise ConfigError(f"{name} must be ≥ 0, got {show(value)}")
     return value
 
 
 def probability(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        raise ConfigError(f"{name} must be in [0, 1), got {show(value)}")
     return value
 
 
@@ -68,15 +76,12 @@ def module_selection(value, name: str):
     """Module names (a non-empty list), a regular expression, or ``"all-linear"``."""
     if isinstance(value, str):
         if value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ConfigError(f"{name} is not a valid regular expression: {value!r} ({e})") from None
+            compile_pattern(value, name)  # RE2, as every pattern is matched: linear time, no backtracking
         return value
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(t, str) and t for t in value):
         return list(value)
     raise ConfigError(f"{name} must be a non-empty list of module names, a regular expression or 'all-linear', "
-                      f"got {value!r}")
+                      f"got {show(value)}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from .errors import ConfigError
+from .validate import show
 
 _ACCELERATOR = re.compile(r"cuda(:\d+)?|mps")
 _noticed: set[str] = set()
@@ -54,11 +55,11 @@ def resolve_device(name: str, strict: bool = True, who: str = "") -> torch.devic
     if name in devices:
         return torch.device(name)
     if strict:
-        raise ConfigError(f"device {name!r} is not available here; available: {', '.join(devices)} (or auto)")
+        raise ConfigError(f"device {show(name)} is not available here; available: {', '.join(devices)} (or auto)")
     if isinstance(name, str) and _ACCELERATOR.fullmatch(name):
         best = best_device()
         if name not in _noticed:
             _noticed.add(name)
             print(f"{who + ': ' if who else ''}device {name!r} is not available here; using {best}", file=sys.stderr)
         return torch.device(best)
-    raise ConfigError(f"unknown device {name!r}; available here: {', '.join(devices)} (or auto)")
+    raise ConfigError(f"unknown device {show(name)}; available here: {', '.join(devices)} (or auto)")

@@ -74,6 +74,21 @@ def model_id(model: nn.Module) -> str:
     return str(getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or "")
 
 
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+
+
+def max_positions(model: nn.Module) -> tuple[str, int] | None:
+    """The key of the model's config that bounds its sequence length, and its value (GPT-2's ``n_positions``,
+    ``max_position_embeddings`` elsewhere); None when the config gives none."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in POSITION_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
 def task_type(model: nn.Module) -> str | None:
     """PEFT's ``task_type`` for the model: ``"CAUSAL_LM"`` for a ``…ForCausalLM``, else None."""
     return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, validate
 from .errors import AdapterFormatError
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,9 +50,10 @@ def exact_targets(modules) -> str:
 
 
 def pattern_value(pattern: dict, name: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module name or a dotted suffix of it."""
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the module name or a dotted
+    suffix of it (PEFT's rule, matched with RE2 in linear time: :func:`lispetorch.validate.suffix_match`)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if validate.suffix_match(key, name):
             return value
     return default
 
@@ -133,16 +134,63 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise AdapterFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except UnicodeDecodeError as e:
         raise AdapterFormatError(f"{path}: not UTF-8 text ({e})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise AdapterFormatError(f"{path}: not valid JSON ({validate.show(str(e))})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: nested too deeply to be read as JSON") from None
+    return check_config(config, path)
+
+
+MAX_RANK = 1 << 20
+MAX_ALPHA = 1e6  # a scaling numerator beyond this overflows the factors' products in half precision
+
+
+def check_config(config, path: str | os.PathLike) -> dict:
+    """``config`` (an ``adapter_config.json``'s content) if every field this project reads holds a value of its
+    type and range: ``r`` and ``rank_pattern`` values positive integers; ``lora_alpha`` and ``alpha_pattern``
+    values finite, > 0 and ≤ :data:`MAX_ALPHA`; ``lora_dropout`` in [0, 1); ``use_rslora``, ``fan_in_fan_out``
+    and ``use_dora`` true or false (a string such as ``"false"`` is refused); pattern keys regular expressions
+    that RE2 compiles in PEFT's anchoring. Null stands for a field's default.
+
+    Raises:
+        AdapterFormatError: the first field that does not, naming the file, the key and the value.
+    """
+    src, E = str(path), AdapterFormatError
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise E(f"{path}: expected a JSON object, got {validate.type_name(config)}")
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type is {peft_type!r}; only LORA adapters can be loaded")
+        raise E(f"{path}: peft_type is {validate.show(peft_type)}; only LORA adapters can be loaded")
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if config.get(key) is not None:
+            validate.boolean(config[key], key, src, error=E)
     if config.get("use_dora"):
-        raise AdapterFormatError(f"{path}: DoRA adapters (use_dora) are not supported")
-    for key in ("r", "lora_alpha"):
-        if key in config and (not isinstance(config[key], (int, float)) or config[key] <= 0):
-            raise AdapterFormatError(f"{path}: {key} must be a positive number, got {config[key]!r}")
+        raise E(f"{path}: DoRA adapters (use_dora) are not supported")
+    if "r" in config:
+        validate.integer(config["r"], "r", src, 1, MAX_RANK, error=E)
+    if "lora_alpha" in config:
+        validate.number(config["lora_alpha"], "lora_alpha", src, 0.0, MAX_ALPHA, lo_open=True, error=E)
+    if config.get("lora_dropout") is not None:
+        validate.number(config["lora_dropout"], "lora_dropout", src, 0.0, 1.0, hi_open=True, error=E)
+    target = config.get("target_modules")
+    if target is not None and not isinstance(target, str) and \
+            not (isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        raise E(f"{path}: 'target_modules' must be a list of names or a regular expression, got "
+                f"{validate.show(target)} ({validate.type_name(target)})")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise E(f"{path}: '{field}' must be a mapping pattern -> value, got {validate.show(pattern)} "
+                    f"({validate.type_name(pattern)})")
+        for key, value in pattern.items():
+            validate.compile_pattern(key, field, src, E, form=validate.PEFT_PATTERN)
+            label = f"{field}[{validate.show(key)}]"
+            if field == "rank_pattern":
+                validate.integer(value, label, src, 1, MAX_RANK, error=E)
+            else:
+                validate.number(value, label, src, 0.0, MAX_ALPHA, lo_open=True, error=E)
     return config
 
 

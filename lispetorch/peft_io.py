@@ -31,6 +31,7 @@ from .peft_format import (
     write_directory,
 )
 from .targets import adaptable_modules
+from .validate import show
 
 
 def _targets_for(names: list[str], model: nn.Module) -> list[str] | str:
@@ -177,13 +178,13 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
     for key, tensor in weights.items():
         parsed = parse_key(key)
         if parsed is None:
-            raise AdapterFormatError(f"{wpath}: unsupported key {key!r} (only lora_A / lora_B weights are read)")
+            raise AdapterFormatError(f"{wpath}: unsupported key {show(key)} (only lora_A / lora_B weights are read)")
         name, which = parsed
         if name not in adaptable:
-            raise AdapterFormatError(f"{wpath}: key {key!r} names module {name!r}, which the model has no "
+            raise AdapterFormatError(f"{wpath}: key {show(key)} names module {show(name)}, which the model has no "
                                      "adaptable layer for")
         if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
-            raise AdapterFormatError(f"{wpath}: key {key!r} holds non-finite or non-float values")
+            raise AdapterFormatError(f"{wpath}: key {show(key)} holds non-finite or non-float values")
         found.setdefault(name, {})[which] = tensor
     if not found:
         raise AdapterFormatError(f"{wpath}: holds no LoRA weights")
@@ -194,7 +195,7 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
     for name, pair in found.items():
         if set(pair) != {"lora_A", "lora_B"}:
             missing = {"lora_A", "lora_B"} - set(pair)
-            raise AdapterFormatError(f"{wpath}: module {name!r} lacks {missing.pop()}")
+            raise AdapterFormatError(f"{wpath}: module {show(name)} lacks {missing.pop()}")
         module = adaptable[name]
         base = base_of(module)
         w = weight_out_in(base)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from .errors import ConfigError
+from .validate import number, show
 
 SCHEDULER_TYPES = ("linear_warmup_cosine", "cosine", "linear", "exponential", "step", "constant")
 
@@ -43,15 +44,15 @@ def _check_config(scheduler_type: str, config: Mapping) -> dict:
     out = dict(DEFAULTS)
     for key, value in config.items():
         if key not in _KEYS:
-            raise ConfigError(f"unknown scheduler config key {key!r}; the keys are {', '.join(_KEYS)}")
+            raise ConfigError(f"unknown scheduler config key {show(key)}; the keys are {', '.join(_KEYS)}")
         kind = _KEYS[key]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if kind is int:
-            ok = ok and float(value).is_integer()
+            ok = ok and (isinstance(value, int) or float(value).is_integer())
         if not ok:
-            raise TypeError(f"scheduler config key {key!r} must be {'an integer' if kind is int else 'a number'}, "
-                            f"got {value!r}")
-        out[key] = kind(value)
+            raise TypeError(f"scheduler config key {show(key)} must be {'an integer' if kind is int else 'a number'}, "
+                            f"got {show(value)}")
+        out[key] = kind(value) if kind is int else number(value, key, "scheduler config")  # NaN and inf refused
     for key in ("total_steps", "warmup_steps"):
         if out[key] < 0:
             raise ConfigError(f"scheduler config key {key!r} must be ≥ 0, got {out[key]}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -11,12 +9,14 @@ from .errors import AdapterStateError, ConfigError
 from .hf import output_head
 from .layer import LoraLinear, base_of, is_adaptable
 from .nf4 import BLOCKSIZE, NF4Linear, is_bitsandbytes_4bit
+from .validate import fullmatch
 
 
 def name_matches(name: str, targets: list[str] | str) -> bool:
-    """``targets`` as a full-match regular expression (a string), or names and dotted name suffixes (a list)."""
+    """``targets`` as a full-match regular expression (a string, matched with RE2 in linear time), or names and
+    dotted name suffixes (a list)."""
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return fullmatch(targets, name)
     return any(name == t or name.endswith("." + t) for t in targets)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import atomic, yaml_io
+from .. import atomic, validate, yaml_io
 from ..errors import ConfigError
 from ..peft_format import CONFIG_NAME, WEIGHTS_NAME
 
@@ -86,7 +86,8 @@ class CombineConfig:
 
 def _flag(value, key: str, source: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{source}: settings.{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{source}: settings.{key} must be true or false, got {validate.show(value)} "
+                          f"({validate.type_name(value)})")
     return value
 
 
@@ -109,9 +110,9 @@ def load_config(config: str | os.PathLike | Mapping | CombineConfig) -> CombineC
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint list {path} does not exist (write one with "
                                 "`lispetorch combine init-config`)")
-    data = yaml_io.load(path)
+    data = yaml_io.load(path, ConfigError)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with a 'checkpoints' key, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping with a 'checkpoints' key, got {validate.type_name(data)}")
     return _parse(data, str(path), path.parent)
 
 
@@ -121,29 +122,33 @@ def _parse(data: dict, source: str, base: Path) -> CombineConfig:
         raise ConfigError(f"{source}: 'checkpoints' must be a non-empty mapping name -> {{path, description}}")
     unknown = sorted(set(data) - {"checkpoints", "settings"}, key=str)
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; a checkpoint list has 'checkpoints' and "
+        raise ConfigError(f"{source}: unknown key {validate.show(unknown[0])}; a checkpoint list has 'checkpoints' and "
                           "'settings'")
     checkpoints: dict[str, CheckpointEntry] = {}
     for name, entry in entries.items():
         if not isinstance(name, str) or not name:
-            raise ConfigError(f"{source}: checkpoint names must be non-empty strings, got {name!r}")
+            raise ConfigError(f"{source}: checkpoint names must be non-empty strings, got {validate.show(name)}")
         if isinstance(entry, (str, os.PathLike)):
             entry = {"path": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), (str, os.PathLike)) \
                 or not str(entry["path"]):
-            raise ConfigError(f"{source}: checkpoint {name!r} needs a 'path' (a string), got {entry!r}")
+            raise ConfigError(f"{source}: checkpoint {validate.show(name)} needs a 'path' (a string), got "
+                              f"{validate.show(entry)}")
         path = Path(os.path.expanduser(str(entry["path"])))
         if not path.is_absolute():
             path = base / path
-        description = entry.get("description") or ""
-        checkpoints[name] = CheckpointEntry(name, path, str(description))
+        description = entry.get("description")
+        if description is not None and not isinstance(description, (str, int, float)):
+            raise ConfigError(f"{source}: the description of checkpoint {validate.show(name)} must be text, got "
+                              f"{validate.show(description)} ({validate.type_name(description)})")
+        checkpoints[name] = CheckpointEntry(name, path, "" if description is None else str(description))
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
-        raise ConfigError(f"{source}: 'settings' must be a mapping, got {settings!r}")
+        raise ConfigError(f"{source}: 'settings' must be a mapping, got {validate.show(settings)}")
     unknown = sorted(set(settings) - {"verify_paths", "verbose_paths"}, key=str)
     if unknown:
-        raise ConfigError(f"{source}: unknown setting {unknown[0]!r}; the settings are 'verify_paths' and "
-                          "'verbose_paths'")
+        raise ConfigError(f"{source}: unknown setting {validate.show(unknown[0])}; the settings are 'verify_paths' "
+                          "and 'verbose_paths'")
     return CombineConfig(
         checkpoints,
         verify_paths=_flag(settings.get("verify_paths", True), "verify_paths", source),

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import AdapterFormatError, ConfigError, ShapeError
 from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
+from ..validate import show
 
 
 @dataclass
@@ -162,7 +163,7 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
             other.append(key)  # a whole tensor trained beside the adapter (modules_to_save)
             continue
         if parsed is None:
-            raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {key!r}, which is not a LoRA A/B weight "
+            raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {show(key)}, which is not a LoRA A/B weight "
                                      "(only lora_A / lora_B weights can be combined)")
         found.setdefault(parsed[0], {})[parsed[1]] = key
     if not found:
@@ -173,7 +174,7 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
         pair = found[module]
         if set(pair) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
-            raise AdapterFormatError(f"checkpoint {name!r}: {wfile} has no {missing} for module {module!r}")
+            raise AdapterFormatError(f"checkpoint {name!r}: {wfile} has no {missing} for module {show(module)}")
         sa, sb = shapes[pair["lora_A"]], shapes[pair["lora_B"]]
         if len(sa) != 2 or len(sb) != 2 or sb[1] != sa[0] or sa[0] == 0:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile}: {pair['lora_A']} has shape {sa} and "

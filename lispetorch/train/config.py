@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .. import yaml_io
+from .. import validate, yaml_io
 from ..config import CONFIGS, is_init, method_config
 from ..errors import ConfigError
 from ..hf import DTYPES
@@ -107,7 +107,7 @@ class TrainConfig:
                 values["lora"] = _lora_section(value, source)
                 continue
             if key not in _FIELDS:
-                raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, _FIELDS)}")
+                raise ConfigError(f"{source}: unknown key {validate.show(key)}{_suggest(key, _FIELDS)}")
             values[key] = _check(key, value, _FIELDS[key], source)
         config = cls(**values)
         config._validate(source)
@@ -141,47 +141,38 @@ class TrainConfig:
         raise ConfigError(f"a training config is a mapping or a YAML path, got {type(config).__name__}")
 
     def _validate(self, source: str) -> None:
-        positive = ("learning_rate", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length",
-                    "step_size")
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{source}: {key!r} must be > 0, got {getattr(self, key)}")
-        non_negative = ("weight_decay", "max_steps", "eval_batch_size", "logging_steps", "save_steps", "eval_steps",
-                        "warmup_steps", "max_grad_norm", "min_lr")
-        for key in non_negative:
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{source}: {key!r} must be ≥ 0, got {getattr(self, key)}")
-        if self.gamma <= 0:
-            raise ConfigError(f"{source}: 'gamma' must be > 0, got {self.gamma}")
-        if not 0 <= self.validation_split < 1:
-            raise ConfigError(f"{source}: 'validation_split' must be in [0, 1), got {self.validation_split}")
+        for key, (lo, hi, *open_) in RANGES.items():
+            value = getattr(self, key)
+            if isinstance(value, int):
+                validate.integer(value, key, source, lo, hi)
+            else:
+                validate.number(value, key, source, lo, hi, *open_)
         if self.scheduler_type not in SCHEDULER_TYPES:
-            raise ConfigError(f"{source}: unknown scheduler_type {self.scheduler_type!r}; choose one of "
+            raise ConfigError(f"{source}: unknown scheduler_type {validate.show(self.scheduler_type)}; choose one of "
                               f"{', '.join(SCHEDULER_TYPES)}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {validate.show(self.dtype)}")
         if self.quantize_base not in QUANTIZE_BASE:
             raise ConfigError(f"{source}: 'quantize_base' must be one of {', '.join(QUANTIZE_BASE)}, got "
-                              f"{self.quantize_base!r}")
+                              f"{validate.show(self.quantize_base)}")
         for name in self.report_to:
             if name not in ("tensorboard", "wandb"):
-                raise ConfigError(f"{source}: 'report_to' names {name!r}; choose tensorboard and/or wandb")
+                raise ConfigError(f"{source}: 'report_to' names {validate.show(name)}; choose tensorboard and/or wandb")
         lora = self.lora
-        if lora.rank <= 0:
-            raise ConfigError(f"{source}: 'lora.rank' must be > 0, got {lora.rank}")
-        if lora.alpha <= 0:
-            raise ConfigError(f"{source}: 'lora.alpha' must be > 0, got {lora.alpha}")
-        if not 0 <= lora.dropout < 1:
-            raise ConfigError(f"{source}: 'lora.dropout' must be in [0, 1), got {lora.dropout}")
+        for key, (lo, hi, *open_) in LORA_RANGES.items():
+            value = getattr(lora, key)
+            if isinstance(value, int):
+                validate.integer(value, f"lora.{key}", source, lo, hi)
+            else:
+                validate.number(value, f"lora.{key}", source, lo, hi, *open_)
         if not is_init(lora.init):
             raise ConfigError(f"{source}: 'lora.init' must be kaiming, gaussian, pissa, pissa_niter_K (K a number "
-                              f"of subspace iterations) or lora_ga, got {lora.init!r}")
-        if lora.calibration_batches <= 0:
-            raise ConfigError(f"{source}: 'lora.calibration_batches' must be > 0, got {lora.calibration_batches}")
+                              f"of subspace iterations) or lora_ga, got {validate.show(lora.init)}")
         if lora.method not in CONFIGS:
-            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(CONFIGS)}, got {lora.method!r}")
+            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(CONFIGS)}, got "
+                              f"{validate.show(lora.method)}")
         if lora.method != "lora" and lora.init != "kaiming":
-            raise ConfigError(f"{source}: 'lora.init' ({lora.init!r}) applies to method lora; method "
+            raise ConfigError(f"{source}: 'lora.init' ({validate.show(lora.init)}) applies to method lora; method "
                               f"{lora.method} makes its own factors")
         if lora.method == "tinylora" and lora.dropout != 0:
             raise ConfigError(f"{source}: 'lora.dropout' must be 0 for method tinylora (it has no dropout), got "
@@ -208,6 +199,36 @@ class TrainConfig:
         return d
 
 
+# The sane range of every numeric key: (lowest, highest[, lowest excluded[, highest excluded]]). A value outside
+# (or NaN, or infinite) is refused by name before anything runs: an infinite learning rate or a NaN gamma would
+# train to a NaN adapter, a NaN max_grad_norm would turn clipping off.
+RANGES: dict[str, tuple] = {
+    "learning_rate": (0.0, 10.0, True),
+    "weight_decay": (0.0, 100.0),
+    "num_epochs": (1, 1_000_000),
+    "max_steps": (0, 10**12),
+    "batch_size": (1, 1_000_000),
+    "eval_batch_size": (0, 1_000_000),
+    "gradient_accumulation_steps": (1, 1_000_000),
+    "max_seq_length": (1, 10**8),  # and at most the model's positions (checked when the model is loaded)
+    "validation_split": (0.0, 1.0, False, True),
+    "logging_steps": (0, 10**12),
+    "save_steps": (0, 10**12),
+    "eval_steps": (0, 10**12),
+    "warmup_steps": (0, 10**12),
+    "max_grad_norm": (0.0, 1e6),  # 0: no clipping
+    "min_lr": (0.0, 10.0),
+    "gamma": (0.0, 10.0, True),
+    "step_size": (1, 10**12),
+    "seed": (0, 2**32 - 1),
+}
+LORA_RANGES: dict[str, tuple] = {
+    "rank": (1, 1 << 16),
+    "alpha": (0.0, 1e6, True),
+    "dropout": (0.0, 1.0, False, True),
+    "calibration_batches": (1, 1_000_000),
+}
+
 # key -> expected kind
 _FIELDS: dict[str, str] = {}
 for _f in dataclasses.fields(TrainConfig):
@@ -221,38 +242,27 @@ _LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modu
                 "calibration_batches": _INT, "method": _STR, "options": _MAPPING}
 
 
-def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
+def _suggest(key, known) -> str:
+    close = difflib.get_close_matches(key[:100], list(known), n=1) if isinstance(key, str) else []
     return f" (did you mean {close[0]!r}?)" if close else f"; the keys are {', '.join(sorted(known))}"
-
-
-def _type_name(value) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def _check(key: str, value, kind: str, source: str):
     def fail():
-        raise ConfigError(f"{source}: {key!r} must be {kind}, got {value!r} ({_type_name(value)})")
+        raise ConfigError(f"{source}: {key!r} must be {kind}, got {validate.show(value)} "
+                          f"({validate.type_name(value)})")
 
     if kind == _NUMBER:
         if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 fail()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail()
-        return float(value)
+        return validate.number(value, key, source)  # finite; the key's range is checked with the others'
     if kind == _INT:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            fail()
-        return value
+        return validate.integer(value, key, source, integral_float=True)
     if kind == _BOOL:
-        if not isinstance(value, bool):
-            fail()
-        return value
+        return validate.boolean(value, key, source)
     if kind == _STR:
         if not isinstance(value, str):
             fail()
@@ -279,7 +289,11 @@ def _check(key: str, value, kind: str, source: str):
             fail()
         return dict(value)
     if kind == _NAMES:
-        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        if isinstance(value, str):
+            if value != "all-linear":
+                validate.compile_pattern(value, key, source)  # RE2: a pattern from a file never backtracks
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             return value
         fail()
     raise AssertionError(kind)
@@ -288,10 +302,10 @@ def _check(key: str, value, kind: str, source: str):
 def _lora_section(value, source: str) -> LoraSection:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{source}: 'lora' must be a mapping (rank, alpha, dropout, target_modules), "
-                          f"got {_type_name(value)}")
+                          f"got {validate.type_name(value)}")
     values = {}
     for key, v in value.items():
         if key not in _LORA_FIELDS:
-            raise ConfigError(f"{source}: unknown key 'lora.{key}'{_suggest(key, _LORA_FIELDS)}")
+            raise ConfigError(f"{source}: unknown key {validate.show(f'lora.{key}')}{_suggest(key, _LORA_FIELDS)}")
         values[key] = _check(f"lora.{key}", v, _LORA_FIELDS[key], source)
     return LoraSection(**values)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError
+from ..validate import show
 
 IGNORE_INDEX = -100
 RECORD_SUFFIXES = {".json", ".jsonl"}
@@ -57,7 +60,7 @@ def record_document(obj, where: str) -> Document | None:
     missing = [k for k in ("instruction", "response") if k not in obj]
     if missing:
         raise DataError(f"{where}: a record needs 'text', or 'instruction' and 'response'; it lacks "
-                        f"{' and '.join(repr(k) for k in missing)} (keys: {sorted(obj)})")
+                        f"{' and '.join(repr(k) for k in missing)} (keys: {show(sorted(obj))})")
     for key in ("instruction", "response", "input"):
         if key in obj and not isinstance(obj[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
@@ -66,9 +69,46 @@ def record_document(obj, where: str) -> Document | None:
                     where)
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_regular(path: Path) -> str | None:
+    """None for a regular file (or a link to one); else what ``path`` is (``"a FIFO"``, ``"a broken link"``…)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return "a broken link" if os.path.islink(path) else f"unreadable ({e.strerror})"
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading as UTF-8 text, if it is a regular file. It is opened without blocking and checked
+    on the open descriptor, so a FIFO or a device put in its place is refused, never waited on.
+
+    Raises:
+        DataError: not a regular file (what it is named).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(f"{path}: {_kind(mode)}, not a regular file; training data is read from regular files only")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return open(fd, encoding="utf-8")
+
+
 def _read_jsonl(path: Path) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as fh:
+    with _open_regular(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -83,8 +123,10 @@ def _read_jsonl(path: Path) -> list[Document]:
 
 
 def _read_json(path: Path) -> list[Document]:
+    with _open_regular(path) as fh:
+        text = fh.read()
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     records = obj if isinstance(obj, list) else [obj]
@@ -98,7 +140,8 @@ def _read_file(path: Path) -> list[Document]:
             return _read_jsonl(path)
         if path.suffix == ".json":
             return _read_json(path)
-        text = path.read_text(encoding="utf-8")
+        with _open_regular(path) as fh:
+            text = fh.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return [Document("", text, str(path))] if text.strip() else []
@@ -106,7 +149,10 @@ def _read_file(path: Path) -> list[Document]:
 
 def data_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The files a ``data`` setting names: files as given, directories walked (sorted, hidden entries skipped)
-    for text, source and record files."""
+    for text, source and record files.
+
+    Only regular files (or links to them) are read: in a directory, a FIFO, socket, device or broken link is
+    skipped with a warning naming it; named directly, reading it is a :class:`DataError`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
@@ -118,12 +164,21 @@ def data_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
             found = []
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-                found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")
-                          and Path(f).suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES]
+                for f in sorted(filenames):
+                    if f.startswith(".") or Path(f).suffix.lower() not in TEXT_SUFFIXES | RECORD_SUFFIXES:
+                        continue
+                    what = _not_regular(Path(dirpath) / f)
+                    if what is None:
+                        found.append(Path(dirpath) / f)
+                    else:
+                        warnings.warn(f"{Path(dirpath) / f}: skipped, {what} (training data is read from regular "
+                                      "files only)", stacklevel=2)
             if not found:
                 raise DataError(f"{p}: the directory holds no text or record files "
                                 f"({', '.join(sorted(TEXT_SUFFIXES | RECORD_SUFFIXES))})")
             files += found
+        elif os.path.lexists(p):  # a FIFO, a device, a broken link: the reader names what it is
+            files.append(p)
         else:
             raise DataError(f"{p}: no such file or directory")
     return files

@@ -22,7 +22,7 @@ from ..config import RotationalPiSSAConfig, TinyLoraConfig, method_of
 from ..devices import resolve_device
 from ..dispatch import inject
 from ..errors import ConfigError
-from ..hf import DTYPES
+from ..hf import DTYPES, max_positions
 from ..methods import orthogonality_loss, save_tinylora
 from ..peft_format import PREFIX, write_files
 from ..peft_io import export
@@ -142,6 +142,12 @@ class Trainer:
             if self.model is None:
                 self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
         self.model_path = model_path
+        positions = max_positions(self.model)
+        if positions is not None and cfg.max_seq_length > positions[1]:
+            key, n = positions
+            raise ConfigError(f"'max_seq_length' is {cfg.max_seq_length}, above the model's maximum number of "
+                              f"positions ({key} = {n} in {model_path or 'the model'}'s config): set max_seq_length "
+                              f"≤ {n}")
         self.dataset = data_mod.load_dataset(None, self.tokenizer, cfg.max_seq_length, packing=cfg.packing,
                                              mask_prompt=cfg.mask_prompt, validation_split=cfg.validation_split,
                                              seed=cfg.seed, documents=docs)
