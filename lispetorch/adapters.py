@@ -14,6 +14,7 @@ from .errors import AdapterStateError, ConfigError, merged_error
 from .hf import weight_out_in
 from .layer import LoraLinear, base_of
 from .nf4 import NF4Linear
+from .peft_format import pattern_value
 from .targets import match_modules, replace_module
 
 
@@ -38,7 +39,13 @@ class AdapterPlan:
 
 def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
     """The modules ``config`` targets; an error if any of them already holds an adapter named ``adapter_name``."""
-    chosen = match_modules(model, config.target_modules, config.exclude_modules)
+    chosen = match_modules(model, config.target_modules, config.exclude_modules,
+                           getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None))
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key, value in (getattr(config, field, None) or {}).items():
+            if not any(pattern_value({key: value}, n, None) is not None for n in chosen):
+                raise ConfigError(f"{field} key {key!r} matches none of the targeted modules: "
+                                  f"{sorted(chosen)}")
     twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
     if twice:
         raise AdapterStateError(

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
 from .hf import dtype_name
-from .peft_format import scaling
+from .peft_format import pattern_value, scaling
 
 # The method names, one vocabulary for every surface (Python, training configs, the Lisp primitives): a method
 # with a config class of its own (CONFIGS, below), or LoRA with an SVD init.
@@ -62,6 +62,50 @@ def probability(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
     return value
+
+
+def layer_indices(value, name: str):
+    """None, a layer index, or a list of them (PEFT's ``layers_to_transform``)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a layer index ≥ 0 or a list of them, got {value!r}")
+
+
+def name_patterns(value, name: str):
+    """None, a name pattern, or a non-empty list of them (PEFT's ``layers_pattern``)."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a name (e.g. 'layers') or a non-empty list of names, got {value!r}")
+
+
+def per_module(value, name: str, check) -> dict:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: ``{pattern: value}``, each pattern a regular expression matched
+    against a module name or a dotted suffix of it (:func:`~lispetorch.peft_format.pattern_value`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"{name} must be a mapping of module name patterns to values, got {value!r}")
+    for key, v in value.items():
+        check(v, f"{name}[{key!r}]")
+        try:
+            pattern_value({key: v}, "", None)
+        except Exception as e:  # the pattern engine's own error type
+            raise ConfigError(f"{name}: {key!r} is not a valid regular expression ({e})") from None
+    return dict(value)
+
+
+def module_names(value, name: str) -> list[str]:
+    """A non-empty list of module names (a single name is a list of one)."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a non-empty list of module names, got {value!r}")
 
 
 def module_selection(value, name: str):
@@ -126,9 +170,23 @@ class LoraConfig(AdapterConfig):
             iterations) or ``"lora_ga"`` (from the SVD of the averaged gradient of W over calibration batches
             passed to ``inject``; Wang et al., 2024). Default ``"kaiming"``.
         dtype (str | torch.dtype | None): dtype of the adapter factors; the base weight's when None.
+        layers_to_transform (int | list[int] | None): only the targeted modules in these layers (PEFT's field: the
+            layer index is the number after the first ``<layers_pattern>.`` in the module name, or without a
+            pattern the first number after a dotted segment); a name given whole in ``target_modules`` is kept
+            whatever its layer. Needs ``target_modules`` as a list. Default None (every layer).
+        layers_pattern (str | list[str] | None): the name of the layer list (``"layers"``, ``"h"``), with
+            ``layers_to_transform``. Default None.
+        rank_pattern (dict[str, int]): ranks other than ``r``, by regular expression matched against a module name
+            or a dotted suffix of it (PEFT's ``rank_pattern``: the first key that matches counts). Default {}.
+        alpha_pattern (dict[str, float]): alphas other than ``alpha``, likewise. Default {}.
+        modules_to_save (list[str] | None): whole modules (an output head, an embedding, a classifier), by name or
+            dotted name suffix, trained as a copy beside the adapter and saved with it (PEFT's field); the
+            original stays for the adapter-less model. Default None.
 
     Raises:
-        ConfigError: a field out of range, named with its value (a ``ValueError``).
+        ConfigError: a field out of range, named with its value (a ``ValueError``); ``layers_to_transform`` or
+            ``layers_pattern`` with ``target_modules`` given as one string; ``layers_pattern`` without
+            ``layers_to_transform``.
     """
 
     r: int = 8
@@ -139,6 +197,11 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     init: str = "kaiming"
     dtype: object = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,6 +209,30 @@ class LoraConfig(AdapterConfig):
         probability(self.dropout, "LoraConfig.dropout")
         if not is_init(self.init):
             raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        self.layers_to_transform = layer_indices(self.layers_to_transform, "LoraConfig.layers_to_transform")
+        self.layers_pattern = name_patterns(self.layers_pattern, "LoraConfig.layers_pattern")
+        for key in ("layers_to_transform", "layers_pattern"):
+            if getattr(self, key) is not None and isinstance(self.target_modules, str):
+                raise ConfigError(f"LoraConfig.{key} ({getattr(self, key)!r}) needs target_modules as a list of "
+                                  f"names, not the string {self.target_modules!r} (as in PEFT)")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError(f"LoraConfig.layers_pattern ({self.layers_pattern!r}) needs layers_to_transform")
+        self.rank_pattern = per_module(self.rank_pattern, "LoraConfig.rank_pattern", positive_int)
+        self.alpha_pattern = per_module(self.alpha_pattern, "LoraConfig.alpha_pattern", positive_number)
+        if self.modules_to_save is not None:
+            self.modules_to_save = module_names(self.modules_to_save, "LoraConfig.modules_to_save")
+
+    def rank_of(self, module: str) -> int:
+        """The rank of ``module`` (a full module name): its :attr:`rank_pattern` entry, else :attr:`r`."""
+        return pattern_value(self.rank_pattern, module, self.r)
+
+    def alpha_of(self, module: str) -> float:
+        """The alpha of ``module``: its :attr:`alpha_pattern` entry, else :attr:`alpha`."""
+        return float(pattern_value(self.alpha_pattern, module, self.alpha))
+
+    def scaling_of(self, module: str) -> float:
+        """The scaling of ``module`` from its rank and alpha."""
+        return scaling(self.alpha_of(module), self.rank_of(module), self.use_rslora)
 
 
 @dataclass

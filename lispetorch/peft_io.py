@@ -30,14 +30,21 @@ from .peft_format import (
     read_weights,
     write_directory,
 )
-from .targets import adaptable_modules
+from .targets import adaptable_modules, layer_index
 
 
-def _targets_for(names: list[str], model: nn.Module) -> list[str] | str:
-    """The leaf names of ``names`` if they select exactly those modules, else an exact regular expression."""
+def _targets_for(names: list[str], model: nn.Module) -> tuple[list[str] | str, list[int] | None]:
+    """``(target_modules, layers_to_transform)`` for PEFT that select exactly the modules ``names``: their leaf
+    names, with the layer indices where those leaves select more modules than these; else an exact regular
+    expression and no layers."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     selected = {n for n in adaptable_modules(model) if n.rsplit(".", 1)[-1] in leaves}
-    return leaves if selected == set(names) else exact_targets(names)
+    if selected == set(names):
+        return leaves, None
+    layers = {layer_index(n) for n in names}
+    if None not in layers and {n for n in selected if layer_index(n) in layers} == set(names):
+        return leaves, sorted(layers)
+    return exact_targets(names), None
 
 
 def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
@@ -103,8 +110,10 @@ def export(model: nn.Module, adapter_name: str | None = None,
                                 "cannot hold")
     if len(fan) > 1:
         raise AdapterStateError(f"adapter {name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
-    config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, _targets_for(list(holding), model),
+    targets, layers = _targets_for(list(holding), model)
+    config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, targets,
                          base_model=model_id(model) or None, task_type=task_type(model))
+    config["layers_to_transform"] = layers
     return tensors, config
 
 

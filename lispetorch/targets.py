@@ -34,9 +34,50 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None) -> dict[str, nn.Module]:
+def layer_index(name: str, layers_pattern: list[str] | str | None = None) -> int | None:
+    """The layer index in a module name, by PEFT's rule: the number after the first ``<layers_pattern>.`` segment
+    (``model.layers.3.mlp.up_proj`` → 3 for ``"layers"``), or without a pattern the first number that follows a
+    dotted segment; None when there is none."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        return None if m is None else int(m.group("idx"))
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if m is not None:
+            return int(m.group("idx"))
+    return None
+
+
+def select_layers(chosen: dict[str, nn.Module], target_modules: list[str] | str, layers_to_transform,
+                  layers_pattern=None) -> dict[str, nn.Module]:
+    """The modules of ``chosen`` in the layers ``layers_to_transform`` (an index or a list of them), as PEFT selects
+    them: a name given whole in ``target_modules`` is kept whatever its layer.
+
+    Raises:
+        ConfigError: an index no chosen module has, or a ``layers_pattern`` that finds no layer index (the message
+            lists the indices that exist).
+    """
+    wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
+    exact = set(target_modules) if not isinstance(target_modules, str) else set()
+    indices = {n: layer_index(n, layers_pattern) for n in chosen}
+    found = sorted({i for i in indices.values() if i is not None})
+    if not found:
+        numbered = sorted({seg for n in chosen for seg, nxt in zip(n.split("."), n.split(".")[1:], strict=False)
+                           if nxt.isdigit()})
+        raise ConfigError(f"layers_pattern {layers_pattern!r} finds no layer index in the targeted modules; the "
+                          f"numbered segments there are {numbered}")
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise ConfigError(f"layers_to_transform {layers_to_transform!r}: no targeted module is in layer(s) {missing}; "
+                          f"the layers are {found}")
+    return {n: m for n, m in chosen.items() if n in exact or indices[n] in wanted}
+
+
+def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
+                  layers_to_transform=None, layers_pattern=None) -> dict[str, nn.Module]:
     """The one matcher: names or suffixes, a full-match regular expression, or ``"all-linear"`` (every adaptable
-    layer but the output head).
+    layer but the output head); then, with ``layers_to_transform``, only the modules in those layers
+    (:func:`select_layers`).
 
     Raises:
         ValueError: nothing matches; the message lists the adaptable module names found.
@@ -55,6 +96,8 @@ def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_mod
             f"target_modules {target_modules!r} matches no adaptable module; the model's adaptable modules are "
             f"named {leaves} ({len(candidates)} in all)"
         )
+    if layers_to_transform is not None and layers_to_transform != []:
+        chosen = select_layers(chosen, target_modules, layers_to_transform, layers_pattern)
     return chosen
 
 

@@ -1,0 +1,109 @@
+"""What a PEFT user reaches for, against the real PEFT package: layer selection and per-module ranks on inject,
+converting configs, merged export, LoRA+ parameter groups, modules_to_save, gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load, logits, randomize_adapters
+
+import lispetorch as lt
+
+peft = pytest.importorskip("peft")
+
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_layers(peft_model) -> dict:
+    """PEFT's LoRA layers by module name in the base model."""
+    return {n.removeprefix(PEFT_PREFIX): m for n, m in peft_model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def peft_model(directory, **config):
+    model = peft.get_peft_model(load(directory), peft.LoraConfig(init_lora_weights=False, **config))
+    return model.eval()
+
+
+# --- layer selection and per-module ranks ---------------------------------------------------------------------
+SELECTIONS = [
+    ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])),
+    ("llama", dict(target_modules=["q_proj", "up_proj"], layers_to_transform=0, layers_pattern="layers")),
+    ("gpt2", dict(target_modules=["c_attn", "c_fc"], layers_to_transform=[1], layers_pattern=["h"])),
+    ("llama", dict(target_modules=["q_proj", "v_proj", "o_proj"], rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
+                   alpha_pattern={"v_proj": 3, "o_proj": 20})),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"], rank_pattern={r"h\.0\.attn\.c_proj": 2},
+                  alpha_pattern={"c_attn": 5})),
+]
+
+
+@pytest.mark.parametrize(("arch", "selection"), SELECTIONS)
+def test_selection_and_patterns_match_peft(model_dirs, input_ids, tmp_path, arch, selection):
+    theirs = peft_model(model_dirs[arch], r=4, lora_alpha=8, **selection)
+    expected = peft_layers(theirs)
+    ours = load(model_dirs[arch])
+    cfg = lt.LoraConfig(r=4, alpha=8, **{k.replace("lora_alpha", "alpha"): v for k, v in selection.items()})
+    layers = lt.inject(ours, cfg)
+    assert sorted(layers) == sorted(expected)
+    for name, layer in layers.items():
+        assert layer.r["default"] == expected[name].r["default"], name
+        assert layer.scaling["default"] == pytest.approx(expected[name].scaling["default"]), name
+    # our file loads in PEFT with our logits, and carries the selection
+    randomize_adapters(ours)
+    lt.save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    if "layers_to_transform" in selection:
+        assert config["layers_to_transform"] == [selection["layers_to_transform"]] \
+            if isinstance(selection["layers_to_transform"], int) else selection["layers_to_transform"]
+        assert isinstance(config["target_modules"], list)
+    again = peft.PeftModel.from_pretrained(load(model_dirs[arch]), tmp_path / "ours").eval()
+    assert sorted(peft_layers(again)) == sorted(expected)
+    torch.testing.assert_close(logits(again, input_ids), logits(ours, input_ids), rtol=1e-5, atol=1e-5)
+    # PEFT's file loads here with PEFT's logits
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load(model_dirs[arch])
+    assert sorted(lt.load_adapter(back, tmp_path / "theirs")) == sorted(expected)
+    torch.testing.assert_close(logits(back, input_ids), logits(theirs, input_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_patterns_apply_to_svd_inits(model_dirs):
+    model = load(model_dirs["llama"])
+    layers = lt.inject(model, lt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="pissa",
+                                            rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 4}))
+    assert {n: layer.r["default"] for n, layer in layers.items()} == {
+        n: 2 if n.endswith("v_proj") else 4 for n in layers}
+    assert all(layer.lora_alpha["default"] == (4 if n.endswith("q_proj") else 16) for n, layer in layers.items())
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (dict(target_modules=["q_proj"], layers_to_transform=[1, 5]), ["layers_to_transform", "[5]", "[0, 1]"]),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="blocks"),
+     ["layers_pattern", "'blocks'", "['layers']"]),
+    (dict(target_modules=["q_proj"], rank_pattern={"k_proj": 2}), ["rank_pattern", "'k_proj'", "q_proj"]),
+    (dict(target_modules=["q_proj"], alpha_pattern={r"layers\.7\.": 2}), ["alpha_pattern", "layers"]),
+])
+def test_selection_errors_name_the_value_and_what_exists(model_dirs, input_ids, options, words):
+    model = load(model_dirs["llama"])
+    before = logits(model, input_ids)
+    with pytest.raises(lt.ConfigError) as e:
+        lt.inject(model, lt.LoraConfig(r=2, **options))
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
+    assert not lt.adapter_layers(model)
+    torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("options", "word"), [
+    (dict(target_modules="all-linear", layers_to_transform=[0]), "layers_to_transform"),
+    (dict(target_modules=r".*q_proj", layers_pattern="layers", layers_to_transform=0), "layers_to_transform"),
+    (dict(target_modules=["q_proj"], layers_pattern="layers"), "layers_pattern"),
+    (dict(layers_to_transform=[-1]), "layers_to_transform"),
+    (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
+    (dict(alpha_pattern={"q_proj(": 2}), "alpha_pattern"),
+    (dict(modules_to_save=[]), "modules_to_save"),
+])
+def test_config_refuses_what_peft_refuses(options, word):
+    with pytest.raises(lt.ConfigError, match=word):
+        lt.LoraConfig(**options)
