@@ -8,6 +8,7 @@ as in PEFT; Rotational PiSSA and TinyLoRA have configs of their own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -222,6 +223,65 @@ class LoraConfig(AdapterConfig):
         if self.modules_to_save is not None:
             self.modules_to_save = module_names(self.modules_to_save, "LoraConfig.modules_to_save")
 
+    @classmethod
+    def from_peft(cls, peft_config) -> LoraConfig:
+        """The :class:`LoraConfig` of a ``peft.LoraConfig``: the same modules, ranks, alphas, dropout, init and
+        selection (``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``,
+        ``modules_to_save``). PEFT's bookkeeping fields (``task_type``, ``base_model_name_or_path``,
+        ``inference_mode``, …) and ``fan_in_fan_out`` (found from the layers here) are not needed.
+
+        Raises:
+            ConfigError: not a ``peft.LoraConfig``; no ``target_modules`` (PEFT then picks them by model type);
+                an ``init_lora_weights`` without a counterpart here (``False``, ``"olora"``, ``"loftq"``, …);
+                a field set to something this package does not do (``use_dora``, ``bias``,
+                ``target_parameters``, …), named with its value.
+        """
+        import peft
+
+        if not isinstance(peft_config, peft.LoraConfig):
+            raise ConfigError(f"from_peft takes a peft.LoraConfig, got {type(peft_config).__name__}")
+        default = peft.LoraConfig()
+        unsupported = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)
+                       if f.name not in _PEFT_FIELDS and f.name not in _PEFT_BOOKKEEPING
+                       and getattr(peft_config, f.name) != getattr(default, f.name)}
+        if unsupported:
+            raise ConfigError(f"peft.LoraConfig fields without a counterpart here: {unsupported}; the fields "
+                              f"converted are {sorted(_PEFT_FIELDS)}")
+        if peft_config.target_modules is None:
+            raise ConfigError("peft.LoraConfig.target_modules is None (PEFT then picks them by model type): give "
+                              "the module names")
+        init = peft_config.init_lora_weights
+        inits = {True: "kaiming", "gaussian": "gaussian", "pissa": "pissa", "lora_ga": "lora_ga"}
+        if not (isinstance(init, str) and pissa_niter(init) is not None) and init not in inits:
+            raise ConfigError(f"peft.LoraConfig.init_lora_weights {init!r} has no counterpart here; the inits are "
+                              f"True, 'gaussian', 'pissa', 'pissa_niter_K' and 'lora_ga'")
+        targets = peft_config.target_modules
+        return cls(
+            r=peft_config.r, alpha=peft_config.lora_alpha, dropout=peft_config.lora_dropout,
+            target_modules=targets if isinstance(targets, str) else sorted(targets),
+            exclude_modules=peft_config.exclude_modules if isinstance(peft_config.exclude_modules, (str, type(None)))
+            else sorted(peft_config.exclude_modules),
+            use_rslora=peft_config.use_rslora, init=inits.get(init, init),
+            layers_to_transform=peft_config.layers_to_transform, layers_pattern=peft_config.layers_pattern,
+            rank_pattern=dict(peft_config.rank_pattern or {}), alpha_pattern=dict(peft_config.alpha_pattern or {}),
+            modules_to_save=None if peft_config.modules_to_save is None else list(peft_config.modules_to_save),
+        )
+
+    def to_peft(self, **fields):
+        """The ``peft.LoraConfig`` of this config (``dtype`` has no PEFT field and is left out; PEFT computes in
+        the base weight's dtype). ``fields`` are passed on (``task_type="CAUSAL_LM"``, …)."""
+        import peft
+
+        return peft.LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
+            exclude_modules=self.exclude_modules, use_rslora=self.use_rslora,
+            init_lora_weights=True if self.init == "kaiming" else self.init,
+            layers_to_transform=self.layers_to_transform, layers_pattern=self.layers_pattern,
+            rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
+            modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save), **fields,
+        )
+
     def rank_of(self, module: str) -> int:
         """The rank of ``module`` (a full module name): its :attr:`rank_pattern` entry, else :attr:`r`."""
         return pattern_value(self.rank_pattern, module, self.r)
@@ -233,6 +293,14 @@ class LoraConfig(AdapterConfig):
     def scaling_of(self, module: str) -> float:
         """The scaling of ``module`` from its rank and alpha."""
         return scaling(self.alpha_of(module), self.rank_of(module), self.use_rslora)
+
+
+# peft.LoraConfig fields that LoraConfig.from_peft converts, and those that only describe PEFT's bookkeeping.
+_PEFT_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
+                          "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+                          "alpha_pattern", "modules_to_save"})
+_PEFT_BOOKKEEPING = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                               "revision", "inference_mode", "fan_in_fan_out", "runtime_config", "megatron_core"})
 
 
 @dataclass

@@ -108,3 +108,43 @@ def test_selection_errors_name_the_value_and_what_exists(model_dirs, input_ids, 
 def test_config_refuses_what_peft_refuses(options, word):
     with pytest.raises(lt.ConfigError, match=word):
         lt.LoraConfig(**options)
+
+
+# --- converting configs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fields", [
+    dict(r=4, lora_alpha=12, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    dict(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0], layers_pattern="layers",
+         rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 5}, init_lora_weights="gaussian",
+         exclude_modules=["x"]),
+    dict(r=2, target_modules=r".*\.self_attn\.(q|k)_proj", modules_to_save=["lm_head"], init_lora_weights="pissa"),
+])
+def test_lora_config_from_and_to_peft(model_dirs, fields):
+    theirs_cfg = peft.LoraConfig(**fields)
+    ours_cfg = lt.LoraConfig.from_peft(theirs_cfg)
+    ours = load(model_dirs["llama"])
+    layers = lt.inject(ours, ours_cfg)
+    theirs = peft.get_peft_model(load(model_dirs["llama"]), theirs_cfg)
+    expected = peft_layers(theirs)
+    assert sorted(layers) == sorted(expected)
+    for name, layer in layers.items():
+        assert (layer.r["default"], layer.scaling["default"]) == (expected[name].r["default"],
+                                                                   pytest.approx(expected[name].scaling["default"]))
+        assert layer.lora_dropout["default"] == fields.get("lora_dropout", 0.0)
+    back = ours_cfg.to_peft(task_type="CAUSAL_LM")
+    assert isinstance(back, peft.LoraConfig) and back.task_type == "CAUSAL_LM"
+    for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights",
+                "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        assert getattr(back, key) == getattr(theirs_cfg, key), key
+    assert lt.LoraConfig.from_peft(back) == ours_cfg
+
+
+@pytest.mark.parametrize(("fields", "word"), [
+    (dict(target_modules=["q_proj"], use_dora=True), "use_dora"),
+    (dict(target_modules=["q_proj"], bias="all"), "bias"),
+    (dict(target_modules=["q_proj"], init_lora_weights="olora"), "olora"),
+    (dict(target_modules=["q_proj"], init_lora_weights=False), "False"),
+    (dict(), "target_modules"),
+])
+def test_from_peft_refuses_what_it_cannot_carry(fields, word):
+    with pytest.raises(lt.ConfigError, match=word):
+        lt.LoraConfig.from_peft(peft.LoraConfig(**fields))
