@@ -44,6 +44,7 @@ from .methods import orthogonality_loss, restore_tinylora, save_tinylora
 from .nf4 import NF4Linear
 from .peft_io import export, load_adapter, save_adapter, save_as_lora
 from .targets import match_modules, quantize_nf4
+from .unload import merge_and_unload
 
 __version__ = "0.1.0"
 
@@ -73,6 +74,7 @@ __all__ = [
     "match_modules",
     "memory_usage",
     "merge",
+    "merge_and_unload",
     "methods",
     "ops",
     "orthogonality_loss",

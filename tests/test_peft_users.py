@@ -148,3 +148,43 @@ def test_lora_config_from_and_to_peft(model_dirs, fields):
 def test_from_peft_refuses_what_it_cannot_carry(fields, word):
     with pytest.raises(lt.ConfigError, match=word):
         lt.LoraConfig.from_peft(peft.LoraConfig(**fields))
+
+
+# --- merged export --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("arch", "targets", "init"), [("llama", "all-linear", "kaiming"),
+                                                       ("gpt2", ["c_attn", "c_fc"], "kaiming"),
+                                                       ("llama", ["q_proj", "v_proj"], "pissa")])
+def test_merge_and_unload_gives_a_plain_model(model_dirs, input_ids, tmp_path, arch, targets, init):
+    from transformers import AutoModelForCausalLM
+
+    model = load(model_dirs[arch])
+    lt.inject(model, lt.LoraConfig(r=4, alpha=8, target_modules=targets, init=init))
+    randomize_adapters(model)
+    adapted = logits(model, input_ids)
+    lt.save_as_lora(model, tmp_path / "adapter")
+    plain_type = type(load(model_dirs[arch]).get_submodule(next(iter(lt.adapter_layers(model)))))
+    names = list(lt.adapter_layers(model))
+    assert lt.merge_and_unload(model) is model
+    assert not lt.adapter_layers(model)
+    assert all(type(model.get_submodule(n)) is plain_type for n in names)
+    torch.testing.assert_close(logits(model, input_ids), adapted, rtol=1e-5, atol=1e-5)
+    # PEFT's own merge of the same adapter gives the same model
+    theirs = peft.PeftModel.from_pretrained(load(model_dirs[arch]), tmp_path / "adapter").merge_and_unload()
+    torch.testing.assert_close(logits(theirs, input_ids), adapted, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(again, input_ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_refuses_an_nf4_base_and_leaves_the_model(model_dirs, input_ids):
+    model = load(model_dirs["llama"])
+    lt.inject(model, lt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    lt.quantize_nf4(model, ["v_proj"])
+    before = logits(model, input_ids)
+    with pytest.raises(lt.AdapterStateError, match="v_proj.*NF4"):
+        lt.merge_and_unload(model)
+    assert len(lt.adapter_layers(model)) == 4 and not lt.is_merged(model)
+    torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
+    with pytest.raises(lt.AdapterStateError, match="no adapters"):
+        lt.merge_and_unload(load(model_dirs["llama"]))
