@@ -42,6 +42,7 @@ from .errors import (
 from .layer import LoraLinear
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
 from .nf4 import NF4Linear
+from .optim import optimizer_param_groups
 from .peft_io import export, load_adapter, save_adapter, save_as_lora
 from .targets import match_modules, quantize_nf4
 from .unload import merge_and_unload
@@ -77,6 +78,7 @@ __all__ = [
     "merge_and_unload",
     "methods",
     "ops",
+    "optimizer_param_groups",
     "orthogonality_loss",
     "quantize_nf4",
     "restore_tinylora",

@@ -188,3 +188,65 @@ def test_merge_and_unload_refuses_an_nf4_base_and_leaves_the_model(model_dirs, i
     torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
     with pytest.raises(lt.AdapterStateError, match="no adapters"):
         lt.merge_and_unload(load(model_dirs["llama"]))
+
+
+# --- LoRA+ ----------------------------------------------------------------------------------------------------
+def _adamw_steps(model, params_or_groups, input_ids, steps=3):
+    """AdamW steps in eval mode (the models' own dropout off, so both sides see the same function)."""
+    opt = torch.optim.AdamW(params_or_groups)
+    for _ in range(steps):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loraplus_groups_train_as_peft_loraplus(model_dirs, input_ids, tmp_path, arch):
+    from peft.optimizers import create_loraplus_optimizer
+
+    targets = {"llama": ["q_proj", "v_proj", "up_proj"], "gpt2": ["c_attn", "c_fc"]}[arch]
+    ours = load(model_dirs[arch])
+    lt.inject(ours, lt.LoraConfig(r=4, alpha=8, target_modules=targets))
+    randomize_adapters(ours)
+    lt.save_adapter(ours, tmp_path / "start")
+    theirs = peft.PeftModel.from_pretrained(load(model_dirs[arch]), tmp_path / "start", is_trainable=True)
+    groups = lt.optimizer_param_groups(ours, 1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [
+        (1e-3, 0.1, 2 * len(targets)), (16e-3, 0.1, 2 * len(targets))]
+    _adamw_steps(ours, groups, input_ids)
+    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                    loraplus_weight_decay=0.1)
+    for _ in range(3):
+        theirs(input_ids=input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, layer in lt.adapter_layers(ours).items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        for which in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, which)["default"],
+                                       getattr(peft_layer, which)["default"].weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(ours, input_ids), logits(theirs, input_ids), rtol=1e-5, atol=1e-5)
+    # and B moved much further than with plain LoRA
+    plain = load(model_dirs[arch])
+    lt.load_adapter(plain, tmp_path / "start")
+    _adamw_steps(plain, lt.optimizer_param_groups(plain, 1e-3, weight_decay=0.1), input_ids)
+    start = lt.load_adapter(load(model_dirs[arch]), tmp_path / "start")
+    name = next(iter(start))
+    moved = (lt.adapter_layers(ours)[name].lora_B["default"] - start[name].lora_B["default"]).norm()
+    moved_plain = (lt.adapter_layers(plain)[name].lora_B["default"] - start[name].lora_B["default"]).norm()
+    assert moved > 4 * moved_plain
+
+
+def test_optimizer_param_groups_sorts_other_parameters(model_dirs):
+    model = load(model_dirs["gpt2"])
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=["c_attn"]))
+    model.transformer.wte.weight.requires_grad_(True)  # tied to the head: counted once, as an embedding
+    model.transformer.ln_f.weight.requires_grad_(True)
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(True)
+    groups = lt.optimizer_param_groups(model, 2e-4, loraplus_lr_ratio=4, weight_decay=0.01, embedding_lr=1e-5)
+    got = [(g["lr"], g["weight_decay"], [tuple(p.shape) for p in g["params"]]) for g in groups]
+    assert got == [(2e-4, 0.01, [(2, 64), (2, 64)]), (2e-4, 0.01, [(64, 256)]), (2e-4, 0.0, [(64,)]),
+                   (8e-4, 0.01, [(192, 2), (192, 2)]), (1e-5, 0.0, [(128, 64)])]
+    for bad in (dict(lr=0), dict(lr=1e-3, loraplus_lr_ratio=-1), dict(lr=1e-3, weight_decay=float("nan"))):
+        with pytest.raises(lt.ConfigError, match=next(iter(k for k in bad if k != "lr" or len(bad) == 1))):
+            lt.optimizer_param_groups(model, **bad)

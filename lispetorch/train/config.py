@@ -86,6 +86,8 @@ class TrainConfig:
     seed: int = 42
     report_to: list[str] = dataclasses.field(default_factory=list)  # "tensorboard", "wandb"
     plot: bool = True
+    loraplus_lr_ratio: float = 1.0  # LoRA+: B's learning rate is this times learning_rate (A's); 1: plain LoRA
+    gradient_checkpointing: bool = False  # transformers' own (non-reentrant): activations recomputed in backward
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     # --- construction ----------------------------------------------------------------------------------------
@@ -147,6 +149,8 @@ class TrainConfig:
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{source}: {key!r} must be ≥ 0, got {getattr(self, key)}")
+        if self.loraplus_lr_ratio <= 0:
+            raise ConfigError(f"{source}: 'loraplus_lr_ratio' must be > 0, got {self.loraplus_lr_ratio}")
         if self.gamma <= 0:
             raise ConfigError(f"{source}: 'gamma' must be > 0, got {self.gamma}")
         if not 0 <= self.validation_split < 1:
