@@ -187,8 +187,8 @@ class Trainer:
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing: the model ({type(self.model).__name__}) does not support "
                               "transformers' gradient checkpointing")
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                       "preserve_rng_state": True})
+        self.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": True})
         if getattr(self.model.config, "use_cache", False):
             self.model.config.use_cache = False  # a cache is of no use in training, and checkpointing refuses it
 
