@@ -15,7 +15,8 @@ from .hf import weight_out_in
 from .layer import LoraLinear, base_of
 from .nf4 import NF4Linear
 from .peft_format import pattern_value
-from .targets import match_modules, replace_module
+from .saved_modules import ModulesToSave
+from .targets import match_modules, match_saved_modules, replace_module
 
 
 # --- installing ------------------------------------------------------------------------------------------------
@@ -46,6 +47,18 @@ def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[
             if not any(pattern_value({key: value}, n, None) is not None for n in chosen):
                 raise ConfigError(f"{field} key {key!r} matches none of the targeted modules: "
                                   f"{sorted(chosen)}")
+    saved_names = getattr(config, "modules_to_save", None)
+    if saved_names:
+        saved = match_saved_modules(model, saved_names)
+        inside = [n for n in chosen if any(n == s or n.startswith(s + ".") for s in saved)]
+        if inside and config.target_modules == "all-linear":  # as PEFT: what is trained whole is not adapted
+            chosen = {n: m for n, m in chosen.items() if n not in inside}
+        elif inside:
+            raise ConfigError(f"modules_to_save {saved_names!r} and target_modules {config.target_modules!r} both "
+                              f"select {inside[0]!r}: a module is either adapted or trained whole")
+        if not chosen:
+            raise ConfigError(f"target_modules {config.target_modules!r} selects only modules in modules_to_save "
+                              f"{saved_names!r}")
     twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
     if twice:
         raise AdapterStateError(
@@ -124,7 +137,28 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
     return layers
 
 
+def add_saved_modules(model: nn.Module, chosen: dict[str, nn.Module], adapter_name: str,
+                      states: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, ModulesToSave]:
+    """Gives each module of ``chosen`` (from :func:`~lispetorch.targets.match_saved_modules`) a trainable copy for
+    adapter ``adapter_name``, wrapping it in a :class:`~lispetorch.saved_modules.ModulesToSave` first if needed;
+    ``states``: the copies' tensors by module name (checked by the caller), else copies of the originals.
+    Call :func:`set_adapter` after, to activate and train them."""
+    wrappers = {}
+    for name, module in chosen.items():
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_copy(adapter_name, None if states is None else states[name])
+        if wrapper is not module:
+            replace_module(model, name, wrapper)
+        wrappers[name] = wrapper
+    return wrappers
+
+
 # --- finding ---------------------------------------------------------------------------------------------------
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    """The modules trained whole (``modules_to_save``) by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+
+
 def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
     """The adapted layers of ``model`` by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
@@ -186,6 +220,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         layer.active_adapter = adapter_name if adapter_name in layer.lora_A else None
         for name in layer.lora_A:
             layer.set_trainable(name, name == adapter_name)
+    for wrapper in saved_modules(model).values():
+        wrapper.active_adapter = adapter_name if adapter_name in wrapper.modules_to_save else None
+        for name in wrapper.modules_to_save:
+            wrapper.set_trainable(name, name == adapter_name)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -198,6 +236,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.delete_adapter(adapter_name)
             if not layer.lora_A:
                 replace_module(model, name, layer.base_layer)
+    for name, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_copy(adapter_name)
+            if not wrapper.modules_to_save:
+                replace_module(model, name, wrapper.original_module)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -241,12 +284,14 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     for layer in layers_or_raise(model).values():
         layer.enabled = enabled
+    for wrapper in saved_modules(model).values():
+        wrapper.enabled = enabled
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: adapters off inside, each layer's previous state restored on exit (even on error)."""
-    layers = layers_or_raise(model)
+    layers = {**layers_or_raise(model), **saved_modules(model)}
     before = {name: layer.enabled for name, layer in layers.items()}
     try:
         for layer in layers.values():

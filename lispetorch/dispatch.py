@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .adapters import add_saved_modules, set_adapter
 from .config import AdapterConfig, method_of, pissa_niter
 from .layer import LoraLinear
 from .methods import lora, lora_ga, pissa, rotational, tinylora
+from .targets import match_saved_modules
 
 # method name (lispetorch.config.METHODS) -> its inject(model, config, adapter_name, calibration_batches)
 INJECTORS = {
@@ -46,4 +48,10 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                         f"{type(config).__name__}")
     method = method_of(config)
     injector = INJECTORS["pissa" if pissa_niter(method) is not None else method]
-    return injector(model, config, adapter_name, calibration_batches)
+    saved_names = getattr(config, "modules_to_save", None)
+    saved = match_saved_modules(model, saved_names) if saved_names else {}  # checked before the model changes
+    layers = injector(model, config, adapter_name, calibration_batches)
+    if saved:
+        add_saved_modules(model, saved, adapter_name)
+        set_adapter(model, adapter_name)  # the copies train with the adapter
+    return layers

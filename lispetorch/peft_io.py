@@ -14,12 +14,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import AdapterPlan, install, layers_holding
-from .errors import AdapterFormatError, AdapterStateError, ShapeError, merged_error
+from .adapters import (
+    AdapterPlan,
+    add_saved_modules,
+    install,
+    layers_holding,
+    saved_modules,
+    set_adapter,
+)
+from .errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeError, merged_error
 from .hf import model_id, task_type, weight_out_in
 from .layer import LoraLinear, base_of
 from .peft_format import (
     CONFIG_NAME,
+    PREFIX,
     WEIGHTS_NAME,
     exact_targets,
     lora_config,
@@ -30,7 +38,8 @@ from .peft_format import (
     read_weights,
     write_directory,
 )
-from .targets import adaptable_modules, layer_index
+from .saved_modules import ModulesToSave
+from .targets import adaptable_modules, layer_index, match_saved_modules, replace_module
 
 
 def _targets_for(names: list[str], model: nn.Module) -> tuple[list[str] | str, list[int] | None]:
@@ -114,7 +123,21 @@ def export(model: nn.Module, adapter_name: str | None = None,
     config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, targets,
                          base_model=model_id(model) or None, task_type=task_type(model))
     config["layers_to_transform"] = layers
+    saved = saved_module_tensors(model, name)
+    tensors.update({key: t.detach().contiguous() for key, t in saved.items()})
+    config["modules_to_save"] = sorted(m for m, w in saved_modules(model).items() if name in w.modules_to_save) or None
     return tensors, config
+
+
+def saved_module_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name``'s copies of the modules trained whole, under PEFT's file keys
+    (``base_model.model.<module>.<tensor>``, e.g. ``base_model.model.lm_head.weight``): the live parameters."""
+    out = {}
+    for mod, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            for key, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{mod}.{key}"] = t
+    return out
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -170,12 +193,58 @@ def load_adapter(
     directory = Path(directory)
     config = read_config(directory)
     weights = read_weights(directory)
+    saved, states = _saved_states(model, directory, config, weights)
     chosen, plans = _plans(model, directory, config, weights)
     layers = install(model, chosen, plans, adapter_name, replace=True)
+    for name, wrapper in saved_modules(model).items():  # copies of this name the new adapter does not have
+        if adapter_name in wrapper.modules_to_save and name not in saved:
+            wrapper.delete_copy(adapter_name)
+            if not wrapper.modules_to_save:
+                replace_module(model, name, wrapper.original_module)
+    if saved:
+        add_saved_modules(model, saved, adapter_name, states)
+        set_adapter(model, adapter_name)
     if not trainable:
         for layer in layers.values():
             layer.set_trainable(adapter_name, False)
+        for wrapper in saved_modules(model).values():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.set_trainable(adapter_name, False)
     return layers
+
+
+def _saved_states(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):
+    """The modules the adapter trains whole (``modules_to_save``) and their tensors, each checked against the
+    model; their keys are taken out of ``weights``."""
+    names = config.get("modules_to_save")
+    if not names:
+        return {}, {}
+    path = directory / CONFIG_NAME
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise AdapterFormatError(f"{path}: modules_to_save must be a list of module names, got {names!r}")
+    try:
+        saved = match_saved_modules(model, names)
+    except ConfigError as e:
+        raise AdapterFormatError(f"{path}: {e}") from None
+    wpath = directory / WEIGHTS_NAME
+    states = {}
+    for name, module in saved.items():
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        expected = original.state_dict()
+        prefix = f"{PREFIX}{name}."
+        state = {key[len(prefix):]: weights.pop(key) for key in [k for k in weights if k.startswith(prefix)]}
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise AdapterFormatError(f"{wpath}: module {name!r} (modules_to_save) needs tensors {sorted(expected)}"
+                                     f"; missing {missing}, unexpected {extra}")
+        for key, t in state.items():
+            if t.shape != expected[key].shape:
+                raise ShapeError(f"{wpath}: {prefix}{key} has shape {tuple(t.shape)} but the model needs "
+                                 f"{tuple(expected[key].shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise AdapterFormatError(f"{wpath}: key {prefix}{key} holds non-finite values")
+        states[name] = state
+    return saved, states
 
 
 def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):

@@ -10,6 +10,7 @@ from .errors import AdapterStateError, ConfigError
 from .hf import output_head
 from .layer import LoraLinear, base_of, is_adaptable
 from .nf4 import BLOCKSIZE, NF4Linear
+from .saved_modules import ModulesToSave
 
 
 def name_matches(name: str, targets: list[str] | str) -> bool:
@@ -28,6 +29,8 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, LoraLinear):
             found[name] = module
+            skip.append(name)
+        elif isinstance(module, ModulesToSave):  # trained whole: neither it nor its copies take adapters
             skip.append(name)
         elif is_adaptable(module):
             found[name] = module
@@ -98,6 +101,39 @@ def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_mod
         )
     if layers_to_transform is not None and layers_to_transform != []:
         chosen = select_layers(chosen, target_modules, layers_to_transform, layers_pattern)
+    return chosen
+
+
+def match_saved_modules(model: nn.Module, modules_to_save: list[str]) -> dict[str, nn.Module]:
+    """The modules ``modules_to_save`` names (names or dotted name suffixes; a module already trained whole is
+    found by its own name), outermost first: a module inside one already chosen is not chosen again.
+
+    Raises:
+        ConfigError: a name that matches no module, or one that names an adapted layer (the message lists the
+            model's module names).
+    """
+    chosen: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    matched: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s + ".") for s in skip):
+            continue
+        hits = [t for t in modules_to_save if name == t or name.endswith("." + t)]
+        if isinstance(module, (ModulesToSave, LoraLinear)):
+            skip.append(name)
+        if hits:
+            if isinstance(module, LoraLinear):
+                raise ConfigError(f"modules_to_save {hits[0]!r} names {name!r}, which holds adapters "
+                                  f"{list(module.lora_A)}: a module is either adapted or trained whole")
+            matched.update(hits)
+            chosen[name] = module
+            skip.append(name)
+    missing = [t for t in modules_to_save if t not in matched]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n} - {""},
+                        key=lambda x: (x.isdigit(), x))
+        raise ConfigError(f"modules_to_save {missing[0]!r} matches no module; the model's modules are named "
+                          f"{[x for x in leaves if not x.isdigit()]}")
     return chosen
 
 

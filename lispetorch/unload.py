@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import layers_or_raise, merge
+from .adapters import layers_or_raise, merge, saved_modules
 from .errors import AdapterStateError
 from .nf4 import NF4Linear
 from .targets import replace_module
@@ -16,7 +16,8 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
 
     The result holds no adapter module: its outputs are the adapted model's (adapters on, whatever
     :func:`~lispetorch.set_enabled` said), and ``model.save_pretrained`` writes a Hugging Face model directory that
-    ``AutoModelForCausalLM.from_pretrained`` loads. Adapters other than the active one are dropped. A layer whose
+    ``AutoModelForCausalLM.from_pretrained`` loads. Adapters other than the active one are dropped; a module
+    trained whole (``modules_to_save``) becomes the active adapter's copy. A layer whose
     base an SVD init turned into a residual (PiSSA, LoRA-GA, Rotational PiSSA) gets ``residual + s·B R A``.
 
     Args:
@@ -42,4 +43,8 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     merge(model, safe=safe)  # all layers or none
     for name, layer in layers.items():
         replace_module(model, name, layer.base_layer)
+    for name, wrapper in saved_modules(model).items():  # a module trained whole: the active adapter's copy
+        active = wrapper.active_adapter
+        replace_module(model, name, wrapper.modules_to_save[active] if active in wrapper.modules_to_save
+                       else wrapper.original_module)
     return model

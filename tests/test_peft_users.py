@@ -250,3 +250,134 @@ def test_optimizer_param_groups_sorts_other_parameters(model_dirs):
     for bad in (dict(lr=0), dict(lr=1e-3, loraplus_lr_ratio=-1), dict(lr=1e-3, weight_decay=float("nan"))):
         with pytest.raises(lt.ConfigError, match=next(iter(k for k in bad if k != "lr" or len(bad) == 1))):
             lt.optimizer_param_groups(model, **bad)
+
+
+# --- modules_to_save ------------------------------------------------------------------------------------------
+def _perturb(module, seed=7):
+    """Moves the trainable parameters of ``module``, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize(("arch", "targets", "saved"), [("llama", ["q_proj", "v_proj"], ["lm_head"]),
+                                                        ("llama", ["q_proj"], ["embed_tokens", "lm_head"]),
+                                                        ("gpt2", ["c_attn"], ["ln_f"])])
+def test_modules_to_save_round_trip_with_peft(model_dirs, input_ids, tmp_path, arch, targets, saved):
+    base = logits(load(model_dirs[arch]), input_ids)
+    model = load(model_dirs[arch])
+    lt.inject(model, lt.LoraConfig(r=4, target_modules=targets, modules_to_save=saved))
+    randomize_adapters(model)
+    wrappers = {n: model.get_submodule(n) for n, m in model.named_modules() if type(m).__name__ == "ModulesToSave"}
+    assert len(wrappers) == len(saved)
+    for w in wrappers.values():
+        _perturb(w.modules_to_save["default"])
+        assert all(p.requires_grad for p in w.modules_to_save["default"].parameters())
+        assert not any(p.requires_grad for p in w.original_module.parameters())
+    ours = logits(model, input_ids)
+    # PEFT's layout in memory
+    theirs = peft.get_peft_model(load(model_dirs[arch]), peft.LoraConfig(r=4, target_modules=targets,
+                                                                        modules_to_save=saved))
+    peft_keys = {k.removeprefix(PEFT_PREFIX) for k in theirs.state_dict() if "modules_to_save" in k
+                 or "original_module" in k}
+    our_keys = {k for k in model.state_dict() if "modules_to_save" in k or "original_module" in k}
+    assert our_keys == peft_keys
+    assert {n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n} == {
+        PEFT_PREFIX + n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    with lt.disabled(model):
+        torch.testing.assert_close(logits(model, input_ids), base, rtol=0, atol=0)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    # our file in PEFT
+    lt.save_adapter(model, tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
+    names = [n for n in wrappers]
+    assert {f"{PEFT_PREFIX}{n}.weight" for n in names} <= keys
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"] == sorted(names)
+    again = peft.PeftModel.from_pretrained(load(model_dirs[arch]), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(again, input_ids), ours, rtol=1e-5, atol=1e-5)
+    # PEFT's file here
+    _perturb(theirs, seed=3)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load(model_dirs[arch])
+    lt.load_adapter(back, tmp_path / "theirs")
+    torch.testing.assert_close(logits(back, input_ids), logits(theirs, input_ids), rtol=1e-5, atol=1e-5)
+    # merged export keeps the trained copy
+    lt.merge_and_unload(back)
+    assert not [m for m in back.modules() if type(m).__name__ == "ModulesToSave"]
+    torch.testing.assert_close(logits(back, input_ids), logits(theirs, input_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_follow_the_active_adapter_and_deletion(model_dirs, input_ids):
+    model = load(model_dirs["llama"])
+    base = logits(model, input_ids)
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "a")
+    _perturb(model.lm_head.modules_to_save["a"])
+    with_a = logits(model, input_ids)
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=["v_proj"]), "b")  # no copy: the original head
+    torch.testing.assert_close(logits(model, input_ids), base, rtol=0, atol=0)
+    assert not model.lm_head.modules_to_save["a"].weight.requires_grad
+    lt.set_adapter(model, "a")
+    assert model.lm_head.modules_to_save["a"].weight.requires_grad
+    torch.testing.assert_close(logits(model, input_ids), with_a, rtol=0, atol=0)
+    lt.set_enabled(model, False)
+    torch.testing.assert_close(logits(model, input_ids), base, rtol=0, atol=0)
+    lt.set_enabled(model, True)
+    lt.delete_adapter(model, "a")
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    groups = lt.optimizer_param_groups(model, 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(lt.trainable_parameters(model))
+
+
+def test_modules_to_save_in_all_linear_is_left_out_of_the_adapters_as_in_peft(model_dirs):
+    model = load(model_dirs["llama"])
+    layers = lt.inject(model, lt.LoraConfig(r=2, target_modules="all-linear", modules_to_save=["down_proj"]))
+    theirs = peft.get_peft_model(load(model_dirs["llama"]), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                                           modules_to_save=["down_proj"]))
+    assert sorted(layers) == sorted(peft_layers(theirs))
+    assert not any(n.endswith("down_proj") for n in layers)
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (dict(target_modules=["q_proj"], modules_to_save=["classifier"]), ["'classifier'", "lm_head", "embed_tokens"]),
+    (dict(target_modules=["q_proj", "v_proj"], modules_to_save=["v_proj"]), ["'v_proj'", "both select"]),
+    (dict(target_modules=["q_proj"], modules_to_save=["mlp"]), []),
+])
+def test_modules_to_save_errors(model_dirs, input_ids, options, words):
+    model = load(model_dirs["llama"])
+    before = logits(model, input_ids)
+    if not words:  # a whole block is fine when no adapter is inside it
+        lt.inject(model, lt.LoraConfig(r=2, **options))
+        assert len([m for m in model.modules() if type(m).__name__ == "ModulesToSave"]) == 2
+        return
+    with pytest.raises(lt.ConfigError) as e:
+        lt.inject(model, lt.LoraConfig(r=2, **options))
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
+    assert not lt.adapter_layers(model)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
+
+
+def test_modules_to_save_bad_files(model_dirs, input_ids, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = load(model_dirs["llama"])
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    lt.save_adapter(model, tmp_path / "a")
+    weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    weights[f"{PEFT_PREFIX}lm_head.weight"] = weights[f"{PEFT_PREFIX}lm_head.weight"][:, :3].contiguous()
+    save_file(weights, str(tmp_path / "a" / "adapter_model.safetensors"))
+    fresh = load(model_dirs["llama"])
+    with pytest.raises(lt.ShapeError, match=r"lm_head\.weight.*\(128, 3\).*\(128, 64\)"):
+        lt.load_adapter(fresh, tmp_path / "a")
+    assert isinstance(fresh.lm_head, torch.nn.Linear) and not lt.adapter_layers(fresh)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["head"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(lt.AdapterFormatError, match="adapter_config.json.*'head'"):
+        lt.load_adapter(fresh, tmp_path / "a")

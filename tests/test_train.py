@@ -522,3 +522,48 @@ def test_loraplus_ratio_sets_b_learning_rate_under_the_schedule(tiny_default_mod
     assert info["training_config"]["loraplus_lr_ratio"] == 16
     with pytest.raises(lt.ConfigError, match="loraplus_lr_ratio"):
         engine.Trainer(config(tiny_default_model, corpus, tmp_path / "p", loraplus_lr_ratio=0), progress=False)
+
+
+def test_peft_selection_keys_train_resume_and_load_in_peft(tiny_default_model, corpus, tmp_path):
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1],
+            "rank_pattern": {"v_proj": 2}, "modules_to_save": ["lm_head"]}
+    full = lt.train.train(config(tiny_default_model, corpus, tmp_path / "full", lora=lora, loraplus_lr_ratio=4,
+                                 gradient_checkpointing=True), progress=False)
+
+    def stop_at_6(trainer):
+        if trainer.global_step == 6:
+            raise KeyboardInterrupt
+
+    cfg = config(tiny_default_model, corpus, tmp_path / "cut", lora=lora, loraplus_lr_ratio=4,
+                 gradient_checkpointing=True)
+    with pytest.raises(KeyboardInterrupt):
+        engine.Trainer(cfg, progress=False, on_step=stop_at_6).train()
+    resumed = lt.train.train(cfg, resume=True, progress=False)
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) == ["base_model.model.lm_head.weight"] + [
+        f"base_model.model.model.layers.1.self_attn.{m}.lora_{w}.weight" for m in ("q_proj", "v_proj") for w in "AB"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert a["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].shape[0] == 2
+    config_json = json.loads((full.adapter_dir / "adapter_config.json").read_text())
+    assert config_json["modules_to_save"] == ["lm_head"] and config_json["layers_to_transform"] == [1]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 500, (1, 16))
+    base = AutoModelForCausalLM.from_pretrained(tiny_default_model).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_default_model)
+    lt.load_adapter(ours, full.adapter_dir)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_default_model), full.adapter_dir)
+    with torch.no_grad():
+        expected = theirs.eval()(ids).logits
+        torch.testing.assert_close(ours.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-4)
+    with pytest.raises(lt.ConfigError, match="modules_to_save.*lora"):
+        engine.Trainer(config(tiny_default_model, corpus, tmp_path / "x", lora={"method": "tinylora", "dropout": 0,
+                                                                                 "modules_to_save": ["lm_head"]}),
+                       progress=False)
+    with pytest.raises(lt.ConfigError, match="layers_to_transform"):
+        engine.Trainer(config(tiny_default_model, corpus, tmp_path / "y", lora={"layers_to_transform": "1"}),
+                       progress=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic, default_model
-from ..adapters import adapter_layers, trainable_parameters
+from ..adapters import active_adapter, adapter_layers, trainable_parameters
 from ..config import RotationalPiSSAConfig, method_of
 from ..devices import resolve_device
 from ..dispatch import inject
@@ -26,7 +26,7 @@ from ..hf import DTYPES
 from ..methods import orthogonality_loss
 from ..optim import optimizer_param_groups
 from ..peft_format import PREFIX, write_files
-from ..peft_io import export
+from ..peft_io import export, saved_module_tensors
 from ..schedule import make_scheduler
 from . import data as data_mod
 from .config import TrainConfig
@@ -295,6 +295,7 @@ class Trainer:
         else:  # PEFT keys: a plain LoRA's adapter, or factors saved so by earlier versions
             params = {f"{PREFIX}{name}.{which}.weight": getattr(layer, which)[layer.active_adapter]
                       for name, layer in adapter_layers(self.model).items() for which in ("lora_A", "lora_B")}
+            params.update(saved_module_tensors(self.model, active_adapter(self.model)))  # modules_to_save
         if set(params) != set(weights):
             raise ConfigError(f"{path}: the checkpoint adapts other modules than this config "
                               f"({len(weights)} tensors against {len(params)})")
