@@ -44,6 +44,7 @@ from .methods import orthogonality_loss, restore_tinylora, save_tinylora
 from .nf4 import NF4Linear
 from .optim import optimizer_param_groups
 from .peft_io import export, load_adapter, save_adapter, save_as_lora
+from .saved_modules import ModulesToSave
 from .targets import match_modules, quantize_nf4
 from .unload import merge_and_unload
 
@@ -57,6 +58,7 @@ __all__ = [
     "LispetorchError",
     "LoraConfig",
     "LoraLinear",
+    "ModulesToSave",
     "NF4Linear",
     "RotationalPiSSAConfig",
     "ShapeError",
