@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -69,6 +70,17 @@ def fused_linear(base: nn.Module, x, A, B, R, scale: float, dropout: float, seed
 @fused_linear.register
 def _(base: NF4Linear, x, A, B, R, scale: float, dropout: float, seed: int) -> torch.Tensor:
     return base.lora_linear(x, A, B, R, scale, dropout, seed)
+
+
+def warm_dispatch(cls: type) -> None:
+    """Fills the per-class dispatch caches of :func:`compute_dtype` and :func:`fused_linear` for ``cls`` before any
+    forward: ``torch.compile`` guards on those caches, and one filled during the first compiled call would make
+    the second recompile."""
+    compute_dtype.dispatch(cls)
+    fused_linear.dispatch(cls)
+
+
+warm_dispatch(NF4Linear)  # quantize_nf4 puts it under existing adapters
 
 
 # --- one adapter -----------------------------------------------------------------------------------------------
@@ -139,6 +151,7 @@ class LoraLinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
+        warm_dispatch(type(base_layer))
 
     # PEFT's LoraLayer attribute names, as read-only views of the settings.
     def _view(self, field: str) -> MappingProxyType:
@@ -310,6 +323,13 @@ class LoraLinear(nn.Module):
             x = x.to(dtype)
         settings = self.settings[name]
         p = settings.dropout if self.training else 0.0
+        if p > 0 and torch.compiler.is_compiling():
+            # The operator takes its dropout seed as a Python int, which a compiled graph cannot draw afresh at
+            # each call: compiled, the same sum is written out with torch's own dropout.
+            h = F.linear(F.dropout(x, p, training=True), A)  # (..., r)
+            if R is not None:
+                h = F.linear(h, R)
+            return self.base_layer(x) + settings.scaling * F.linear(h, B)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
 
