@@ -43,7 +43,7 @@ from .layer import LoraLinear
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
 from .nf4 import NF4Linear
 from .optim import optimizer_param_groups
-from .peft_io import export, load_adapter, save_adapter, save_as_lora
+from .peft_io import export, hotswap_adapter, load_adapter, save_adapter, save_as_lora
 from .saved_modules import ModulesToSave
 from .targets import match_modules, quantize_nf4
 from .unload import merge_and_unload
@@ -71,6 +71,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "export",
+    "hotswap_adapter",
     "inject",
     "is_merged",
     "load_adapter",

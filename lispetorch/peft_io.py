@@ -1,5 +1,5 @@
 """Adapters to and from PEFT's files: :func:`export` (the one way an adapter becomes PEFT tensors and config),
-:func:`save_adapter`, :func:`save_as_lora` and :func:`load_adapter`.
+:func:`save_adapter`, :func:`save_as_lora`, :func:`load_adapter` and :func:`hotswap_adapter`.
 
 A directory written here loads with ``peft.PeftModel.from_pretrained``, and one written by PEFT loads with
 :func:`load_adapter`. Keys are PEFT's with the adapter name stripped (:mod:`lispetorch.peft_format`).
@@ -36,6 +36,7 @@ from .peft_format import (
     peft_key,
     read_config,
     read_weights,
+    scaling,
     write_directory,
 )
 from .saved_modules import ModulesToSave
@@ -297,3 +298,81 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
         plans[name] = AdapterPlan(A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), alpha, dropout,
                                   use_rslora)
     return chosen, plans
+
+
+# --- hotswap -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Replaces the weights of adapter ``adapter_name`` (the active one when None) by those of a PEFT adapter
+    directory, in place: the same parameter objects take the new values, so a compiled model
+    (``torch.compile``) runs the new adapter without recompiling.
+
+    The directory must adapt the same modules, each with a rank no larger than the adapter's (a smaller one is
+    padded with zeros, which adds nothing); its scaling (alpha / r, or rsLoRA's) is folded into B, since the
+    compiled graph holds the adapter's own; the dropout stays the adapter's. Modules trained whole
+    (``modules_to_save``) must be the same too.
+
+    Raises:
+        AdapterFormatError: a missing or malformed file, other modules than the adapter's, a rank larger than the
+            compiled one (each named). AdapterStateError: no such adapter, or it is merged. ShapeError: a tensor
+            that does not fit. On any of them no weight has changed.
+    """
+    name, holding = layers_holding(model, adapter_name)
+    merged = [n for n, layer in holding.items() if layer.merged_adapter == name]
+    if merged:
+        raise merged_error(name, merged[0], "unmerge before hotswapping")
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = read_weights(directory)
+    wpath = directory / WEIGHTS_NAME
+    saved, states = _saved_states(model, directory, config, weights)
+    have = {n for n, w in saved_modules(model).items() if name in w.modules_to_save}
+    if set(saved) != have:
+        raise AdapterFormatError(f"{directory / CONFIG_NAME}: modules_to_save {sorted(saved)} differ from the "
+                                 f"adapter's {sorted(have)}")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        parsed = parse_key(key)
+        if parsed is None:
+            raise AdapterFormatError(f"{wpath}: unsupported key {key!r} (only lora_A / lora_B weights are read)")
+        found.setdefault(parsed[0], {})[parsed[1]] = tensor
+    if set(found) != set(holding):
+        raise AdapterFormatError(f"{wpath}: adapts {len(found)} modules, adapter {name!r} {len(holding)}; only in "
+                                 f"the file: {sorted(set(found) - set(holding))[:5]}, only in the model: "
+                                 f"{sorted(set(holding) - set(found))[:5]}")
+    use_rslora = bool(config.get("use_rslora", False))
+    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for mod, layer in holding.items():
+        pair = found[mod]
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterFormatError(f"{wpath}: module {mod!r} lacks {({'lora_A', 'lora_B'} - set(pair)).pop()}")
+        A_new, B_new = pair["lora_A"], pair["lora_B"]
+        A, B, R = layer.factors(name)
+        if R is not None or name in layer.lora_R_fn:
+            raise AdapterStateError(f"adapter {name!r} on {mod!r} has an r×r core: only a plain LoRA is hotswapped")
+        r, r_new = A.shape[0], A_new.shape[0] if A_new.dim() == 2 else -1
+        if A_new.dim() != 2 or A_new.shape[1] != layer.in_features or B_new.shape != (layer.out_features, r_new):
+            raise ShapeError(f"{wpath}: {mod!r} has lora_A {tuple(A_new.shape)} and lora_B {tuple(B_new.shape)}; "
+                             f"the layer needs (r, {layer.in_features}) and ({layer.out_features}, r)")
+        if r_new > r:
+            raise AdapterFormatError(f"{wpath}: {mod!r} has rank {r_new}, more than the adapter's {r} (hotswap "
+                                     "needs a rank no larger than the one compiled)")
+        if not torch.isfinite(A_new).all() or not torch.isfinite(B_new).all():
+            raise AdapterFormatError(f"{wpath}: {mod!r} holds non-finite values")
+        rank_cfg, alpha = module_ranks(config, mod, r_new)
+        if rank_cfg != r_new:
+            raise AdapterFormatError(f"{wpath}: {mod!r} has rank {r_new} but {CONFIG_NAME} says {rank_cfg}")
+        factor = scaling(alpha, r_new, use_rslora) / layer.settings[name].scaling
+        A_pad = torch.zeros_like(A)
+        B_pad = torch.zeros_like(B)
+        A_pad[:r_new] = A_new.to(A.dtype)
+        B_pad[:, :r_new] = (B_new.double() * factor).to(B.dtype)
+        new[mod] = (A_pad, B_pad)
+    for mod, (A_new, B_new) in new.items():  # everything checked: now the weights change
+        A, B, _ = holding[mod].factors(name)
+        A.copy_(A_new)
+        B.copy_(B_new)
+    for mod, state in states.items():
+        copy = saved_modules(model)[mod].modules_to_save[name]
+        for key, t in copy.state_dict(keep_vars=True).items():
+            t.copy_(state[key])

@@ -439,3 +439,35 @@ def test_adapted_model_compiles_whole_for_inference_and_training(model_dirs, inp
         losses.append(loss.item())
     assert _compiled_graphs() == before + 1
     assert losses[-1] < losses[0]
+
+
+def test_hotswap_into_a_compiled_model_recompiles_nothing(model_dirs, input_ids, tmp_path):
+    torch._dynamo.reset()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    model = load(model_dirs["llama"])
+    lt.inject(model, lt.LoraConfig(r=8, alpha=16, target_modules=targets, modules_to_save=["lm_head"]))
+    randomize_adapters(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits(compiled, input_ids)
+    graphs = _compiled_graphs()
+    for i, (r, extra) in enumerate([(4, dict(lora_alpha=8, rank_pattern={"down_proj": 8}, alpha_pattern={"v_proj": 3})),
+                                    (8, dict(lora_alpha=5, use_rslora=True))]):
+        theirs = peft_model(model_dirs["llama"], r=r, target_modules=targets, modules_to_save=["lm_head"], **extra)
+        _perturb(theirs, seed=i)
+        theirs.save_pretrained(tmp_path / str(i))
+        lt.hotswap_adapter(model, tmp_path / str(i))
+        torch.testing.assert_close(logits(compiled, input_ids), logits(theirs, input_ids), rtol=1e-5, atol=1e-5)
+    assert _compiled_graphs() == graphs
+    before = logits(compiled, input_ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [(dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]), lt.AdapterFormatError,
+            "only in the model"),
+           (dict(r=16, target_modules=targets, modules_to_save=["lm_head"]), lt.AdapterFormatError, "rank 16"),
+           (dict(r=4, target_modules=targets), lt.AdapterFormatError, "modules_to_save")]
+    for i, (fields, error, words) in enumerate(bad):
+        peft_model(model_dirs["llama"], **fields).save_pretrained(tmp_path / f"bad{i}")
+        with pytest.raises(error, match=words):
+            lt.hotswap_adapter(model, tmp_path / f"bad{i}")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(logits(compiled, input_ids), before, rtol=0, atol=0)
+    assert _compiled_graphs() == graphs

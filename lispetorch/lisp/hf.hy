@@ -200,6 +200,16 @@ Examples::
   n)
 
 
+(defn [primitive] torch-hf-lora-hotswap [model-name path]
+  "Loads the PEFT adapter directory ``path`` into the model's active adapter in place (same modules, rank up to
+  the adapter's): a compiled model runs it without recompiling (:func:`lispetorch.hotswap_adapter`). Returns the
+  path."
+  (setv model (. (entry "torch_hf_lora_hotswap" model-name) model))
+  (check-string "torch_hf_lora_hotswap" "path" path)
+  (lt.hotswap-adapter model path)
+  path)
+
+
 (defn [primitive] torch-hf-lora-optimizer [model-name learning-rate weight-decay [loraplus-lr-ratio 1.0]]
   "An AdamW optimizer over the model's trainable parameters, B at ``loraplus_lr_ratio`` times the learning rate
   of A (LoRA+; 1.0: plain LoRA), from :func:`lispetorch.optimizer_param_groups`."
@@ -323,6 +333,6 @@ Examples::
 
 (export :objects [torch-hf-load-model-lora torch-hf-lora-init torch-hf-lora-get-parameters torch-hf-forward
                   torch-hf-lora-save torch-hf-lora-load torch-hf-lora-merge torch-hf-lora-unmerge
-                  torch-hf-lora-merge-and-unload torch-hf-lora-optimizer
+                  torch-hf-lora-merge-and-unload torch-hf-lora-optimizer torch-hf-lora-hotswap
                   torch-hf-lora-enable torch-hf-memory-usage torch-hf-model torch-hf-load-tokenizer torch-encode
                   torch-decode torch-hf-generate])

@@ -204,3 +204,18 @@
   (assert (torch.allclose (base-logits (str (/ tmp-path "merged")) IDS) adapted :atol 1e-5))
   (with [e (pytest.raises PrimitiveError :match "torch_hf_lora_merge_and_unload.*no adapters")]
     (torch_hf_lora_merge_and_unload "hf_mu")))
+
+
+(defn test-hotswap [tiny-default-model tmp-path]
+  (setv d (str tiny-default-model))
+  (torch_hf_load_model_lora "hf_hs" d (dictionary "device" "cpu"))
+  (torch_hf_lora_init "hf_hs" 4 8 (strings "q_proj" "v_proj") "float32")
+  (randomize "hf_hs")
+  (setv first (no-grad-forward "hf_hs" IDS))
+  (torch_hf_lora_save "hf_hs" (str (/ tmp-path "a")))
+  (randomize "hf_hs")
+  (assert (not (torch.allclose (no-grad-forward "hf_hs" IDS) first :atol 1e-4)))
+  (assert (= (torch_hf_lora_hotswap "hf_hs" (str (/ tmp-path "a"))) (str (/ tmp-path "a"))))
+  (assert (torch.allclose (no-grad-forward "hf_hs" IDS) first :atol 1e-6))
+  (with [e (pytest.raises PrimitiveError :match "torch_hf_lora_hotswap")]
+    (torch_hf_lora_hotswap "hf_hs" (str (/ tmp-path "missing")))))
