@@ -471,3 +471,36 @@ def test_hotswap_into_a_compiled_model_recompiles_nothing(model_dirs, input_ids,
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(logits(compiled, input_ids), before, rtol=0, atol=0)
     assert _compiled_graphs() == graphs
+
+
+def test_combine_keeps_the_modules_trained_whole_from_the_template(model_dirs, input_ids, tmp_path):
+    from safetensors.torch import load_file
+
+    from lispetorch import combine
+
+    paths, deltas, heads = {}, {}, {}
+    for i, name in enumerate("abt"):
+        theirs = peft_model(model_dirs["llama"], r=2 + i, target_modules=["q_proj", "v_proj"],
+                            modules_to_save=["lm_head"])
+        _perturb(theirs, seed=20 + i)
+        theirs.save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+        deltas[name] = {n: m.get_delta_weight("default").detach().double() for n, m in peft_layers(theirs).items()}
+        heads[name] = theirs.base_model.model.lm_head.modules_to_save["default"].weight.detach().clone()
+    result = combine.optimize({k: paths[k] for k in "abt"}, "t")
+    assert len(result["global_weights"]) == 2  # the optimizer reads such checkpoints too
+    w = {"a": 0.4, "b": 0.7}
+    for template, head in ((tmp_path / "t", "t"), (None, "a")):
+        out = tmp_path / f"out-{head}"
+        combine.build({k: paths[k] for k in "ab"}, w, out, mode="cat", template=template)
+        written = load_file(str(out / "adapter_model.safetensors"))
+        assert torch.equal(written[f"{PEFT_PREFIX}lm_head.weight"], heads[head])
+        assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+        loaded = peft.PeftModel.from_pretrained(load(model_dirs["llama"]), out).eval()
+        assert torch.equal(loaded.base_model.model.lm_head.modules_to_save["default"].weight, heads[head])
+        for name, layer in peft_layers(loaded).items():
+            exact = sum(wi * deltas[n][name] for n, wi in w.items())
+            torch.testing.assert_close(layer.get_delta_weight("default").double(), exact, rtol=1e-5, atol=1e-7)
+        ours = load(model_dirs["llama"])
+        lt.load_adapter(ours, out)
+        torch.testing.assert_close(logits(ours, input_ids), logits(loaded, input_ids), rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .. import atomic, ops
 from ..errors import AdapterFormatError, ConfigError
@@ -194,10 +195,20 @@ def build(
     else:
         out_cfg = {**base_config, **ranked_fields(ranks, alphas), "use_rslora": False}
     base_modules = None
+    source = first  # of the modules trained whole (modules_to_save): the template's, else the first checkpoint's
     if template is not None and (template / WEIGHTS_NAME).is_file():
-        base_modules = set(open_checkpoint("template", template).modules)
+        source = open_checkpoint("template", template)
+        base_modules = set(source.modules)
     elif template is None:
         base_modules = set(first.modules)
+    if source.saved_keys:
+        with safe_open(str(source.weights_file), framework="pt") as f:
+            for key in source.saved_keys:
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise AdapterFormatError(f"checkpoint {source.name!r}: {key} holds non-finite values")
+                tensors[key] = t
+    out_cfg["modules_to_save"] = source.config.get("modules_to_save") if source.saved_keys else None
     out_cfg["target_modules"] = _targets(modules, base_config, base_modules)
     out_cfg["fan_in_fan_out"] = first.fan_in_fan_out
     out_cfg["peft_type"] = "LORA"

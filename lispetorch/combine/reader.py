@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import AdapterFormatError, ConfigError, ShapeError
-from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
+from ..peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
 
 
 @dataclass
@@ -61,6 +61,8 @@ class Checkpoint:
     # the weights file's tensors and size when it was opened (see read_header)
     entries: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
     file_size: int = -1
+    # the keys of the modules trained whole (modules_to_save): not combined, kept from one checkpoint
+    saved_keys: tuple[str, ...] = ()
 
     @property
     def weights_file(self) -> Path:
@@ -153,8 +155,13 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     shapes = {k: e.shape for k, e in entries.items()}
     dtypes = {e.dtype for e in entries.values()}
     found: dict[str, dict[str, str]] = {}
+    saved_names = config.get("modules_to_save") or []
+    saved_keys = []
     for key in shapes:
         parsed = parse_key(key)
+        if parsed is None and is_saved_key(key, saved_names):
+            saved_keys.append(key)
+            continue
         if parsed is None:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {key!r}, which is not a LoRA A/B weight "
                                      "(only lora_A / lora_B weights can be combined)")
@@ -188,7 +195,15 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     dtype = _DTYPES[widest]
     return Checkpoint(name, path, description, config, modules, dtype,
                       fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), use_rslora=use_rslora,
-                      entries=entries, file_size=size)
+                      entries=entries, file_size=size, saved_keys=tuple(sorted(saved_keys)))
+
+
+def is_saved_key(key: str, modules_to_save: list[str]) -> bool:
+    """True for the key of a tensor of a module trained whole: ``base_model.model.<module>.<tensor>`` with
+    ``<module>`` named (or ended) by one of ``modules_to_save``, as PEFT writes them."""
+    dotted = "." + key.removeprefix(PREFIX)
+    return isinstance(modules_to_save, list) and any(
+        isinstance(m, str) and m and f".{m}." in dotted for m in modules_to_save)
 
 
 def common_modules(checkpoints: list[Checkpoint], on_mismatch: str = "error") -> tuple[list[str], list[str]]:
