@@ -114,6 +114,11 @@ class BaseOffset(nn.Module):
         return ops.lora_delta(self.A, self.B, self.R, self.scale, torch.float32)
 
 
+def refresh_after_load(layer: LoraLinear, incompatible_keys) -> None:
+    """After ``load_state_dict`` (whose ``assign=True`` puts new parameter objects in place): the compiled view."""
+    layer.compiled_view()
+
+
 class LoraLinear(nn.Module):
     """A frozen linear layer with low-rank adapters: ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
 
@@ -155,6 +160,7 @@ class LoraLinear(nn.Module):
         self._enabled = True
         self.merged_adapter: str | None = None
         self._merge_versions: tuple[int, ...] | None = None
+        self.register_load_state_dict_post_hook(refresh_after_load)
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
@@ -183,13 +189,16 @@ class LoraLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self.compiled_gate = fn(self.compiled_gate)  # to the module's device (and dtype)
+        self.compiled_view()  # a conversion may have made new parameter objects
         return out
 
     @torch.no_grad()
     def compiled_view(self) -> None:
         """Sets what a compiled forward reads from the adapters' state: the factors of the active adapter (or, when
         none runs here, of the first one, for their shapes) and the gate (the scaling when the active adapter runs,
-        else 0). Called at every change of that state, so the compiled code never reads it and recompiles."""
+        else 0). Called at every change of that state, so the compiled code never reads it and recompiles. Code
+        that puts new parameter objects into the adapter's containers behind the layer's back (FSDP's sharding)
+        calls it after, or :func:`~lispetorch.set_adapter`, which does."""
         names = list(self.lora_A.keys())
         if not names:
             self.compiled_factors = None

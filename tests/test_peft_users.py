@@ -535,3 +535,19 @@ def test_compiled_training_gradients_equal_eager(model_dirs, input_ids, arch):
         compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_layer_follows_new_parameter_objects():
+    torch._dynamo.reset()
+    layer = lt.LoraLinear(torch.nn.Linear(16, 8))
+    layer.add_adapter("a", 2, 4)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 16)
+    state = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state, assign=True)  # new parameter objects in the adapter's containers
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+        layer.set_factors("a", torch.randn(2, 16), torch.randn(8, 2), alpha=3)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+        layer.enabled = False
+        torch.testing.assert_close(compiled(x), layer.base_layer(x), rtol=1e-5, atol=1e-6)
