@@ -45,8 +45,9 @@ def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[
     for field in ("rank_pattern", "alpha_pattern"):
         for key, value in (getattr(config, field, None) or {}).items():
             if not any(pattern_value({key: value}, n, None) is not None for n in chosen):
-                raise ConfigError(f"{field} key {key!r} matches none of the targeted modules: "
-                                  f"{sorted(chosen)}")
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+                raise ConfigError(f"{field} key {key!r} matches none of the {len(chosen)} targeted modules (named "
+                                  f"{leaves}, e.g. {sorted(chosen)[0]!r})")
     saved_names = getattr(config, "modules_to_save", None)
     if saved_names:
         saved = match_saved_modules(model, saved_names)
