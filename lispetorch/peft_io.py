@@ -348,8 +348,9 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
             raise AdapterFormatError(f"{wpath}: module {mod!r} lacks {({'lora_A', 'lora_B'} - set(pair)).pop()}")
         A_new, B_new = pair["lora_A"], pair["lora_B"]
         A, B, R = layer.factors(name)
-        if R is not None or name in layer.lora_R_fn:
-            raise AdapterStateError(f"adapter {name!r} on {mod!r} has an r×r core: only a plain LoRA is hotswapped")
+        if R is not None or name in layer.lora_R_fn or name in layer.base_offset:
+            raise AdapterStateError(f"adapter {name!r} on {mod!r} has an r×r core or an SVD init's residual base: "
+                                    "only a plain LoRA is hotswapped")
         r, r_new = A.shape[0], A_new.shape[0] if A_new.dim() == 2 else -1
         if A_new.dim() != 2 or A_new.shape[1] != layer.in_features or B_new.shape != (layer.out_features, r_new):
             raise ShapeError(f"{wpath}: {mod!r} has lora_A {tuple(A_new.shape)} and lora_B {tuple(B_new.shape)}; "
