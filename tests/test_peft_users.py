@@ -551,3 +551,28 @@ def test_compiled_layer_follows_new_parameter_objects():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
         layer.enabled = False
         torch.testing.assert_close(compiled(x), layer.base_layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_switching_with_modules_to_save(model_dirs, input_ids):
+    torch._dynamo.reset()
+    model = load(model_dirs["llama"])
+    expected = {}
+    for i, name in enumerate(("a", "b")):
+        lt.inject(model, lt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]), name)
+        randomize_adapters(model, name)
+        _perturb(model.lm_head.modules_to_save[name], seed=i)
+    for name in ("a", "b"):
+        lt.set_adapter(model, name)
+        expected[name] = logits(model, input_ids)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits(compiled, input_ids)
+    graphs = _compiled_graphs()
+    for _ in range(2):
+        for name in ("a", "b"):
+            lt.set_adapter(model, name)
+            torch.testing.assert_close(logits(compiled, input_ids), expected[name], rtol=1e-5, atol=1e-5)
+    assert _compiled_graphs() == graphs  # the copies are switched without recompiling
+    with lt.disabled(model):  # the frozen original: compiled once more (its parameters do not require gradients)
+        torch.testing.assert_close(logits(compiled, input_ids), logits(load(model_dirs["llama"]), input_ids),
+                                   rtol=1e-5, atol=1e-5)
+    assert _compiled_graphs() <= graphs + 1
