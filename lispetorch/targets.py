@@ -122,9 +122,11 @@ def match_saved_modules(model: nn.Module, modules_to_save: list[str]) -> dict[st
         if isinstance(module, (ModulesToSave, LoraLinear)):
             skip.append(name)
         if hits:
-            if isinstance(module, LoraLinear):
-                raise ConfigError(f"modules_to_save {hits[0]!r} names {name!r}, which holds adapters "
-                                  f"{list(module.lora_A)}: a module is either adapted or trained whole")
+            inner = [n for n, m in module.named_modules() if isinstance(m, LoraLinear)]
+            if inner:
+                where = repr(name) if inner[0] == "" else f"{name + '.' + inner[0]!r}, inside {name!r},"
+                raise ConfigError(f"modules_to_save {hits[0]!r}: {where} holds adapters: a module is either "
+                                  "adapted or trained whole")
             matched.update(hits)
             chosen[name] = module
             skip.append(name)

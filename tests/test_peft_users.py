@@ -576,3 +576,15 @@ def test_compiled_switching_with_modules_to_save(model_dirs, input_ids):
         torch.testing.assert_close(logits(compiled, input_ids), logits(load(model_dirs["llama"]), input_ids),
                                    rtol=1e-5, atol=1e-5)
     assert _compiled_graphs() <= graphs + 1
+
+
+def test_modules_to_save_refuses_a_module_holding_adapters(model_dirs, input_ids):
+    model = load(model_dirs["llama"])
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=["up_proj"]), "a")
+    before = logits(model, input_ids)
+    for saved, words in ((["mlp"], "'model.layers.0.mlp.up_proj', inside 'model.layers.0.mlp'"),
+                         (["up_proj"], "'model.layers.0.mlp.up_proj' holds adapters")):
+        with pytest.raises(lt.ConfigError, match=words):
+            lt.inject(model, lt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=saved), "b")
+    assert lt.adapter_names(model) == ["a"] and lt.ModulesToSave not in {type(m) for m in model.modules()}
+    torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
