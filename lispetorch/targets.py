@@ -104,13 +104,17 @@ def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_mod
     return chosen
 
 
-def match_saved_modules(model: nn.Module, modules_to_save: list[str]) -> dict[str, nn.Module]:
+def match_saved_modules(model: nn.Module, modules_to_save: list[str], strict: bool = True) -> dict[str, nn.Module]:
     """The modules ``modules_to_save`` names (names or dotted name suffixes; a module already trained whole is
     found by its own name), outermost first: a module inside one already chosen is not chosen again.
 
+    Args:
+        strict (bool): a name that matches no module is an error (else it is passed over, as PEFT does when it
+            reads a file: its task types add ``classifier`` and ``score`` whichever the model has). Default True.
+
     Raises:
-        ConfigError: a name that matches no module, or one that names an adapted layer (the message lists the
-            model's module names).
+        ConfigError: a name that matches no module (with ``strict``), or one that names a module holding adapters
+            (the message lists the model's module names).
     """
     chosen: dict[str, nn.Module] = {}
     skip: list[str] = []
@@ -131,7 +135,7 @@ def match_saved_modules(model: nn.Module, modules_to_save: list[str]) -> dict[st
             chosen[name] = module
             skip.append(name)
     missing = [t for t in modules_to_save if t not in matched]
-    if missing:
+    if missing and strict:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n} - {""},
                         key=lambda x: (x.isdigit(), x))
         raise ConfigError(f"modules_to_save {missing[0]!r} matches no module; the model's modules are named "

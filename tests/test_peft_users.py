@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import load, logits, randomize_adapters
+from conftest import load, logits, randomize_adapters, tiny_config
 
 import lispetorch as lt
 
@@ -377,10 +377,42 @@ def test_modules_to_save_bad_files(model_dirs, input_ids, tmp_path):
         lt.load_adapter(fresh, tmp_path / "a")
     assert isinstance(fresh.lm_head, torch.nn.Linear) and not lt.adapter_layers(fresh)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    config["modules_to_save"] = ["head"]
+    config["modules_to_save"] = ["head"]  # names no module: the lm_head tensor is then claimed by nothing
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(lt.AdapterFormatError, match="adapter_config.json.*'head'"):
+    with pytest.raises(lt.AdapterFormatError, match=r"unsupported key 'base_model\.model\.lm_head\.weight'"):
         lt.load_adapter(fresh, tmp_path / "a")
+    assert isinstance(fresh.lm_head, torch.nn.Linear) and not lt.adapter_layers(fresh)
+
+
+def test_peft_classifier_names_that_the_model_lacks_are_passed_over(model_dirs, input_ids, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = tmp_path / "cls"
+    torch.manual_seed(3)
+    config = tiny_config("llama")
+    config.num_labels = 3
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
+
+    def cls_model():
+        m = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+        m.config.pad_token_id = 0
+        return m
+
+    theirs = peft.get_peft_model(cls_model(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj"],
+                                                              init_lora_weights=False))
+    saved = json.loads(json.dumps(theirs.peft_config["default"].modules_to_save))
+    assert "classifier" in saved and "score" in saved  # PEFT's task type adds both
+    _perturb(theirs.base_model.model.score.modules_to_save["default"], seed=5)
+    theirs.eval().save_pretrained(tmp_path / "a")
+    ours = cls_model()
+    lt.load_adapter(ours, tmp_path / "a")
+    assert isinstance(ours.score, lt.ModulesToSave)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, rtol=1e-5, atol=1e-5)
+    lt.save_adapter(ours, tmp_path / "b")
+    again = peft.PeftModel.from_pretrained(cls_model(), tmp_path / "b").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids).logits, theirs(input_ids).logits, rtol=1e-5, atol=1e-5)
 
 
 # --- torch.compile ----------------------------------------------------------------------------------------------
