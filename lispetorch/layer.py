@@ -208,6 +208,8 @@ class LoraLinear(nn.Module):
         self.compiled_factors = (self.lora_A[name], self.lora_B[name], self.lora_R[name] if name in self.lora_R
                                  else None, self.lora_R_fn[name] if name in self.lora_R_fn else None,
                                  self.settings[name].dropout)
+        if self.compiled_gate.is_inference() and not torch.is_inference_mode_enabled():
+            self.compiled_gate = self.compiled_gate.clone()  # made under inference_mode: not writable outside it
         self.compiled_gate.fill_(self.settings[name].scaling if runs else 0.0)
 
     # PEFT's LoraLayer attribute names, as read-only views of the settings.
