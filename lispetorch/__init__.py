@@ -42,8 +42,11 @@ from .errors import (
 from .layer import LoraLinear
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
 from .nf4 import NF4Linear
-from .peft_io import export, load_adapter, save_adapter, save_as_lora
+from .optim import optimizer_param_groups
+from .peft_io import export, hotswap_adapter, load_adapter, save_adapter, save_as_lora
+from .saved_modules import ModulesToSave
 from .targets import match_modules, quantize_nf4
+from .unload import merge_and_unload
 
 __version__ = "0.1.0"
 
@@ -55,6 +58,7 @@ __all__ = [
     "LispetorchError",
     "LoraConfig",
     "LoraLinear",
+    "ModulesToSave",
     "NF4Linear",
     "RotationalPiSSAConfig",
     "ShapeError",
@@ -67,14 +71,17 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "export",
+    "hotswap_adapter",
     "inject",
     "is_merged",
     "load_adapter",
     "match_modules",
     "memory_usage",
     "merge",
+    "merge_and_unload",
     "methods",
     "ops",
+    "optimizer_param_groups",
     "orthogonality_loss",
     "quantize_nf4",
     "restore_tinylora",

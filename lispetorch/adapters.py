@@ -14,7 +14,9 @@ from .errors import AdapterStateError, ConfigError, merged_error
 from .hf import weight_out_in
 from .layer import LoraLinear, base_of
 from .nf4 import NF4Linear
-from .targets import adopt_bitsandbytes, match_modules, replace_module
+from .peft_format import pattern_value
+from .saved_modules import ModulesToSave
+from .targets import adopt_bitsandbytes, match_modules, match_saved_modules, replace_module
 
 
 # --- installing ------------------------------------------------------------------------------------------------
@@ -38,14 +40,33 @@ class AdapterPlan:
 
 def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
     """The modules ``config`` targets; an error if any of them already holds an adapter named ``adapter_name``."""
-    chosen = adopt_bitsandbytes(model, match_modules(model, config.target_modules, config.exclude_modules))
+    chosen = match_modules(model, config.target_modules, config.exclude_modules,
+                           getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None))
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key, value in (getattr(config, field, None) or {}).items():
+            if not any(pattern_value({key: value}, n, None) is not None for n in chosen):
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+                raise ConfigError(f"{field} key {key!r} matches none of the {len(chosen)} targeted modules (named "
+                                  f"{leaves}, e.g. {sorted(chosen)[0]!r})")
+    saved_names = getattr(config, "modules_to_save", None)
+    if saved_names:
+        saved = match_saved_modules(model, saved_names)
+        inside = [n for n in chosen if any(n == s or n.startswith(s + ".") for s in saved)]
+        if inside and config.target_modules == "all-linear":  # as PEFT: what is trained whole is not adapted
+            chosen = {n: m for n, m in chosen.items() if n not in inside}
+        elif inside:
+            raise ConfigError(f"modules_to_save {saved_names!r} and target_modules {config.target_modules!r} both "
+                              f"select {inside[0]!r}: a module is either adapted or trained whole")
+        if not chosen:
+            raise ConfigError(f"target_modules {config.target_modules!r} selects only modules in modules_to_save "
+                              f"{saved_names!r}")
     twice = [n for n, m in chosen.items() if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
     if twice:
         raise AdapterStateError(
             f"adapter {adapter_name!r} is already injected into {len(twice)} of the targeted layers (e.g. "
             f"{twice[0]!r}); use another adapter name, or delete_adapter first"
         )
-    return chosen
+    return adopt_bitsandbytes(model, chosen)  # last: every check above leaves the model as it was
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
@@ -117,7 +138,28 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
     return layers
 
 
+def add_saved_modules(model: nn.Module, chosen: dict[str, nn.Module], adapter_name: str,
+                      states: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, ModulesToSave]:
+    """Gives each module of ``chosen`` (from :func:`~lispetorch.targets.match_saved_modules`) a trainable copy for
+    adapter ``adapter_name``, wrapping it in a :class:`~lispetorch.saved_modules.ModulesToSave` first if needed;
+    ``states``: the copies' tensors by module name (checked by the caller), else copies of the originals.
+    Call :func:`set_adapter` after, to activate and train them."""
+    wrappers = {}
+    for name, module in chosen.items():
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_copy(adapter_name, None if states is None else states[name])
+        if wrapper is not module:
+            replace_module(model, name, wrapper)
+        wrappers[name] = wrapper
+    return wrappers
+
+
 # --- finding ---------------------------------------------------------------------------------------------------
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    """The modules trained whole (``modules_to_save``) by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+
+
 def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
     """The adapted layers of ``model`` by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
@@ -179,6 +221,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         layer.active_adapter = adapter_name if adapter_name in layer.lora_A else None
         for name in layer.lora_A:
             layer.set_trainable(name, name == adapter_name)
+    for wrapper in saved_modules(model).values():
+        wrapper.active_adapter = adapter_name if adapter_name in wrapper.modules_to_save else None
+        for name in wrapper.modules_to_save:
+            wrapper.set_trainable(name, name == adapter_name)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -191,6 +237,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.delete_adapter(adapter_name)
             if not layer.lora_A:
                 replace_module(model, name, layer.base_layer)
+    for name, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_copy(adapter_name)
+            if not wrapper.modules_to_save:
+                replace_module(model, name, wrapper.original_module)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -249,11 +300,17 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
         for layer, (was_enabled, _) in reversed(done):
             set_layer_enabled(layer, was_enabled)
         raise
+    for wrapper in saved_modules(model).values():
+        wrapper.enabled = enabled
 
 
 def set_layer_enabled(layer: LoraLinear, enabled: bool) -> None:
     """One layer's part of :func:`set_enabled`: a merged adapter is unmerged when disabled and recorded in
-    ``layer.merged_when_disabled``, then merged back when enabled (if it is still the layer's active adapter)."""
+    ``layer.merged_when_disabled``, then merged back when enabled (if it is still the layer's active adapter). A
+    module trained whole (:class:`~lispetorch.saved_modules.ModulesToSave`) just switches copies."""
+    if not isinstance(layer, LoraLinear):
+        layer.enabled = enabled
+        return
     if not enabled and layer.merged:
         name = layer.merged_adapter
         layer.unmerge()
@@ -270,7 +327,7 @@ def set_layer_enabled(layer: LoraLinear, enabled: bool) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: adapters off inside (merged ones unmerged exactly, see :func:`set_enabled`), each layer's
     previous state restored on exit (even on error), merged layers merged back."""
-    layers = layers_or_raise(model)
+    layers = {**layers_or_raise(model), **saved_modules(model)}
     before = {name: layer.enabled for name, layer in layers.items()}
     try:
         for layer in layers.values():

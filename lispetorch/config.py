@@ -8,13 +8,14 @@ as in PEFT; Rotational PiSSA and TinyLoRA have configs of their own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
 from .hf import dtype_name
-from .peft_format import scaling
+from .peft_format import pattern_value, scaling
 from .validate import compile_pattern, show
 
 # The method names, one vocabulary for every surface (Python, training configs, the Lisp primitives): a method
@@ -70,6 +71,50 @@ def probability(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ConfigError(f"{name} must be in [0, 1), got {show(value)}")
     return value
+
+
+def layer_indices(value, name: str):
+    """None, a layer index, or a list of them (PEFT's ``layers_to_transform``)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a layer index ≥ 0 or a list of them, got {value!r}")
+
+
+def name_patterns(value, name: str):
+    """None, a name pattern, or a non-empty list of them (PEFT's ``layers_pattern``)."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a name (e.g. 'layers') or a non-empty list of names, got {value!r}")
+
+
+def per_module(value, name: str, check) -> dict:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: ``{pattern: value}``, each pattern a regular expression matched
+    against a module name or a dotted suffix of it (:func:`~lispetorch.peft_format.pattern_value`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"{name} must be a mapping of module name patterns to values, got {value!r}")
+    for key, v in value.items():
+        check(v, f"{name}[{key!r}]")
+        try:
+            pattern_value({key: v}, "", None)
+        except Exception as e:  # the pattern engine's own error type
+            raise ConfigError(f"{name}: {key!r} is not a valid regular expression ({e})") from None
+    return dict(value)
+
+
+def module_names(value, name: str) -> list[str]:
+    """A non-empty list of module names (a single name is a list of one)."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a non-empty list of module names, got {value!r}")
 
 
 def module_selection(value, name: str):
@@ -131,9 +176,23 @@ class LoraConfig(AdapterConfig):
             iterations) or ``"lora_ga"`` (from the SVD of the averaged gradient of W over calibration batches
             passed to ``inject``; Wang et al., 2024). Default ``"kaiming"``.
         dtype (str | torch.dtype | None): dtype of the adapter factors; the base weight's when None.
+        layers_to_transform (int | list[int] | None): only the targeted modules in these layers (PEFT's field: the
+            layer index is the number after the first ``<layers_pattern>.`` in the module name, or without a
+            pattern the first number after a dotted segment); a name given whole in ``target_modules`` is kept
+            whatever its layer. Needs ``target_modules`` as a list. Default None (every layer).
+        layers_pattern (str | list[str] | None): the name of the layer list (``"layers"``, ``"h"``), with
+            ``layers_to_transform``. Default None.
+        rank_pattern (dict[str, int]): ranks other than ``r``, by regular expression matched against a module name
+            or a dotted suffix of it (PEFT's ``rank_pattern``: the first key that matches counts). Default {}.
+        alpha_pattern (dict[str, float]): alphas other than ``alpha``, likewise. Default {}.
+        modules_to_save (list[str] | None): whole modules (an output head, an embedding, a classifier), by name or
+            dotted name suffix, trained as a copy beside the adapter and saved with it (PEFT's field); the
+            original stays for the adapter-less model. Default None.
 
     Raises:
-        ConfigError: a field out of range, named with its value (a ``ValueError``).
+        ConfigError: a field out of range, named with its value (a ``ValueError``); ``layers_to_transform`` or
+            ``layers_pattern`` with ``target_modules`` given as one string; ``layers_pattern`` without
+            ``layers_to_transform``.
     """
 
     r: int = 8
@@ -144,6 +203,11 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     init: str = "kaiming"
     dtype: object = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,6 +215,97 @@ class LoraConfig(AdapterConfig):
         probability(self.dropout, "LoraConfig.dropout")
         if not is_init(self.init):
             raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        self.layers_to_transform = layer_indices(self.layers_to_transform, "LoraConfig.layers_to_transform")
+        self.layers_pattern = name_patterns(self.layers_pattern, "LoraConfig.layers_pattern")
+        for key in ("layers_to_transform", "layers_pattern"):
+            if getattr(self, key) is not None and isinstance(self.target_modules, str):
+                raise ConfigError(f"LoraConfig.{key} ({getattr(self, key)!r}) needs target_modules as a list of "
+                                  f"names, not the string {self.target_modules!r} (as in PEFT)")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError(f"LoraConfig.layers_pattern ({self.layers_pattern!r}) needs layers_to_transform")
+        self.rank_pattern = per_module(self.rank_pattern, "LoraConfig.rank_pattern", positive_int)
+        self.alpha_pattern = per_module(self.alpha_pattern, "LoraConfig.alpha_pattern", positive_number)
+        if self.modules_to_save is not None:
+            self.modules_to_save = module_names(self.modules_to_save, "LoraConfig.modules_to_save")
+
+    @classmethod
+    def from_peft(cls, peft_config) -> LoraConfig:
+        """The :class:`LoraConfig` of a ``peft.LoraConfig``: the same modules, ranks, alphas, dropout, init and
+        selection (``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``,
+        ``modules_to_save``). PEFT's bookkeeping fields (``task_type``, ``base_model_name_or_path``,
+        ``inference_mode``, …) and ``fan_in_fan_out`` (found from the layers here) are not needed.
+
+        Raises:
+            ConfigError: not a ``peft.LoraConfig``; no ``target_modules`` (PEFT then picks them by model type);
+                an ``init_lora_weights`` without a counterpart here (``False``, ``"olora"``, ``"loftq"``, …);
+                a field set to something this package does not do (``use_dora``, ``bias``,
+                ``target_parameters``, …), named with its value.
+        """
+        import peft
+
+        if not isinstance(peft_config, peft.LoraConfig):
+            raise ConfigError(f"from_peft takes a peft.LoraConfig, got {type(peft_config).__name__}")
+        default = peft.LoraConfig()
+        unsupported = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)
+                       if f.name not in _PEFT_FIELDS and f.name not in _PEFT_BOOKKEEPING
+                       and getattr(peft_config, f.name) != getattr(default, f.name)}
+        if unsupported:
+            raise ConfigError(f"peft.LoraConfig fields without a counterpart here: {unsupported}; the fields "
+                              f"converted are {sorted(_PEFT_FIELDS)}")
+        if peft_config.target_modules is None:
+            raise ConfigError("peft.LoraConfig.target_modules is None (PEFT then picks them by model type): give "
+                              "the module names")
+        init = peft_config.init_lora_weights
+        inits = {True: "kaiming", "gaussian": "gaussian", "pissa": "pissa", "lora_ga": "lora_ga"}
+        if not (isinstance(init, str) and pissa_niter(init) is not None) and init not in inits:
+            raise ConfigError(f"peft.LoraConfig.init_lora_weights {init!r} has no counterpart here; the inits are "
+                              f"True, 'gaussian', 'pissa', 'pissa_niter_K' and 'lora_ga'")
+        targets = peft_config.target_modules
+        return cls(
+            r=peft_config.r, alpha=peft_config.lora_alpha, dropout=peft_config.lora_dropout,
+            target_modules=targets if isinstance(targets, str) else sorted(targets),
+            exclude_modules=peft_config.exclude_modules if isinstance(peft_config.exclude_modules, (str, type(None)))
+            else sorted(peft_config.exclude_modules),
+            use_rslora=peft_config.use_rslora, init=inits.get(init, init),
+            layers_to_transform=peft_config.layers_to_transform, layers_pattern=peft_config.layers_pattern,
+            rank_pattern=dict(peft_config.rank_pattern or {}), alpha_pattern=dict(peft_config.alpha_pattern or {}),
+            modules_to_save=None if peft_config.modules_to_save is None else list(peft_config.modules_to_save),
+        )
+
+    def to_peft(self, **fields):
+        """The ``peft.LoraConfig`` of this config (``dtype`` has no PEFT field and is left out; PEFT computes in
+        the base weight's dtype). ``fields`` are passed on (``task_type="CAUSAL_LM"``, …)."""
+        import peft
+
+        return peft.LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
+            exclude_modules=self.exclude_modules, use_rslora=self.use_rslora,
+            init_lora_weights=True if self.init == "kaiming" else self.init,
+            layers_to_transform=self.layers_to_transform, layers_pattern=self.layers_pattern,
+            rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
+            modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save), **fields,
+        )
+
+    def rank_of(self, module: str) -> int:
+        """The rank of ``module`` (a full module name): its :attr:`rank_pattern` entry, else :attr:`r`."""
+        return pattern_value(self.rank_pattern, module, self.r)
+
+    def alpha_of(self, module: str) -> float:
+        """The alpha of ``module``: its :attr:`alpha_pattern` entry, else :attr:`alpha`."""
+        return float(pattern_value(self.alpha_pattern, module, self.alpha))
+
+    def scaling_of(self, module: str) -> float:
+        """The scaling of ``module`` from its rank and alpha."""
+        return scaling(self.alpha_of(module), self.rank_of(module), self.use_rslora)
+
+
+# peft.LoraConfig fields that LoraConfig.from_peft converts, and those that only describe PEFT's bookkeeping.
+_PEFT_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
+                          "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+                          "alpha_pattern", "modules_to_save"})
+_PEFT_BOOKKEEPING = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                               "revision", "inference_mode", "fan_in_fan_out", "runtime_config", "megatron_core"})
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -69,6 +70,17 @@ def fused_linear(base: nn.Module, x, A, B, R, scale: float, dropout: float, seed
 @fused_linear.register
 def _(base: NF4Linear, x, A, B, R, scale: float, dropout: float, seed: int) -> torch.Tensor:
     return base.lora_linear(x, A, B, R, scale, dropout, seed)
+
+
+def warm_dispatch(cls: type) -> None:
+    """Fills the per-class dispatch caches of :func:`compute_dtype` and :func:`fused_linear` for ``cls`` before any
+    forward: ``torch.compile`` guards on those caches, and one filled during the first compiled call would make
+    the second recompile."""
+    compute_dtype.dispatch(cls)
+    fused_linear.dispatch(cls)
+
+
+warm_dispatch(NF4Linear)  # quantize_nf4 puts it under existing adapters
 
 
 # --- one adapter -----------------------------------------------------------------------------------------------
@@ -133,6 +145,11 @@ class NF4BaseOffset(BaseOffset):
         return self.factors.dequantize()[1]
 
 
+def refresh_after_load(layer: LoraLinear, incompatible_keys) -> None:
+    """After ``load_state_dict`` (whose ``assign=True`` puts new parameter objects in place): the compiled view."""
+    layer.compiled_view()
+
+
 class LoraLinear(nn.Module):
     """A frozen linear layer with low-rank adapters: ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
 
@@ -165,13 +182,68 @@ class LoraLinear(nn.Module):
         # Adapters whose init took a delta out of the base weight (PiSSA, LoRA-GA, Rotational PiSSA).
         self.base_offset = nn.ModuleDict()
         self.settings: dict[str, AdapterSettings] = {}
-        self.active_adapter: str | None = None
-        self.enabled = True
+        # What a compiled forward reads (see compiled_view): the factors of the adapter that gives the layer its
+        # shapes, and a 0-d gate, its scaling when it runs and 0 when the base alone does. Switching adapters or
+        # turning them off changes which tensors are held and the gate's value, never the traced code.
+        # (A plain attribute, not a buffer: it is state, not a weight; _apply moves it with the module.)
+        self.compiled_gate = torch.zeros((), device=next(t.device for t in (*base_layer.parameters(),
+                                                                              *base_layer.buffers())))
+        self.compiled_factors: tuple | None = None
+        self._active_adapter: str | None = None
+        self._enabled = True
         self.merged_adapter: str | None = None
         self._merge_versions: tuple[int, ...] | None = None
+        self.register_load_state_dict_post_hook(refresh_after_load)
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
+        warm_dispatch(type(base_layer))
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter the forward applies (None: the base layer alone)."""
+        return self._active_adapter
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self._active_adapter = name
+        self.compiled_view()
+
+    @property
+    def enabled(self) -> bool:
+        """False: the forward is the base layer's, whatever the active adapter."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.compiled_view()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.compiled_gate = fn(self.compiled_gate)  # to the module's device (and dtype)
+        self.compiled_view()  # a conversion may have made new parameter objects
+        return out
+
+    @torch.no_grad()
+    def compiled_view(self) -> None:
+        """Sets what a compiled forward reads from the adapters' state: the factors of the active adapter (or, when
+        none runs here, of the first one, for their shapes) and the gate (the scaling when the active adapter runs,
+        else 0). Called at every change of that state, so the compiled code never reads it and recompiles. Code
+        that puts new parameter objects into the adapter's containers behind the layer's back (FSDP's sharding)
+        calls it after, or :func:`~lispetorch.set_adapter`, which does."""
+        names = list(self.lora_A.keys())
+        if not names:
+            self.compiled_factors = None
+            return
+        name = self._active_adapter if self._active_adapter in self.lora_A else names[0]
+        runs = self._enabled and self._active_adapter in self.lora_A and self.merged_adapter is None
+        self.compiled_factors = (self.lora_A[name], self.lora_B[name], self.lora_R[name] if name in self.lora_R
+                                 else None, self.lora_R_fn[name] if name in self.lora_R_fn else None,
+                                 self.settings[name].dropout)
+        if self.compiled_gate.is_inference() and not torch.is_inference_mode_enabled():
+            self.compiled_gate = self.compiled_gate.clone()  # made under inference_mode: not writable outside it
+        self.compiled_gate.fill_(self.settings[name].scaling if runs else 0.0)
 
     # PEFT's LoraLayer attribute names, as read-only views of the settings.
     def _view(self, field: str) -> MappingProxyType:
@@ -274,6 +346,7 @@ class LoraLinear(nn.Module):
         self.settings[name] = AdapterSettings(r, float(alpha), bool(use_rslora), float(dropout), frozenset(frozen))
         if self.active_adapter is None:
             self.active_adapter = name
+        self.compiled_view()
 
     def set_base_offset(self, name: str) -> None:
         """Takes ``s·B R A`` of adapter ``name``'s installed factors out of the base weight and records it, so that
@@ -304,6 +377,7 @@ class LoraLinear(nn.Module):
         self.settings.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.lora_A.keys()), None)
+        self.compiled_view()
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(A, B, R)`` of adapter ``name``; R is None without a core, and computed when it is parametrised;
@@ -363,6 +437,8 @@ class LoraLinear(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x)
         name = self.active_adapter
         if not self.enabled or name is None or self.merged_adapter is not None:
             return self.base_layer(x)
@@ -376,6 +452,29 @@ class LoraLinear(nn.Module):
         p = settings.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward ``torch.compile`` traces: one code for every adapter state, reading only
+        :attr:`compiled_factors` and the gate (see :meth:`compiled_view`); ``s·B`` is formed as ``B · gate``."""
+        if self.compiled_factors is None:
+            return self.base_layer(x)
+        A, B, R, R_fn, dropout = self.compiled_factors
+        if R_fn is not None:
+            R = R_fn()
+        dtype = compute_dtype(self.base_layer)
+        A, B = A.to(dtype), B.to(dtype)
+        R = None if R is None else R.to(dtype)
+        x = x.to(dtype)
+        B = B * self.compiled_gate.to(dtype)  # (out, r): s·B, or zeros when the base alone runs
+        p = dropout if self.training else 0.0
+        if p > 0:
+            # The operator takes its dropout seed as a Python int, which a compiled graph cannot draw afresh at
+            # each call: compiled, the same sum is written out with torch's own dropout.
+            h = F.linear(F.dropout(x, p, training=True), A)  # (..., r)
+            if R is not None:
+                h = F.linear(h, R)
+            return self.base_layer(x) + F.linear(h, B)
+        return fused_linear(self.base_layer, x, A, B, R, 1.0, 0.0, 0)
 
     # --- merge ---------------------------------------------------------------------------------------------
     @property
@@ -409,6 +508,7 @@ class LoraLinear(nn.Module):
         self.register_buffer("merge_values", values, persistent=False)
         self.merged_adapter = name
         self._merge_versions = self._versions(name)
+        self.compiled_view()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -429,6 +529,7 @@ class LoraLinear(nn.Module):
             delattr(self, buf)
         self.merged_adapter = None
         self._merge_versions = None
+        self.compiled_view()
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.settings.items())

@@ -1,5 +1,5 @@
 """Adapters to and from PEFT's files: :func:`export` (the one way an adapter becomes PEFT tensors and config),
-:func:`save_adapter`, :func:`save_as_lora` and :func:`load_adapter`.
+:func:`save_adapter`, :func:`save_as_lora`, :func:`load_adapter` and :func:`hotswap_adapter`.
 
 A directory written here loads with ``peft.PeftModel.from_pretrained``, and one written by PEFT loads with
 :func:`load_adapter`. Keys are PEFT's with the adapter name stripped (:mod:`lispetorch.peft_format`).
@@ -14,12 +14,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import AdapterPlan, install, layers_holding
-from .errors import AdapterFormatError, AdapterStateError, ShapeError, merged_error
+from .adapters import (
+    AdapterPlan,
+    add_saved_modules,
+    install,
+    layers_holding,
+    saved_modules,
+    set_adapter,
+)
+from .errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeError, merged_error
 from .hf import model_id, task_type, weight_out_in
 from .layer import LoraLinear, base_of
 from .peft_format import (
     CONFIG_NAME,
+    PREFIX,
     WEIGHTS_NAME,
     exact_targets,
     lora_config,
@@ -28,17 +36,26 @@ from .peft_format import (
     peft_key,
     read_config,
     read_weights,
+    scaling,
     write_directory,
 )
-from .targets import adaptable_modules
+from .saved_modules import ModulesToSave
+from .targets import adaptable_modules, layer_index, match_saved_modules, replace_module
 from .validate import show
 
 
-def _targets_for(names: list[str], model: nn.Module) -> list[str] | str:
-    """The leaf names of ``names`` if they select exactly those modules, else an exact regular expression."""
+def _targets_for(names: list[str], model: nn.Module) -> tuple[list[str] | str, list[int] | None]:
+    """``(target_modules, layers_to_transform)`` for PEFT that select exactly the modules ``names``: their leaf
+    names, with the layer indices where those leaves select more modules than these; else an exact regular
+    expression and no layers."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     selected = {n for n in adaptable_modules(model) if n.rsplit(".", 1)[-1] in leaves}
-    return leaves if selected == set(names) else exact_targets(names)
+    if selected == set(names):
+        return leaves, None
+    layers = {layer_index(n) for n in names}
+    if None not in layers and {n for n in selected if layer_index(n) in layers} == set(names):
+        return leaves, sorted(layers)
+    return exact_targets(names), None
 
 
 def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
@@ -104,9 +121,25 @@ def export(model: nn.Module, adapter_name: str | None = None,
                                 "cannot hold")
     if len(fan) > 1:
         raise AdapterStateError(f"adapter {name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
-    config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, _targets_for(list(holding), model),
+    targets, layers = _targets_for(list(holding), model)
+    config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, targets,
                          base_model=model_id(model) or None, task_type=task_type(model))
+    config["layers_to_transform"] = layers
+    saved = saved_module_tensors(model, name)
+    tensors.update({key: t.detach().contiguous() for key, t in saved.items()})
+    config["modules_to_save"] = sorted(m for m, w in saved_modules(model).items() if name in w.modules_to_save) or None
     return tensors, config
+
+
+def saved_module_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name``'s copies of the modules trained whole, under PEFT's file keys
+    (``base_model.model.<module>.<tensor>``, e.g. ``base_model.model.lm_head.weight``): the live parameters."""
+    out = {}
+    for mod, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            for key, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{mod}.{key}"] = t
+    return out
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -162,12 +195,58 @@ def load_adapter(
     directory = Path(directory)
     config = read_config(directory)
     weights = read_weights(directory)
+    saved, states = _saved_states(model, directory, config, weights)
     chosen, plans = _plans(model, directory, config, weights)
     layers = install(model, chosen, plans, adapter_name, replace=True)
+    for name, wrapper in saved_modules(model).items():  # copies of this name the new adapter does not have
+        if adapter_name in wrapper.modules_to_save and name not in saved:
+            wrapper.delete_copy(adapter_name)
+            if not wrapper.modules_to_save:
+                replace_module(model, name, wrapper.original_module)
+    if saved:
+        add_saved_modules(model, saved, adapter_name, states)
+        set_adapter(model, adapter_name)
     if not trainable:
         for layer in layers.values():
             layer.set_trainable(adapter_name, False)
+        for wrapper in saved_modules(model).values():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.set_trainable(adapter_name, False)
     return layers
+
+
+def _saved_states(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):
+    """The modules the adapter trains whole (``modules_to_save``) and their tensors, each checked against the
+    model; their keys are taken out of ``weights``."""
+    names = config.get("modules_to_save")
+    if not names:
+        return {}, {}
+    path = directory / CONFIG_NAME
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise AdapterFormatError(f"{path}: modules_to_save must be a list of module names, got {names!r}")
+    try:
+        saved = match_saved_modules(model, names, strict=False)  # the tensors say which are there
+    except ConfigError as e:
+        raise AdapterFormatError(f"{path}: {e}") from None
+    wpath = directory / WEIGHTS_NAME
+    states = {}
+    for name, module in saved.items():
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        expected = original.state_dict()
+        prefix = f"{PREFIX}{name}."
+        state = {key[len(prefix):]: weights.pop(key) for key in [k for k in weights if k.startswith(prefix)]}
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise AdapterFormatError(f"{wpath}: module {name!r} (modules_to_save) needs tensors {sorted(expected)}"
+                                     f"; missing {missing}, unexpected {extra}")
+        for key, t in state.items():
+            if t.shape != expected[key].shape:
+                raise ShapeError(f"{wpath}: {prefix}{key} has shape {tuple(t.shape)} but the model needs "
+                                 f"{tuple(expected[key].shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise AdapterFormatError(f"{wpath}: key {prefix}{key} holds non-finite values")
+        states[name] = state
+    return saved, states
 
 
 def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):
@@ -220,3 +299,82 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
         plans[name] = AdapterPlan(A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), alpha, dropout,
                                   use_rslora)
     return chosen, plans
+
+
+# --- hotswap -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Replaces the weights of adapter ``adapter_name`` (the active one when None) by those of a PEFT adapter
+    directory, in place: the same parameter objects take the new values, so a compiled model
+    (``torch.compile``) runs the new adapter without recompiling.
+
+    The directory must adapt the same modules, each with a rank no larger than the adapter's (a smaller one is
+    padded with zeros, which adds nothing); its scaling (alpha / r, or rsLoRA's) is folded into B, since the
+    compiled graph holds the adapter's own; the dropout stays the adapter's. Modules trained whole
+    (``modules_to_save``) must be the same too.
+
+    Raises:
+        AdapterFormatError: a missing or malformed file, other modules than the adapter's, a rank larger than the
+            compiled one (each named). AdapterStateError: no such adapter, or it is merged. ShapeError: a tensor
+            that does not fit. On any of them no weight has changed.
+    """
+    name, holding = layers_holding(model, adapter_name)
+    merged = [n for n, layer in holding.items() if layer.merged_adapter == name]
+    if merged:
+        raise merged_error(name, merged[0], "unmerge before hotswapping")
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = read_weights(directory)
+    wpath = directory / WEIGHTS_NAME
+    saved, states = _saved_states(model, directory, config, weights)
+    have = {n for n, w in saved_modules(model).items() if name in w.modules_to_save}
+    if set(saved) != have:
+        raise AdapterFormatError(f"{directory / CONFIG_NAME}: modules_to_save {sorted(saved)} differ from the "
+                                 f"adapter's {sorted(have)}")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        parsed = parse_key(key)
+        if parsed is None:
+            raise AdapterFormatError(f"{wpath}: unsupported key {key!r} (only lora_A / lora_B weights are read)")
+        found.setdefault(parsed[0], {})[parsed[1]] = tensor
+    if set(found) != set(holding):
+        raise AdapterFormatError(f"{wpath}: adapts {len(found)} modules, adapter {name!r} {len(holding)}; only in "
+                                 f"the file: {sorted(set(found) - set(holding))[:5]}, only in the model: "
+                                 f"{sorted(set(holding) - set(found))[:5]}")
+    use_rslora = bool(config.get("use_rslora", False))
+    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for mod, layer in holding.items():
+        pair = found[mod]
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterFormatError(f"{wpath}: module {mod!r} lacks {({'lora_A', 'lora_B'} - set(pair)).pop()}")
+        A_new, B_new = pair["lora_A"], pair["lora_B"]
+        A, B, R = layer.factors(name)
+        if R is not None or name in layer.lora_R_fn or name in layer.base_offset:
+            raise AdapterStateError(f"adapter {name!r} on {mod!r} has an r×r core or an SVD init's residual base: "
+                                    "only a plain LoRA is hotswapped")
+        r, r_new = A.shape[0], A_new.shape[0] if A_new.dim() == 2 else -1
+        if A_new.dim() != 2 or A_new.shape[1] != layer.in_features or B_new.shape != (layer.out_features, r_new):
+            raise ShapeError(f"{wpath}: {mod!r} has lora_A {tuple(A_new.shape)} and lora_B {tuple(B_new.shape)}; "
+                             f"the layer needs (r, {layer.in_features}) and ({layer.out_features}, r)")
+        if r_new > r:
+            raise AdapterFormatError(f"{wpath}: {mod!r} has rank {r_new}, more than the adapter's {r} (hotswap "
+                                     "needs a rank no larger than the one compiled)")
+        if not torch.isfinite(A_new).all() or not torch.isfinite(B_new).all():
+            raise AdapterFormatError(f"{wpath}: {mod!r} holds non-finite values")
+        rank_cfg, alpha = module_ranks(config, mod, r_new)
+        if rank_cfg != r_new:
+            raise AdapterFormatError(f"{wpath}: {mod!r} has rank {r_new} but {CONFIG_NAME} says {rank_cfg}")
+        factor = scaling(alpha, r_new, use_rslora) / layer.settings[name].scaling
+        A_pad = torch.zeros_like(A)
+        B_pad = torch.zeros_like(B)
+        A_pad[:r_new] = A_new.to(A.dtype)
+        B_pad[:, :r_new] = (B_new.double() * factor).to(B.dtype)
+        new[mod] = (A_pad, B_pad)
+    for mod, (A_new, B_new) in new.items():  # everything checked: now the weights change
+        A, B, _ = holding[mod].factors(name)
+        A.copy_(A_new)
+        B.copy_(B_new)
+    for mod, state in states.items():
+        copy = saved_modules(model)[mod].modules_to_save[name]
+        for key, t in copy.state_dict(keep_vars=True).items():
+            t.copy_(state[key])

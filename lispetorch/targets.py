@@ -9,7 +9,8 @@ from .errors import AdapterStateError, ConfigError
 from .hf import output_head
 from .layer import LoraLinear, base_of, is_adaptable
 from .nf4 import BLOCKSIZE, NF4Linear, is_bitsandbytes_4bit
-from .validate import fullmatch
+from .saved_modules import ModulesToSave
+from .validate import compile_pattern, fullmatch
 
 
 def name_matches(name: str, targets: list[str] | str) -> bool:
@@ -29,6 +30,8 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, LoraLinear):
             found[name] = module
+            skip.append(name)
+        elif isinstance(module, ModulesToSave):  # trained whole: neither it nor its copies take adapters
             skip.append(name)
         elif is_adaptable(module):
             found[name] = module
@@ -57,9 +60,50 @@ def adopt_bitsandbytes(model: nn.Module, chosen: dict[str, nn.Module]) -> dict[s
     return {n: converted.get(n, m) for n, m in chosen.items()}
 
 
-def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None) -> dict[str, nn.Module]:
+def layer_index(name: str, layers_pattern: list[str] | str | None = None) -> int | None:
+    """The layer index in a module name, by PEFT's rule: the number after the first ``<layers_pattern>.`` segment
+    (``model.layers.3.mlp.up_proj`` → 3 for ``"layers"``), or without a pattern the first number that follows a
+    dotted segment; None when there is none."""
+    if not layers_pattern:
+        m = compile_pattern(r".*?\.[^.]*\.(?P<idx>\d+)\.", "layers_pattern").match(name)
+        return None if m is None else int(m.group("idx"))
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        m = compile_pattern(pattern, "layers_pattern", form=r"(?:^|.*?\.){}\.(?P<idx>\d+)\.").match(name)
+        if m is not None:
+            return int(m.group("idx"))
+    return None
+
+
+def select_layers(chosen: dict[str, nn.Module], target_modules: list[str] | str, layers_to_transform,
+                  layers_pattern=None) -> dict[str, nn.Module]:
+    """The modules of ``chosen`` in the layers ``layers_to_transform`` (an index or a list of them), as PEFT selects
+    them: a name given whole in ``target_modules`` is kept whatever its layer.
+
+    Raises:
+        ConfigError: an index no chosen module has, or a ``layers_pattern`` that finds no layer index (the message
+            lists the indices that exist).
+    """
+    wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
+    exact = set(target_modules) if not isinstance(target_modules, str) else set()
+    indices = {n: layer_index(n, layers_pattern) for n in chosen}
+    found = sorted({i for i in indices.values() if i is not None})
+    if not found:
+        numbered = sorted({seg for n in chosen for seg, nxt in zip(n.split("."), n.split(".")[1:], strict=False)
+                           if nxt.isdigit()})
+        raise ConfigError(f"layers_pattern {layers_pattern!r} finds no layer index in the targeted modules; the "
+                          f"numbered segments there are {numbered}")
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise ConfigError(f"layers_to_transform {layers_to_transform!r}: no targeted module is in layer(s) {missing}; "
+                          f"the layers are {found}")
+    return {n: m for n, m in chosen.items() if n in exact or indices[n] in wanted}
+
+
+def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
+                  layers_to_transform=None, layers_pattern=None) -> dict[str, nn.Module]:
     """The one matcher: names or suffixes, a full-match regular expression, or ``"all-linear"`` (every adaptable
-    layer but the output head).
+    layer but the output head); then, with ``layers_to_transform``, only the modules in those layers
+    (:func:`select_layers`).
 
     Raises:
         ValueError: nothing matches; the message lists the adaptable module names found.
@@ -78,6 +122,47 @@ def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_mod
             f"target_modules {target_modules!r} matches no adaptable module; the model's adaptable modules are "
             f"named {leaves} ({len(candidates)} in all)"
         )
+    if layers_to_transform is not None and layers_to_transform != []:
+        chosen = select_layers(chosen, target_modules, layers_to_transform, layers_pattern)
+    return chosen
+
+
+def match_saved_modules(model: nn.Module, modules_to_save: list[str], strict: bool = True) -> dict[str, nn.Module]:
+    """The modules ``modules_to_save`` names (names or dotted name suffixes; a module already trained whole is
+    found by its own name), outermost first: a module inside one already chosen is not chosen again.
+
+    Args:
+        strict (bool): a name that matches no module is an error (else it is passed over, as PEFT does when it
+            reads a file: its task types add ``classifier`` and ``score`` whichever the model has). Default True.
+
+    Raises:
+        ConfigError: a name that matches no module (with ``strict``), or one that names a module holding adapters
+            (the message lists the model's module names).
+    """
+    chosen: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    matched: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s + ".") for s in skip):
+            continue
+        hits = [t for t in modules_to_save if name == t or name.endswith("." + t)]
+        if isinstance(module, (ModulesToSave, LoraLinear)):
+            skip.append(name)
+        if hits:
+            inner = [n for n, m in module.named_modules() if isinstance(m, LoraLinear)]
+            if inner:
+                where = repr(name) if inner[0] == "" else f"{name + '.' + inner[0]!r}, inside {name!r},"
+                raise ConfigError(f"modules_to_save {hits[0]!r}: {where} holds adapters: a module is either "
+                                  "adapted or trained whole")
+            matched.update(hits)
+            chosen[name] = module
+            skip.append(name)
+    missing = [t for t in modules_to_save if t not in matched]
+    if missing and strict:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n} - {""},
+                        key=lambda x: (x.isdigit(), x))
+        raise ConfigError(f"modules_to_save {missing[0]!r} matches no module; the model's modules are named "
+                          f"{[x for x in leaves if not x.isdigit()]}")
     return chosen
 
 

@@ -468,3 +468,102 @@ def test_unknown_init_or_method_is_reported(tiny_default_model, corpus, tmp_path
     with pytest.raises(lt.train.ConfigError, match=message):
         lt.train.train(config(tiny_default_model, corpus, tmp_path / "o", lora=lora), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+# --- gradient checkpointing, LoRA+ ---------------------------------------------------------------------------
+def _gradients(trainer, batch, seed):
+    """The adapter gradients of one micro-batch in training mode, dropout drawn from ``seed``."""
+    from conftest import saved_bytes
+
+    trainer.model.train()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    saved = saved_bytes(lambda: trainer.accumulate([batch]))
+    return [p.grad.clone() for p in trainer.params], saved
+
+
+def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(tiny_default_model, corpus, tmp_path):
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.3, "target_modules": "all-linear"}
+    trainers = {}
+    for checkpointing in (False, True):
+        tr = engine.Trainer(config(tiny_default_model, corpus, tmp_path / str(checkpointing), lora=lora,
+                                   gradient_checkpointing=checkpointing), progress=False)
+        tr._setup()
+        with torch.no_grad():  # a non-zero B so that every factor gets gradients
+            for p in tr.params:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        trainers[checkpointing] = tr
+    assert trainers[True].model.is_gradient_checkpointing and not trainers[False].model.is_gradient_checkpointing
+    batch = trainers[False]._collate(list(range(2)))
+    plain, plain_saved = _gradients(trainers[False], batch, seed=5)
+    recomputed, recomputed_saved = _gradients(trainers[True], batch, seed=5)
+    other_mask, _ = _gradients(trainers[False], batch, seed=6)
+    assert all(g.abs().sum() > 0 for g in plain)
+    for a, b in zip(plain, recomputed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # the dropout masks matter (another seed, other gradients), and checkpointing keeps fewer activations
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, other_mask, strict=True))
+    assert recomputed_saved < 0.7 * plain_saved
+
+
+def test_loraplus_ratio_sets_b_learning_rate_under_the_schedule(tiny_default_model, corpus, tmp_path):
+    cfg = config(tiny_default_model, corpus, tmp_path / "o", loraplus_lr_ratio=16, scheduler_type="constant",
+                 warmup_steps=0)
+    tr = engine.Trainer(cfg, progress=False)
+    tr._setup()
+    b_ids = {id(layer.lora_B["default"]) for layer in lt.adapter_layers(tr.model).values()}
+    lrs = {("B" if id(p) in b_ids else "A"): g["lr"] for g in tr.optimizer.param_groups for p in g["params"]}
+    assert lrs == {"A": 5e-3, "B": 16 * 5e-3}
+    tr = engine.Trainer(cfg, progress=False)
+    res = tr.train()
+    assert res.global_step == 8
+    assert {g["lr"] for g in tr.optimizer.param_groups} == {5e-3, 16 * 5e-3}
+    info = json.loads((res.output_dir / "training_info.json").read_text())
+    assert info["training_config"]["loraplus_lr_ratio"] == 16
+    with pytest.raises(lt.ConfigError, match="loraplus_lr_ratio"):
+        engine.Trainer(config(tiny_default_model, corpus, tmp_path / "p", loraplus_lr_ratio=0), progress=False)
+
+
+def test_peft_selection_keys_train_resume_and_load_in_peft(tiny_default_model, corpus, tmp_path):
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1],
+            "rank_pattern": {"v_proj": 2}, "modules_to_save": ["lm_head"]}
+    full = lt.train.train(config(tiny_default_model, corpus, tmp_path / "full", lora=lora, loraplus_lr_ratio=4,
+                                 gradient_checkpointing=True), progress=False)
+
+    def stop_at_6(trainer):
+        if trainer.global_step == 6:
+            raise KeyboardInterrupt
+
+    cfg = config(tiny_default_model, corpus, tmp_path / "cut", lora=lora, loraplus_lr_ratio=4,
+                 gradient_checkpointing=True)
+    with pytest.raises(KeyboardInterrupt):
+        engine.Trainer(cfg, progress=False, on_step=stop_at_6).train()
+    resumed = lt.train.train(cfg, resume=True, progress=False)
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) == ["base_model.model.lm_head.weight"] + [
+        f"base_model.model.model.layers.1.self_attn.{m}.lora_{w}.weight" for m in ("q_proj", "v_proj") for w in "AB"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert a["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].shape[0] == 2
+    config_json = json.loads((full.adapter_dir / "adapter_config.json").read_text())
+    assert config_json["modules_to_save"] == ["lm_head"] and config_json["layers_to_transform"] == [1]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 500, (1, 16))
+    base = AutoModelForCausalLM.from_pretrained(tiny_default_model).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_default_model)
+    lt.load_adapter(ours, full.adapter_dir)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_default_model), full.adapter_dir)
+    with torch.no_grad():
+        expected = theirs.eval()(ids).logits
+        torch.testing.assert_close(ours.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-4)
+    with pytest.raises(lt.ConfigError, match="modules_to_save.*lora"):
+        engine.Trainer(config(tiny_default_model, corpus, tmp_path / "x", lora={"method": "tinylora", "dropout": 0,
+                                                                                 "modules_to_save": ["lm_head"]}),
+                       progress=False)
+    with pytest.raises(lt.ConfigError, match="layers_to_transform"):
+        engine.Trainer(config(tiny_default_model, corpus, tmp_path / "y", lora={"layers_to_transform": "1"}),
+                       progress=False)

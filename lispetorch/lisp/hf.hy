@@ -20,6 +20,7 @@ Examples::
 (import os
         torch
         lispetorch :as lt
+        lispetorch.atomic
         lispetorch.hf [DTYPES]
         lispetorch.hf
         lispetorch.config
@@ -181,6 +182,50 @@ Examples::
   True)
 
 
+(defn [primitive] torch-hf-lora-merge-and-unload [model-name [path None]]
+  "Folds the active adapter into the base weights and takes the adapter layers out: the model under
+  ``model_name`` becomes the plain transformers model, with the adapted model's outputs
+  (:func:`lispetorch.merge_and_unload`). With ``path``, also writes it there as a Hugging Face model directory
+  (``save_pretrained``), atomically. Returns the number of layers merged."
+  (setv model (. (entry "torch_hf_lora_merge_and_unload" model-name) model)
+        n (len (lt.adapter-layers model)))
+  (when (not n)
+    (fail "torch_hf_lora_merge_and_unload" f"model {(repr model-name)} has no adapters to merge"))
+  (when (is-not path None)
+    (check-string "torch_hf_lora_merge_and_unload" "path" path))
+  (lt.merge-and-unload model)
+  (when (is-not path None)
+    (with [tmp (lispetorch.atomic.directory path)]
+      (.save-pretrained model tmp)))
+  n)
+
+
+(defn [primitive] torch-hf-lora-hotswap [model-name path]
+  "Loads the PEFT adapter directory ``path`` into the model's active adapter in place (same modules, rank up to
+  the adapter's): a compiled model runs it without recompiling (:func:`lispetorch.hotswap_adapter`). Returns the
+  path."
+  (setv model (. (entry "torch_hf_lora_hotswap" model-name) model))
+  (check-string "torch_hf_lora_hotswap" "path" path)
+  (lt.hotswap-adapter model path)
+  path)
+
+
+(defn [primitive] torch-hf-lora-optimizer [model-name learning-rate weight-decay [loraplus-lr-ratio 1.0]]
+  "An AdamW optimizer over the model's trainable parameters, B at ``loraplus_lr_ratio`` times the learning rate
+  of A (LoRA+; 1.0: plain LoRA), from :func:`lispetorch.optimizer_param_groups`."
+  (setv model (. (entry "torch_hf_lora_optimizer" model-name) model))
+  (when (not (lt.trainable-parameters model))
+    (fail "torch_hf_lora_optimizer" f"model {(repr model-name)} has nothing to train: call torch_hf_lora_init first"))
+  (torch.optim.AdamW (lt.optimizer-param-groups model
+                                                (check-number "torch_hf_lora_optimizer" "learning_rate" learning-rate
+                                                              :positive True)
+                                                :loraplus-lr-ratio (check-number "torch_hf_lora_optimizer"
+                                                                                 "loraplus_lr_ratio"
+                                                                                 loraplus-lr-ratio :positive True)
+                                                :weight-decay (check-number "torch_hf_lora_optimizer" "weight_decay"
+                                                                            weight-decay))))
+
+
 (defn [primitive] torch-hf-lora-enable [model-name enable]
   "Turns the adapters on (true) or off (false: the base model's outputs), without changing any weight.
   Returns the new state."
@@ -288,5 +333,6 @@ Examples::
 
 (export :objects [torch-hf-load-model-lora torch-hf-lora-init torch-hf-lora-get-parameters torch-hf-forward
                   torch-hf-lora-save torch-hf-lora-load torch-hf-lora-merge torch-hf-lora-unmerge
+                  torch-hf-lora-merge-and-unload torch-hf-lora-optimizer torch-hf-lora-hotswap
                   torch-hf-lora-enable torch-hf-memory-usage torch-hf-model torch-hf-load-tokenizer torch-encode
                   torch-decode torch-hf-generate])

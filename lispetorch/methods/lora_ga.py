@@ -76,19 +76,20 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
     (input_ids tensors or dicts of model inputs)."""
     dtype = parse_dtype(config.dtype)
     chosen = select_for_new_adapter(model, config, adapter_name)
-    check_layers(chosen, config.r, "LoRA-GA", rank_factor=2)
+    for name, module in chosen.items():
+        check_layers({name: module}, config.rank_of(name), "LoRA-GA", rank_factor=2)
     if calibration_batches is None:
         raise ConfigError("LoraConfig(init='lora_ga') needs calibration batches: inject(model, config, "
                           "calibration_batches=[...])")
     grads = average_gradients(model, chosen, calibration_batches)
-    r = config.r
     plans = {}
     for name, module in chosen.items():
+        r = config.rank_of(name)
         w = base_weight(module)
         U, S, Vh = torch.linalg.svd(grads[name], full_matrices=False)
         c = w.shape[0] ** 0.25 / math.sqrt(GAMMA)  # the "stable" scale
         A = (Vh[:r] * c).to(dtype or w.dtype)  # (r, in)   V[:, :r]ᵀ
         B = (U[:, r:2 * r] * c).to(dtype or w.dtype)  # (out, r)  U[:, r:2r]
-        plans[name] = AdapterPlan(A.contiguous(), B.contiguous(), config.alpha, config.dropout, config.use_rslora,
-                                  offset=True)
+        plans[name] = AdapterPlan(A.contiguous(), B.contiguous(), config.alpha_of(name), config.dropout,
+                                  config.use_rslora, offset=True)
     return install(model, chosen, plans, adapter_name)

@@ -22,15 +22,16 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
     """:func:`~lispetorch.inject` for ``LoraConfig.init`` ``"pissa"`` and ``"pissa_niter_K"``."""
     dtype = parse_dtype(config.dtype)
     chosen = select_for_new_adapter(model, config, adapter_name)
-    check_layers(chosen, config.r, "PiSSA")
+    for name, module in chosen.items():
+        check_layers({name: module}, config.rank_of(name), "PiSSA")
     niter = pissa_niter(config.init)
-    s = config.scaling
     plans = {}
     for name, module in chosen.items():
+        s = config.scaling_of(name)
         w = base_weight(module)
-        U, S, Vh = ops.svd_factors(w, config.r, niter)
+        U, S, Vh = ops.svd_factors(w, config.rank_of(name), niter)
         root = torch.sqrt(S / s)  # (r,)
         A = (root[:, None] * Vh).to(dtype or w.dtype)  # (r, in)  √(S/s) Vᵀ
         B = (U * root[None, :]).to(dtype or w.dtype)  # (out, r)  U √(S/s)
-        plans[name] = AdapterPlan(A, B, config.alpha, config.dropout, config.use_rslora, offset=True)
+        plans[name] = AdapterPlan(A, B, config.alpha_of(name), config.dropout, config.use_rslora, offset=True)
     return install(model, chosen, plans, adapter_name)

@@ -38,6 +38,13 @@ class LoraSection:
     # method's own fields (see lispetorch.config.method_config), e.g. {"method": "givens"} or {"u": 64, "seed": 0}
     method: str = "lora"
     options: dict = dataclasses.field(default_factory=dict)
+    # PEFT's selection fields, for method lora (lispetorch.LoraConfig): layers, per-module ranks and alphas, and the
+    # modules trained whole beside the adapter
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: list[str] | None = None
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    modules_to_save: list[str] | None = None
 
     def adapter_config(self):
         """The adapter config these keys describe (a ``LoraConfig``, ``RotationalPiSSAConfig`` or
@@ -46,12 +53,16 @@ class LoraSection:
         Raises:
             ValueError: an unknown method or option, or a value out of range.
         """
+        selection = {key: getattr(self, key) for key in _SELECTION if getattr(self, key) not in (None, {})}
+        if selection and self.method != "lora":
+            raise ConfigError(f"'lora.{next(iter(selection))}' applies to method lora, not {self.method}")
         if self.method != "lora":
             name, options = self.method, self.options
         elif self.init in ("kaiming", "gaussian"):
             name, options = "lora", {"init": self.init, **self.options}
         else:  # an SVD init is a method of its own there
             name, options = self.init, self.options
+        options = {**selection, **options}
         return method_config(name, self.rank, self.alpha, self.target_modules, dropout=self.dropout, **options)
 
 
@@ -90,6 +101,8 @@ class TrainConfig:
     # "nf4": the base model's linear layers (all but the output head) stored in NF4 before the adapter is made,
     # as QLoRA and the TinyLoRA trainer load theirs; "none": as loaded
     quantize_base: str = "none"
+    loraplus_lr_ratio: float = 1.0  # LoRA+: B's learning rate is this times learning_rate (A's); 1: plain LoRA
+    gradient_checkpointing: bool = False  # transformers' own (non-reentrant): activations recomputed in backward
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     # --- construction ----------------------------------------------------------------------------------------
@@ -221,6 +234,7 @@ RANGES: dict[str, tuple] = {
     "gamma": (0.0, 10.0, True),
     "step_size": (1, 10**12),
     "seed": (0, 2**32 - 1),
+    "loraplus_lr_ratio": (0.0, 1e6, True),
 }
 LORA_RANGES: dict[str, tuple] = {
     "rank": (1, 1 << 16),
@@ -238,8 +252,12 @@ for _f in dataclasses.fields(TrainConfig):
         float: _NUMBER, int: _INT, bool: _BOOL, str: _STR, "float": _NUMBER, "int": _INT, "bool": _BOOL,
         "str": _STR}[_f.type]
 _MAPPING = "a mapping"
+_INDICES = "a layer index or a list of them"
 _LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES, "init": _STR,
-                "calibration_batches": _INT, "method": _STR, "options": _MAPPING}
+                "calibration_batches": _INT, "method": _STR, "options": _MAPPING, "layers_to_transform": _INDICES,
+                "layers_pattern": "names", "rank_pattern": _MAPPING, "alpha_pattern": _MAPPING,
+                "modules_to_save": "names"}
+_SELECTION = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save")
 
 
 def _suggest(key, known) -> str:
@@ -282,6 +300,12 @@ def _check(key: str, value, kind: str, source: str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             kind = "a list of names"
+            fail()
+        return value
+    if kind == _INDICES:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             fail()
         return value
     if kind == _MAPPING:

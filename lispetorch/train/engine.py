@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 
 from .. import atomic, default_model
-from ..adapters import adapter_layers, trainable_parameters
+from ..adapters import active_adapter, adapter_layers, trainable_parameters
 from ..config import RotationalPiSSAConfig, TinyLoraConfig, method_of
 from ..devices import resolve_device
 from ..dispatch import inject
 from ..errors import ConfigError
 from ..hf import DTYPES, max_positions
 from ..methods import orthogonality_loss, save_tinylora
+from ..optim import optimizer_param_groups
 from ..peft_format import PREFIX, write_files
-from ..peft_io import export
+from ..peft_io import export, saved_module_tensors
 from ..schedule import make_scheduler
 from ..targets import quantize_nf4
 from . import data as data_mod
@@ -173,13 +174,34 @@ class Trainer:
             calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
         inject(self.model, self.lora_config, calibration_batches=calibration)
         self.params = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if cfg.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        schedule = {"initial_lr": cfg.learning_rate}
+        if cfg.loraplus_lr_ratio != 1.0:
+            # LoRA+: B at ratio × learning_rate; each group keeps its own rate under the schedule, whose base is the
+            # first group's (at learning_rate)
+            groups = optimizer_param_groups(self.model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+            schedule = {}
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         n_batches = math.ceil(len(self.dataset.train) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.num_epochs
         self.scheduler = make_scheduler(self.optimizer, cfg.scheduler_type, {
-            "initial_lr": cfg.learning_rate, "min_lr": cfg.min_lr, "total_steps": self.total_steps,
+            **schedule, "min_lr": cfg.min_lr, "total_steps": self.total_steps,
             "warmup_steps": cfg.warmup_steps, "gamma": cfg.gamma, "step_size": cfg.step_size})
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """transformers' gradient checkpointing, non-reentrant: each decoder layer's activations are recomputed in
+        backward (with the RNG state of the forward, so an adapter's dropout draws the same mask again)."""
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing: the model ({type(self.model).__name__}) does not support "
+                              "transformers' gradient checkpointing")
+        self.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": True})
+        if getattr(self.model.config, "use_cache", False):
+            self.model.config.use_cache = False  # a cache is of no use in training, and checkpointing refuses it
 
     # --- one step --------------------------------------------------------------------------------------------
     def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -288,6 +310,7 @@ class Trainer:
         else:  # PEFT keys: a plain LoRA's adapter, or factors saved so by earlier versions
             params = {f"{PREFIX}{name}.{which}.weight": getattr(layer, which)[layer.active_adapter]
                       for name, layer in adapter_layers(self.model).items() for which in ("lora_A", "lora_B")}
+            params.update(saved_module_tensors(self.model, active_adapter(self.model)))  # modules_to_save
         if set(params) != set(weights):
             raise ConfigError(f"{path}: the checkpoint adapts other modules than this config "
                               f"({len(weights)} tensors against {len(params)})")

@@ -184,3 +184,38 @@
     (torch_hf_generate "hf_g" prompt 16 (dictionary "beams" 4)))
   (with [e (pytest.raises PrimitiveError :match "leaves no room after the 4 prompt tokens")]
     (torch_hf_generate "hf_g" prompt 4)))
+
+
+(defn test-merge-and-unload-and-loraplus-optimizer [tiny-default-model tmp-path]
+  (setv d (str tiny-default-model))
+  (torch_hf_load_model_lora "hf_mu" d (dictionary "device" "cpu"))
+  (assert (= (torch_hf_lora_init "hf_mu" 4 8 (strings "q_proj" "v_proj") "float32" 0.0 "lora"
+                                 (dictionary "layers_to_transform" [1] "rank_pattern" (dictionary "v_proj" 2)))
+             2))
+  (setv opt (torch_hf_lora_optimizer "hf_mu" 1e-3 0.0 16))
+  (assert (= (sorted (gfor g opt.param-groups (get g "lr"))) [1e-3 16e-3]))
+  (with [e (pytest.raises PrimitiveError :match "torch_hf_lora_optimizer.*loraplus_lr_ratio")]
+    (torch_hf_lora_optimizer "hf_mu" 1e-3 0.0 0))
+  (randomize "hf_mu")
+  (setv adapted (no-grad-forward "hf_mu" IDS))
+  (assert (= (torch_hf_lora_merge_and_unload "hf_mu" (str (/ tmp-path "merged"))) 2))
+  (assert (not (lt.adapter-layers (torch_hf_model "hf_mu"))))
+  (assert (torch.allclose (no-grad-forward "hf_mu" IDS) adapted :atol 1e-5))
+  (assert (torch.allclose (base-logits (str (/ tmp-path "merged")) IDS) adapted :atol 1e-5))
+  (with [e (pytest.raises PrimitiveError :match "torch_hf_lora_merge_and_unload.*no adapters")]
+    (torch_hf_lora_merge_and_unload "hf_mu")))
+
+
+(defn test-hotswap [tiny-default-model tmp-path]
+  (setv d (str tiny-default-model))
+  (torch_hf_load_model_lora "hf_hs" d (dictionary "device" "cpu"))
+  (torch_hf_lora_init "hf_hs" 4 8 (strings "q_proj" "v_proj") "float32")
+  (randomize "hf_hs")
+  (setv first (no-grad-forward "hf_hs" IDS))
+  (torch_hf_lora_save "hf_hs" (str (/ tmp-path "a")))
+  (randomize "hf_hs")
+  (assert (not (torch.allclose (no-grad-forward "hf_hs" IDS) first :atol 1e-4)))
+  (assert (= (torch_hf_lora_hotswap "hf_hs" (str (/ tmp-path "a"))) (str (/ tmp-path "a"))))
+  (assert (torch.allclose (no-grad-forward "hf_hs" IDS) first :atol 1e-6))
+  (with [e (pytest.raises PrimitiveError :match "torch_hf_lora_hotswap")]
+    (torch_hf_lora_hotswap "hf_hs" (str (/ tmp-path "missing")))))
