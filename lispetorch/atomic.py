@@ -133,7 +133,7 @@ def _write_error(path: Path, e: OSError) -> WriteError:
     where = f" (writing {Path(e.filename).name})" if e.filename else ""
     err = WriteError(f"{path}: cannot be written: {e.strerror or e}{where}; nothing was written under that name "
                      "(a previous version, if any, is unchanged)")
-    err.errno, err.strerror, err.filename = e.errno, e.strerror, str(path)
+    err.errno = e.errno  # only the number: with strerror or filename set, OSError would print those instead
     return err
 
 

@@ -142,14 +142,16 @@ def read_header(path: Path, data: bytes | None = None, size: int | None = None) 
             if not base <= e.begin <= e.end <= size or (width and math.prod(e.shape) * width != e.end - e.begin):
                 raise AdapterFormatError(
                     f"{key}: shape {list(e.shape)} of {e.dtype} in bytes [{e.begin}, {e.end}) of {size}")
-        at, previous = base, None
-        for key, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-            if e.begin < at:
-                raise AdapterFormatError(f"{key} (bytes [{e.begin}, {e.end})) overlaps {previous} (bytes "
-                                         f"[{entries[previous].begin}, {entries[previous].end}))")
+        ordered = sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end))
+        for (k0, e0), (k1, e1) in zip(ordered, ordered[1:], strict=False):
+            if e1.begin < e0.end:
+                raise AdapterFormatError(f"{k1} (bytes [{e1.begin}, {e1.end})) overlaps {k0} (bytes "
+                                         f"[{e0.begin}, {e0.end}))")
+        at = base
+        for key, e in ordered:
             if e.begin > at:
                 raise AdapterFormatError(f"bytes [{at}, {e.begin}) before {key} belong to no tensor")
-            at, previous = e.end, key
+            at = e.end
         if at != size:
             raise AdapterFormatError(f"bytes [{at}, {size}) at its end belong to no tensor")
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
