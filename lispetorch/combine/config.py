@@ -109,7 +109,7 @@ def load_config(config: str | os.PathLike | Mapping | CombineConfig) -> CombineC
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint list {path} does not exist (write one with "
                                 "`lispetorch combine init-config`)")
-    data = yaml_io.load(path)
+    data = yaml_io.load(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'checkpoints' key, got {type(data).__name__}")
     return _parse(data, str(path), path.parent)

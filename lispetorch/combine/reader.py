@@ -186,7 +186,11 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
         if parsed is None:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {key!r}, which is not a LoRA A/B weight "
                                      "(only lora_A / lora_B weights can be combined)")
-        found.setdefault(parsed[0], {})[parsed[1]] = key
+        pair = found.setdefault(parsed[0], {})
+        if parsed[1] in pair:
+            raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds two keys for the {parsed[1]} of module "
+                                     f"{parsed[0]!r}: {pair[parsed[1]]!r} and {key!r}")
+        pair[parsed[1]] = key
     if not found:
         raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds no LoRA weights")
     use_rslora = bool(config.get("use_rslora", False))
