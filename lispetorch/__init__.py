@@ -33,11 +33,14 @@ from .dispatch import inject
 from .errors import (
     AdapterFormatError,
     AdapterStateError,
+    CheckpointError,
     ConfigError,
     DataError,
     LispetorchError,
+    NonFiniteError,
     ShapeError,
     TinyLoraFormatError,
+    WriteError,
 )
 from .layer import LoraLinear
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
@@ -50,16 +53,19 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFormatError",
     "AdapterStateError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "LispetorchError",
     "LoraConfig",
     "LoraLinear",
     "NF4Linear",
+    "NonFiniteError",
     "RotationalPiSSAConfig",
     "ShapeError",
     "TinyLoraConfig",
     "TinyLoraFormatError",
+    "WriteError",
     "active_adapter",
     "adapter_layers",
     "adapter_names",

@@ -113,7 +113,7 @@ def write_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+def finite_or_raise(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Raises NonFiniteError naming ``where`` and the first key whose tensor holds NaN or Inf."""
     for key, t in tensors.items():
         if torch.is_floating_point(t) and not torch.isfinite(t).all():
@@ -129,7 +129,7 @@ def write_directory(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
         WriteError: the directory cannot be written (a full disk): names it; the previous one is unchanged.
     """
     directory = Path(directory)
-    check_finite(tensors, str(directory))
+    finite_or_raise(tensors, str(directory))
     with atomic.directory(directory) as tmp:
         write_files(tmp, tensors, config)
     return directory

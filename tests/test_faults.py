@@ -474,3 +474,25 @@ def test_what_is_written_follows_the_umask(model_dirs, tmp_path, mask):
     assert mode(tmp_path / "a") == 0o777 & ~mask
     assert mode(tmp_path / "f.txt") == 0o666 & ~mask
     assert all(mode(p) == 0o666 & ~mask for p in (tmp_path / "a").iterdir())
+
+
+def test_the_kinds_of_fault_are_of_the_one_hierarchy():
+    assert issubclass(lt.NonFiniteError, lt.LispetorchError) and issubclass(lt.NonFiniteError, ValueError)
+    assert issubclass(lt.CheckpointError, lt.AdapterFormatError)
+    assert issubclass(lt.WriteError, lt.LispetorchError) and issubclass(lt.WriteError, OSError)
+    assert lt.train.NonFiniteError is lt.NonFiniteError and lt.train.CheckpointError is lt.CheckpointError
+    assert lt.train.WriteError is lt.WriteError
+
+
+def test_a_combination_that_overflows_its_dtype_is_not_written(tmp_path):
+    from lispetorch import combine
+
+    for name in ("a", "b"):  # float16 factors whose weighted concatenation leaves float16's range
+        d = _write_adapter_dir(tmp_path / name, modules=2, width=16)
+        tensors = {k: (v * 0 + 40000.0).half() for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+    cfg = {n: str(tmp_path / n) for n in ("a", "b")}
+    with pytest.raises(NonFiniteError, match=rf"^{tmp_path / 'out'}: the combined adapter \(cat, torch.float16\): "
+                                             r"\S+ holds \d+ NaN/Inf"):
+        combine.build(cfg, {"a": 1.0, "b": 1.0}, tmp_path / "out", mode="cat")
+    assert not (tmp_path / "out").exists()

@@ -29,6 +29,7 @@ from ..peft_format import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
     exact_targets,
+    finite_or_raise,
     peft_key,
     ranked_fields,
     read_config,
@@ -209,6 +210,7 @@ def build(
     summary = {"output_dir": str(output_dir), "mode": mode, "weights": used_weights,
                "rank": out_cfg["r"], "relative_deviation": rel_dev, "num_modules": len(modules),
                "dropped_modules": dropped}
+    finite_or_raise(tensors, f"{output_dir}: the combined adapter ({mode}, {out_dtype})")
     with atomic.directory(output_dir) as tmp:
         if template is not None:
             for item in sorted(template.iterdir()):

@@ -24,7 +24,7 @@ from ..dispatch import inject
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..hf import DTYPES
 from ..methods import orthogonality_loss
-from ..peft_format import PREFIX, check_finite, write_files
+from ..peft_format import PREFIX, finite_or_raise, write_files
 from ..peft_io import export
 from ..schedule import make_scheduler
 from . import data as data_mod
@@ -338,7 +338,7 @@ class Trainer:
         other method its plain-LoRA equivalent (rank 2r where the base is a residual: PiSSA, LoRA-GA, Rotational
         PiSSA; rank r for TinyLoRA, whose base is untouched)."""
         tensors, config = export(self.model, original_weights=not self.plain)
-        check_finite(tensors, f"step {self.global_step}: the trained adapter")
+        finite_or_raise(tensors, f"step {self.global_step}: the trained adapter")
         config["base_model_name_or_path"] = self.model_path
         write_files(directory, tensors, config)
 
