@@ -484,6 +484,7 @@ def test_the_kinds_of_fault_are_of_the_one_hierarchy():
     assert lt.train.WriteError is lt.WriteError
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_a_combination_that_overflows_its_dtype_is_not_written(tmp_path):
     from lispetorch import combine
 
