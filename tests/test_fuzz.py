@@ -13,6 +13,7 @@ without stopping at the first failure, for the figures).
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from safetensors.torch import save
 
 from lispetorch.errors import LispetorchError
 from lispetorch.peft_format import module_ranks
+from lispetorch.train.config import TrainConfig
 
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 TIME_LIMIT = 30.0  # seconds a case may take before it counts as a hang
@@ -109,7 +111,7 @@ def check(kind: str, files: dict[str, bytes], targets: list[str]) -> None:
         outcome = "lost" if lost else r["outcome"]
         STATS[f"{kind} → {target}"][outcome] += 1
         if outcome not in ("ok", "clean"):
-            FAILURES[f"{kind} → {target}"].append({**r, "files": {k: v[:300].decode("latin-1") for k, v in
+            FAILURES[f"{kind} → {target}: {outcome}"].append({**r, "files": {k: v[:300].decode("latin-1") for k, v in
                                                                     files.items()}})
         if not COUNT_ONLY:
             assert outcome in ("ok", "clean"), f"{kind} → {target}: {outcome}: {r}"
@@ -235,6 +237,21 @@ def _config_validation_missing() -> bool:
     return False
 
 
+def _train_validation_missing() -> bool:
+    """Whether the training config's numbers still reach the run unchecked (NaN accepted, a huge integer escaping
+    as OverflowError): until the validation layer for configs is in, the training config property is expected to
+    fail; once it is in, it runs strictly."""
+    for value in (float("nan"), 10**400):
+        try:
+            TrainConfig.from_dict({"data": "d", "output_dir": "o", "learning_rate": value})
+        except LispetorchError:
+            continue
+        except Exception:
+            return True
+        return True
+    return False
+
+
 # --- the properties -------------------------------------------------------------------------------------------
 @pytest.mark.xfail(_config_validation_missing(), reason="adapter_config.json's values are not validated yet "
                    "(patterns that are no regular expression, alpha null)", strict=False)
@@ -288,6 +305,8 @@ def test_fuzz_key_sets(dropped, added, start_full):
     check("key set", files, ["load_adapter", "combine"])
 
 
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                   if f.default is not dataclasses.MISSING}
 TRAIN_KEYS = {
     "learning_rate": st.floats(allow_nan=True, allow_infinity=True), "weight_decay": hostile_scalars,
     "num_epochs": hostile_scalars, "max_steps": hostile_scalars, "batch_size": hostile_scalars,
@@ -301,6 +320,10 @@ TRAIN_KEYS = {
                                                 "options": json_values}),
     "nonsense_key": hostile_scalars,
 }
+
+
+TRAIN_KEYS = {k: st.one_of(st.just(_TRAIN_DEFAULTS[k]), v) if k in _TRAIN_DEFAULTS else v
+              for k, v in TRAIN_KEYS.items()}  # a valid value as often as a hostile one
 
 
 def _yaml(data) -> bytes:
@@ -325,6 +348,8 @@ def train_yaml(draw) -> bytes:
     return _yaml(cfg)
 
 
+@pytest.mark.xfail(_train_validation_missing(), reason="the training config's numbers are not validated yet "
+                   "(NaN accepted, a huge integer escaping as OverflowError)", strict=False)
 @SETTINGS
 @given(train_yaml())
 def test_fuzz_training_config(text):
