@@ -3,8 +3,9 @@ answer a line on stdout. Run apart from pytest so that a case that hangs or dies
 suite kills and restarts this process) instead of stopping the tests.
 
 An answer per target: ``ok`` (success, and the result checked: the factors read are the file's, the model's
-output finite, the config's values of their types and finite), ``clean`` (a LispetorchError with a message),
-``escape`` (any other exception: its type and message), ``wrong`` (a success whose result does not hold).
+output finite where the factors are of moderate size, the config's values of their types and finite), ``clean``
+(a LispetorchError with a message), ``escape`` (any other exception: its type and message), ``wrong`` (a success
+whose result does not hold).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def load_adapter(d: Path) -> None:
         s = layer.settings["default"].scaling
         if not (isinstance(s, float) and math.isfinite(s) and s > 0):
             raise Wrong(f"{name}: scaling {s!r}")
-    with torch.no_grad():
-        if not torch.isfinite(model(IDS).logits).all():
+    moderate = all(float(t.abs().max()) < 1e4 for ts in weights.values() for t in ts if t.numel())
+    with torch.no_grad():  # factors of moderate size must give a finite output (huge ones may overflow rightly)
+        if moderate and not torch.isfinite(model(IDS).logits).all():
             raise Wrong("the adapted model's output is not finite")
 
 

@@ -130,6 +130,8 @@ def read_header(path: Path, data: bytes | None = None, size: int | None = None) 
         entries = {}
         for key, e in header.items():
             if key == "__metadata__":
+                if e is not None and not (isinstance(e, dict) and all(isinstance(v, str) for v in e.values())):
+                    raise TypeError(f"__metadata__ must map names to strings, got {e!r:.80}")
                 continue
             begin, end = e["data_offsets"]
             if type(begin) is not int or type(end) is not int or \
