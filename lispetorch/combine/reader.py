@@ -12,6 +12,7 @@ checkpoints at a time, as views of the memory-mapped files, while the next modul
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -478,7 +479,8 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
 
     Ahead of the module being yielded, the disk reads of the next ``ahead`` bytes of every file are started
     (``POSIX_FADV_WILLNEED``), so that reading from the disk overlaps the caller's work on the modules before; the
-    modules should come in :func:`file_order`. ``timer["read_s"]`` accumulates the time spent reading.
+    modules should come in :func:`file_order`. The next module is read while the caller works on the one yielded.
+    ``timer["read_s"]`` accumulates the time spent waiting for the reads.
 
     Raises:
         AdapterFormatError: a file that cannot be read, or changed since its checkpoint was opened.
@@ -519,24 +521,37 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
             offset += size
         return As, Bs
 
-    def gen():
-        started = [0] * len(files)  # per file: reads started up to this byte
-        for m in modules:
+    started = [0] * len(files)  # per file: reads started up to this byte
+
+    def fetch(m: str):
+        for i, (c, f) in enumerate(zip(checkpoints, files, strict=True)):
+            end = f.entries[c.modules[m].key_B].end
+            if started[i] < end + ahead // 2:
+                begin = max(started[i], f.entries[c.modules[m].key_A].begin)
+                started[i] = max(started[i], end) + ahead
+                started[i] = (started[i] + step - 1) // step * step
+                f.readahead(begin, started[i])
+        return load(m)
+
+    def gen(pool: concurrent.futures.ThreadPoolExecutor):
+        # the next module is read by a second thread (preadv lets go of the GIL) while the caller works on this
+        # one; only that thread reads and takes buffers
+        pending = pool.submit(fetch, modules[0]) if modules else None
+        for k, m in enumerate(modules):
             t0 = time.perf_counter()
-            for i, (c, f) in enumerate(zip(checkpoints, files, strict=True)):
-                end = f.entries[c.modules[m].key_B].end
-                if started[i] < end + ahead // 2:
-                    begin = max(started[i], f.entries[c.modules[m].key_A].begin)
-                    started[i] = max(started[i], end) + ahead
-                    started[i] = (started[i] + step - 1) // step * step
-                    f.readahead(begin, started[i])
-            As, Bs = load(m)
+            As, Bs = pending.result()
+            pending = pool.submit(fetch, modules[k + 1]) if k + 1 < len(modules) else None
             if timer is not None:
                 timer["read_s"] = timer.get("read_s", 0.0) + time.perf_counter() - t0
             yield m, As, Bs
 
     try:
-        yield gen()
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lispetorch-read") as pool:
+            it = gen(pool)
+            try:
+                yield it
+            finally:
+                it.close()
     finally:
         for f in files:
             f.close()
