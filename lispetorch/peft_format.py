@@ -103,13 +103,18 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: dict[
 def write_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """``adapter_model.safetensors`` (``tensors`` under PEFT keys) and ``adapter_config.json`` (``config``) in
     ``directory``, which the caller writes atomically as a whole (see :func:`write_directory`)."""
-    from safetensors.torch import save
+    from safetensors.torch import save, save_file
 
     directory = Path(directory)
-    # Serialised here and written by Python: a failed write (a full disk) is then an OSError with its errno, which
-    # the atomic writer reports naming the directory.
-    with open(directory / WEIGHTS_NAME, "wb") as f:
-        f.write(save(tensors, metadata={"format": "pt"}))
+    try:
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception:
+        # safetensors' own error for a failed write (a full disk) carries no errno: written again through Python,
+        # the failure is an OSError that says why (which the atomic writer reports naming the directory)
+        with open(directory / WEIGHTS_NAME, "wb") as f:
+            f.write(save(tensors, metadata={"format": "pt"}))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
