@@ -51,6 +51,12 @@ def umask() -> int:
     return mask
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Gives the file ``path`` the permissions the umask gives a new file (for writers that make theirs private,
+    as safetensors' ``save_file`` does)."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def _leftover_re(name: str) -> re.Pattern:
     """The names of this module's temporaries for ``name`` (tempfile's 8 random characters)."""
     return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(?:tmp|old)")

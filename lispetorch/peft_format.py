@@ -115,6 +115,7 @@ def write_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         # the failure is an OSError that says why (which the atomic writer reports naming the directory)
         with open(directory / WEIGHTS_NAME, "wb") as f:
             f.write(save(tensors, metadata={"format": "pt"}))
+    atomic.follow_umask(directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -362,6 +362,7 @@ class Trainer:
 
                 save_file({n: p.detach().contiguous() for n, p in self._trained()}, str(tmp / FACTORS_NAME),
                           metadata={"format": "pt"})
+                atomic.follow_umask(tmp / FACTORS_NAME)
             _save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
             _save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
             _save_torch(_rng_state(), tmp / "rng_state.pth")
