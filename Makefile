@@ -1,5 +1,6 @@
 # make test   — create/reuse .venv, install torch and the dependencies, build the extension and the docs, run the tests
 # make demo   — the same setup, then run the main job (examples/lora_training.hy; builds the default model once)
+# make fuzz   — the same setup, then the fuzz suite with many more examples, and its figures
 # make docs   — the same setup, then build the documentation (docs/, mkdocs.yml) into build/site/, strictly
 # Override the torch requirement for another platform, e.g. `make test TORCH_SPEC="torch==2.13.0+cu128"`.
 
@@ -19,7 +20,7 @@ BUILD_STAMP := $(VENV)/.build.stamp
 SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt cmake/lispetorchConfig.cmake pyproject.toml \
 	$(wildcard lispetorch/*/__init__.py lispetorch/*/*/__init__.py)
 
-.PHONY: all build test demo bench docs clean
+.PHONY: all build test fuzz demo bench docs clean
 
 all: build
 
@@ -47,6 +48,13 @@ build: $(BUILD_STAMP)
 test: build docs
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fuzz suite with many more examples (tests/conftest.py's "fuzz" profile); the outcomes by input kind are printed
+# as a table at the end (and kept in build/fuzz-stats.json).
+fuzz: build
+	mkdir -p build
+	HYPOTHESIS_PROFILE=fuzz LISPETORCH_FUZZ_STATS=build/fuzz-stats.json $(BIN)/python -m pytest -q tests/test_fuzz.py
+	$(BIN)/python tests/test_fuzz.py build/fuzz-stats.json
 
 # Strict: any warning (a broken link or anchor, an API name that no longer resolves) fails the build. Not --quiet,
 # which hides the warnings and with them the failure. The API pages are read from the sources, not imported. Then

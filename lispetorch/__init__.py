@@ -33,11 +33,14 @@ from .dispatch import inject
 from .errors import (
     AdapterFormatError,
     AdapterStateError,
+    CheckpointError,
     ConfigError,
     DataError,
     LispetorchError,
+    NonFiniteError,
     ShapeError,
     TinyLoraFormatError,
+    WriteError,
 )
 from .layer import LoraLinear
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
@@ -53,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFormatError",
     "AdapterStateError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "LispetorchError",
@@ -60,10 +64,12 @@ __all__ = [
     "LoraLinear",
     "ModulesToSave",
     "NF4Linear",
+    "NonFiniteError",
     "RotationalPiSSAConfig",
     "ShapeError",
     "TinyLoraConfig",
     "TinyLoraFormatError",
+    "WriteError",
     "active_adapter",
     "adapter_layers",
     "adapter_names",

@@ -36,6 +36,21 @@ class DataError(LispetorchError, ValueError):
     """Data that cannot be used (training text, calibration batches): the message names the file (and line)."""
 
 
+class CheckpointError(AdapterFormatError):
+    """No training checkpoint to resume from is intact: the message names the directory and, for each checkpoint
+    skipped, why (a file missing, cut short or changed since its manifest was written)."""
+
+
+class NonFiniteError(LispetorchError, ValueError):
+    """A NaN or infinite loss, gradient or result: the message names the step (or the tensor) and what was not
+    finite. Nothing non-finite is written."""
+
+
+class WriteError(LispetorchError, OSError):
+    """A file or directory that could not be written (a full disk, a quota, no permission): the message names the
+    path and the cause; nothing partial is left under the final name. ``errno`` is the system's error number."""
+
+
 def merged_error(name: str, layer: str | None = None, then: str = "unmerge it first") -> AdapterStateError:
     """The one message for "adapter ``name`` is merged", naming the layer when known and what to do."""
     where = f" into {layer!r}" if layer else " into the weight"

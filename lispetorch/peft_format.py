@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import atomic, validate
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, NonFiniteError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,16 +104,39 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: dict[
 def write_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """``adapter_model.safetensors`` (``tensors`` under PEFT keys) and ``adapter_config.json`` (``config``) in
     ``directory``, which the caller writes atomically as a whole (see :func:`write_directory`)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
     directory = Path(directory)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception:
+        # safetensors' own error for a failed write (a full disk) carries no errno: written again through Python,
+        # the failure is an OSError that says why (which the atomic writer reports naming the directory)
+        with open(directory / WEIGHTS_NAME, "wb") as f:
+            f.write(save(tensors, metadata={"format": "pt"}))
+    atomic.follow_umask(directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def finite_or_raise(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raises NonFiniteError naming ``where`` and the first key whose tensor holds NaN or Inf."""
+    for key, t in tensors.items():
+        if torch.is_floating_point(t) and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{where}: {key} holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s); "
+                                 "nothing is written")
+
+
 def write_directory(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """:func:`write_files` into ``directory`` as a whole, atomically: a crash leaves the previous one or none."""
+    """:func:`write_files` into ``directory`` as a whole, atomically: a crash leaves the previous one or none.
+
+    Raises:
+        NonFiniteError: a tensor holds NaN or Inf (nothing is written).
+        WriteError: the directory cannot be written (a full disk): names it; the previous one is unchanged.
+    """
     directory = Path(directory)
+    finite_or_raise(tensors, str(directory))
     with atomic.directory(directory) as tmp:
         write_files(tmp, tensors, config)
     return directory

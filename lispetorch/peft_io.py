@@ -264,7 +264,11 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
                                      "adaptable layer for")
         if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
             raise AdapterFormatError(f"{wpath}: key {show(key)} holds non-finite or non-float values")
-        found.setdefault(name, {})[which] = tensor
+        pair = found.setdefault(name, {})
+        if which in pair:
+            raise AdapterFormatError(f"{wpath}: two keys hold the {which} of module {show(name)} (with and without an "
+                                     f"adapter name or prefix); {show(key)} is one of them")
+        pair[which] = tensor
     if not found:
         raise AdapterFormatError(f"{wpath}: holds no LoRA weights")
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))

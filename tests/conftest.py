@@ -4,6 +4,7 @@ through ``from_pretrained`` (the real loading path), and a seed for reproducible
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import sys
 
@@ -129,3 +130,12 @@ def saved_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+# --- hypothesis: few examples in `make test`, many with HYPOTHESIS_PROFILE=fuzz (`make fuzz`); no deadline, since
+# the machine's load, not the code, decides how long one example takes.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("quick", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))

@@ -34,6 +34,7 @@ from ..peft_format import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
     exact_targets,
+    finite_or_raise,
     peft_key,
     ranked_fields,
     read_config,
@@ -266,6 +267,7 @@ def build(
                "rank": out_cfg["r"], "relative_deviation": rel_dev, "num_modules": len(modules),
                "dropped_modules": dropped, "kept_tensors": sorted(kept),
                "kept_from": str(kept_from.path) if kept else None, "layerwise": layerwise}
+    finite_or_raise(tensors, f"{output_dir}: the combined adapter ({mode}, {out_dtype})")
     with atomic.directory(output_dir) as tmp:
         if template is not None:
             for item in sorted(template.iterdir()):

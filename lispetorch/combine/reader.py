@@ -12,6 +12,7 @@ checkpoints at a time, as views of the memory-mapped files, while the next modul
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -94,42 +95,72 @@ class TensorEntry(NamedTuple):
     end: int
 
 
-def read_header(path: Path, data: bytes | None = None) -> tuple[dict[str, TensorEntry], int]:
+def read_header(path: Path, data: bytes | None = None, size: int | None = None) -> tuple[dict[str, TensorEntry], int]:
     """The tensors of a safetensors file (key → :class:`TensorEntry`, byte ranges from the file's start) and the
     file's size, from its header: 8 bytes of little-endian length, then that many bytes of JSON, as the format
-    defines. ``data``: the file's first bytes when the caller has them already (a map).
+    defines. ``data`` and ``size``: the file's first bytes (at least its header) and its size when the caller has
+    them already.
+
+    The tensors' byte ranges must fit their shapes and dtypes and lie one after another, without overlap or gap,
+    from the end of the header to the end of the file, as the format requires (and ``safetensors`` checks when
+    it loads a file).
 
     Raises:
         AdapterFormatError: a file too short for its header, a header that is not the format's JSON, a tensor
-            whose byte range is outside the data or does not fit its shape and dtype.
+            whose byte range is outside the data, does not fit its shape and dtype, or overlaps another's (both
+            named), data that the tensors do not cover.
     """
     try:
-        size = path.stat().st_size
+        if size is None:
+            size = path.stat().st_size
         if data is None:
             with open(path, "rb") as f:
                 head = f.read(8)
                 n = int.from_bytes(head, "little") if len(head) == 8 else -1
                 body = f.read(n) if 0 <= n <= size else b""
         else:
-            n = int.from_bytes(data[:8], "little") if size >= 8 else -1
+            n = int.from_bytes(data[:8], "little") if size >= 8 and len(data) >= 8 else -1
             body = data[8:8 + n] if 0 <= n <= size else b""
     except OSError as e:
         raise AdapterFormatError(f"{path}: cannot be read ({e.strerror})") from None
     bad = f"{path} is not a readable safetensors file"
-    if n < 0 or 8 + n > size:
+    if n < 0 or 8 + n > size or len(body) < n:
         raise AdapterFormatError(f"{bad} (its header length {n} does not fit in its {size} bytes)")
     base = 8 + n
     try:
         header = json.loads(body)
-        entries = {key: TensorEntry(e["dtype"], tuple(int(d) for d in e["shape"]),
-                                    base + int(e["data_offsets"][0]), base + int(e["data_offsets"][1]))
-                   for key, e in header.items() if key != "__metadata__"}
+        if not isinstance(header, dict):
+            raise TypeError(f"the header is a JSON {type(header).__name__}, not an object")
+        entries = {}
+        for key, e in header.items():
+            if key == "__metadata__":
+                if e is not None and not (isinstance(e, dict) and all(isinstance(v, str) for v in e.values())):
+                    raise TypeError(f"__metadata__ must map names to strings, got {e!r:.80}")
+                continue
+            begin, end = e["data_offsets"]
+            if type(begin) is not int or type(end) is not int or \
+                    not all(type(d) is int and d >= 0 for d in e["shape"]):
+                raise TypeError(f"{key}: offsets {e['data_offsets']!r} and shape {e['shape']!r} must be "
+                                "non-negative integers")
+            entries[key] = TensorEntry(str(e["dtype"]), tuple(e["shape"]), base + begin, base + end)
         for key, e in entries.items():
             width = _DTYPES[e.dtype].itemsize if e.dtype in _DTYPES else None
             if not base <= e.begin <= e.end <= size or (width and math.prod(e.shape) * width != e.end - e.begin):
                 raise AdapterFormatError(
                     f"{key}: shape {list(e.shape)} of {e.dtype} in bytes [{e.begin}, {e.end}) of {size}")
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        ordered = sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end))
+        for (k0, e0), (k1, e1) in zip(ordered, ordered[1:], strict=False):
+            if e1.begin < e0.end:
+                raise AdapterFormatError(f"{k1} (bytes [{e1.begin}, {e1.end})) overlaps {k0} (bytes "
+                                         f"[{e0.begin}, {e0.end}))")
+        at = base
+        for key, e in ordered:
+            if e.begin > at:
+                raise AdapterFormatError(f"bytes [{at}, {e.begin}) before {key} belong to no tensor")
+            at = e.end
+        if at != size:
+            raise AdapterFormatError(f"bytes [{at}, {size}) at its end belong to no tensor")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
         raise AdapterFormatError(f"{bad} ({e})") from None
     return entries, size
 
@@ -165,7 +196,11 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
         if parsed is None:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {show(key)}, which is not a LoRA A/B weight "
                                      "(only lora_A / lora_B weights can be combined)")
-        found.setdefault(parsed[0], {})[parsed[1]] = key
+        pair = found.setdefault(parsed[0], {})
+        if parsed[1] in pair:
+            raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds two keys for the {parsed[1]} of module "
+                                     f"{parsed[0]!r}: {pair[parsed[1]]!r} and {key!r}")
+        pair[parsed[1]] = key
     if not found:
         raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds no LoRA weights")
     use_rslora = bool(config.get("use_rslora", False))
@@ -256,58 +291,131 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-_MADV_WILLNEED = 3
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    """libc's ``madvise`` through ctypes (which lets go of the GIL during the call), or None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):  # pragma: no cover
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 class MappedFile:
-    """A safetensors file mapped into memory, whose tensors are views of the page cache rather than copies.
+    """An open safetensors file, read tensor by tensor into buffers of this process (:meth:`read`), and for callers
+    that know nothing changes the file while they use it, mapped into memory (:meth:`tensor`).
 
-    safetensors' own ``get_tensor`` copies every tensor out of its map; for the optimizer, which reads each factor
-    once, that copy costs as much as reading the file. Here the file is mapped copy-on-write (a write to a view
-    changes this process's pages, never the file) and each tensor is a view at the byte range its header gives
-    (see :func:`read_header`). :meth:`readahead` has the kernel read a byte range ahead of use.
+    The file stays open while this object lives: a file renamed over it or deleted does not change what is read.
+    A file changed in place underneath (truncated, copied over, ``rsync --inplace``) is an
+    :class:`~lispetorch.errors.AdapterFormatError` naming the file: :meth:`read` compares the file's size and
+    modification time with those it had when opened, before and after every read, and a short read is an error.
+    A view of a map (:meth:`tensor`) cannot be so guarded: a page of a map cut off by a truncation kills the
+    process with ``SIGBUS`` when read, so :func:`stream` reads copies.
 
     Raises:
-        AdapterFormatError: see :func:`read_header`.
+        AdapterFormatError: see :func:`read_header`; a header that differs from ``entries`` (the file changed since
+            its checkpoint was opened).
     """
 
     def __init__(self, path: Path, entries: dict[str, TensorEntry] | None = None, size: int = -1) -> None:
         self.path = path
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < 8:
-                read_header(path)  # raises, naming the file
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        header_size = int.from_bytes(self._map[:8], "little")
-        if entries is not None and len(self._map) == size and entries and \
-                min(e.begin for e in entries.values()) == 8 + header_size:
-            self.entries, self._size = entries, size  # the header read when the checkpoint was opened
-        else:
-            self.entries, self._size = read_header(path, self._map)
-        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close() or the garbage collector
+        try:
+            st = os.fstat(self._file.fileno())
+            self._stamp = (st.st_size, st.st_mtime_ns)
+            head = os.pread(self._file.fileno(), 8, 0)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            data = head + os.pread(self._file.fileno(), n, 8) if 0 <= n <= st.st_size else head
+        except OSError as e:
+            self._file.close()
+            raise AdapterFormatError(f"{path}: cannot be read ({e.strerror})") from None
+        try:
+            self.entries, self._size = read_header(path, data, st.st_size)
+        except AdapterFormatError:
+            self._file.close()
+            raise
+        if entries is not None and (size != self._size or entries != self.entries):
+            self._file.close()
+            raise AdapterFormatError(f"{path}: changed since it was opened (its header or size is not the same); "
+                                     "open the checkpoints again")
+        self._map: mmap.mmap | None = None
+        self._address = 0
+
+    def close(self) -> None:
+        """Closes the file (views of its map stay valid)."""
+        self._file.close()
+
+    def _changed(self) -> str | None:
+        """What changed in the file since it was opened (its size, its modification time), or None."""
+        st = os.fstat(self._file.fileno())
+        if st.st_size != self._stamp[0]:
+            return f"its size went from {self._stamp[0]} to {st.st_size} bytes"
+        if st.st_mtime_ns != self._stamp[1]:
+            return "it was modified"
+        return None
+
+    def read_size(self, *keys: str) -> int:
+        """The bytes :meth:`read` needs in a buffer for ``keys`` (each tensor at a multiple of 64 bytes)."""
+        return sum(_aligned(self.entries[k].end - self.entries[k].begin) for k in keys)
+
+    def read(self, *keys: str, buffer: bytearray | None = None, offset: int = 0) -> list[torch.Tensor]:
+        """The tensors ``keys``, read from the file into memory of this process: ``buffer`` from ``offset`` on
+        (:meth:`read_size` bytes), or a new one. Tensors that lie one after the other take one system call.
+
+        Raises:
+            AdapterFormatError: a dtype that is not floating-point; the file changed since it was opened (named,
+                with what changed), or cannot be read.
+        """
+        if buffer is None:
+            buffer = bytearray(self.read_size(*keys))
+        out, spans = [], []  # spans: [file offset, [buffers]] of consecutive byte ranges
+        for key in keys:
+            e = self.entries[key]
+            dtype = _DTYPES.get(e.dtype)
+            if dtype is None:
+                raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
+            n = e.end - e.begin
+            if n == 0:
+                out.append(torch.empty(e.shape, dtype=dtype))
+                continue
+            out.append(torch.frombuffer(buffer, dtype=dtype, count=n // dtype.itemsize, offset=offset).view(e.shape))
+            view = memoryview(buffer)[offset:offset + n]
+            offset += _aligned(n)
+            if spans and spans[-1][0] + sum(len(v) for v in spans[-1][1]) == e.begin:
+                spans[-1][1].append(view)
+            else:
+                spans.append([e.begin, [view]])
+        fd = self._file.fileno()
+        try:
+            changed = self._changed()
+            for begin, views in spans if changed is None else ():
+                total, done = sum(len(v) for v in views), 0
+                while done < total:
+                    n = os.preadv(fd, _rest(views, done), begin + done)
+                    if n == 0:
+                        changed = f"it ends at byte {begin + done}, inside the tensors it had there"
+                        break
+                    done += n
+                if changed is not None:
+                    break
+            changed = changed or self._changed()
+        except OSError as err:
+            raise AdapterFormatError(f"{self.path}: cannot be read ({err.strerror})") from None
+        finally:
+            for _begin, views in spans:
+                for v in views:
+                    v.release()
+        if changed is not None:
+            raise AdapterFormatError(f"{self.path} changed while it was being read ({changed}); nothing read from "
+                                     "it is used")
+        return out
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The tensor ``key`` as a view of the map (a copy only where its offset is not aligned for its dtype)."""
+        """The tensor ``key`` as a view of the file mapped copy-on-write (a write to a view changes this process's
+        pages, never the file; a copy only where its offset is not aligned for its dtype). Only for a file that
+        nothing changes while the views live (see the class)."""
         e = self.entries[key]
         dtype = _DTYPES.get(e.dtype)
         if dtype is None:
             raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
         if e.end == e.begin:
             return torch.empty(e.shape, dtype=dtype)
+        if self._map is None:
+            changed = self._changed()
+            if changed is not None:
+                raise AdapterFormatError(f"{self.path} changed since it was opened ({changed})")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         if (self._address + e.begin) % dtype.itemsize == 0:
             t = torch.frombuffer(self._map, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize, offset=e.begin)
         else:
@@ -317,15 +425,47 @@ class MappedFile:
 
     def readahead(self, begin: int, end: int) -> None:
         """Starts reading bytes ``[begin, end)`` from the disk into the page cache and returns
-        (``MADV_WILLNEED``); the pages are there, or on their way, when a view first reads them. Off Linux, does
-        nothing (the pages come in as they are read)."""
-        fn = _madvise()
+        (``POSIX_FADV_WILLNEED``); the pages are there, or on their way, when :meth:`read` asks for them. Where the
+        system has no such advice, does nothing (the pages come in as they are read)."""
         end = min(end, self._size)
-        if fn is None or end <= begin:
+        if end <= begin or not hasattr(os, "posix_fadvise"):
             return
-        page = mmap.PAGESIZE
-        start = (self._address + begin) // page * page
-        fn(start, self._address + end - start, _MADV_WILLNEED)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._file.fileno(), begin, end - begin, os.POSIX_FADV_WILLNEED)
+
+
+def _aligned(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+class _Buffers:
+    """Buffers that :func:`stream` reads into, used again once nothing refers to them: reading into memory already
+    in use costs no page faults, which fresh memory would cost at every module. A buffer is free when the only
+    references left are the pool's own (a tensor made by ``torch.frombuffer`` holds one while it lives)."""
+
+    def __init__(self) -> None:
+        self._all: list[bytearray] = []
+
+    def take(self, n: int) -> bytearray:
+        for i in range(len(self._all)):
+            # references: the list's, and getrefcount's argument
+            if n <= len(self._all[i]) <= 4 * n + (1 << 16) and sys.getrefcount(self._all[i]) == 2:
+                return self._all[i]
+        buf = bytearray(n)
+        self._all.append(buf)
+        return buf
+
+
+def _rest(views: list[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes (what is left to read after a short read)."""
+    out = []
+    for v in views:
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        out.append(v[skip:])
+        skip = 0
+    return out
 
 
 def file_order(checkpoints: list[Checkpoint], modules: list[str]) -> list[str]:
@@ -341,51 +481,88 @@ def file_order(checkpoints: list[Checkpoint], modules: list[str]) -> list[str]:
 @contextlib.contextmanager
 def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None, ahead: int = 64 << 20) \
         -> Iterator[Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor]]]]:
-    """Maps every checkpoint's safetensors and yields an iterator over ``(module, [Aᵢ], [Bᵢ])``, one module at a
-    time, in ``modules`` order. The factors are views of the files' pages (see :class:`MappedFile`): nothing is
-    copied, and the process allocates no memory for them.
+    """Opens every checkpoint's safetensors and yields an iterator over ``(module, [Aᵢ], [Bᵢ])``, one module at a
+    time, in ``modules`` order. The factors are read into tensors of their own (see :meth:`MappedFile.read`), not
+    views of mapped files: a file truncated or rewritten underneath is then an error naming it, never a signal.
 
     Ahead of the module being yielded, the disk reads of the next ``ahead`` bytes of every file are started
-    (``MADV_WILLNEED``), so that reading from the disk overlaps the caller's work on the modules before; the
-    modules should come in :func:`file_order`. ``timer["read_s"]`` accumulates the time spent starting reads.
+    (``POSIX_FADV_WILLNEED``), so that reading from the disk overlaps the caller's work on the modules before; the
+    modules should come in :func:`file_order`. The next module is read while the caller works on the one yielded.
+    ``timer["read_s"]`` accumulates the time spent waiting for the reads.
+
+    Raises:
+        AdapterFormatError: a file that cannot be read, or changed since its checkpoint was opened.
     """
     import time
 
+    files: list[MappedFile] = []
     try:
-        files = [MappedFile(c.weights_file, c.entries, c.file_size) for c in checkpoints]
+        for c in checkpoints:
+            files.append(MappedFile(c.weights_file, c.entries or None, c.file_size))
     except OSError as e:
-        raise AdapterFormatError(f"cannot map {e.filename}: {e.strerror}") from None
+        for f in files:
+            f.close()
+        raise AdapterFormatError(f"checkpoint {c.name!r}: {c.weights_file}: cannot be read ({e.strerror})") from None
+    except AdapterFormatError as e:
+        for f in files:
+            f.close()
+        raise AdapterFormatError(f"checkpoint {c.name!r}: {e}") from None
     step = max(ahead // 4, 1 << 20)
 
+    buffers = _Buffers()
+
     def load(m: str):
+        keys = [(c.modules[m].key_A, c.modules[m].key_B) for c in checkpoints]
+        try:
+            sizes = [f.read_size(*k) for f, k in zip(files, keys, strict=True)]
+        except KeyError as e:
+            raise AdapterFormatError(f"the factors of {m!r} are not where the checkpoint's header said ({e})") from None
+        buffer, offset = buffers.take(sum(sizes)), 0
         As, Bs = [], []
-        for c, f in zip(checkpoints, files, strict=True):
-            mf = c.modules[m]
+        for c, f, k, size in zip(checkpoints, files, keys, sizes, strict=True):
             try:
-                As.append(f.tensor(mf.key_A))
-                Bs.append(f.tensor(mf.key_B))
-            except (KeyError, AdapterFormatError) as e:
-                raise AdapterFormatError(f"checkpoint {c.name!r}: {c.weights_file}: cannot read the factors of "
-                                         f"{m!r} ({e})") from None
+                A, B = f.read(*k, buffer=buffer, offset=offset)
+            except AdapterFormatError as e:
+                raise AdapterFormatError(f"checkpoint {c.name!r}: cannot read the factors of {m!r}: {e}") from None
+            As.append(A)
+            Bs.append(B)
+            offset += size
         return As, Bs
 
-    def gen():
-        started = [0] * len(files)  # per file: reads started up to this byte
-        for m in modules:
+    started = [0] * len(files)  # per file: reads started up to this byte
+
+    def fetch(m: str):
+        for i, (c, f) in enumerate(zip(checkpoints, files, strict=True)):
+            end = f.entries[c.modules[m].key_B].end
+            if started[i] < end + ahead // 2:
+                begin = max(started[i], f.entries[c.modules[m].key_A].begin)
+                started[i] = max(started[i], end) + ahead
+                started[i] = (started[i] + step - 1) // step * step
+                f.readahead(begin, started[i])
+        return load(m)
+
+    def gen(pool: concurrent.futures.ThreadPoolExecutor):
+        # the next module is read by a second thread (preadv lets go of the GIL) while the caller works on this
+        # one; only that thread reads and takes buffers
+        pending = pool.submit(fetch, modules[0]) if modules else None
+        for k, m in enumerate(modules):
             t0 = time.perf_counter()
-            As, Bs = load(m)
-            for i, (c, f) in enumerate(zip(checkpoints, files, strict=True)):
-                end = f.entries[c.modules[m].key_B].end
-                if started[i] < end + ahead // 2:
-                    begin = max(started[i], f.entries[c.modules[m].key_A].begin)
-                    started[i] = max(started[i], end) + ahead
-                    started[i] = (started[i] + step - 1) // step * step
-                    f.readahead(begin, started[i])
+            As, Bs = pending.result()
+            pending = pool.submit(fetch, modules[k + 1]) if k + 1 < len(modules) else None
             if timer is not None:
                 timer["read_s"] = timer.get("read_s", 0.0) + time.perf_counter() - t0
             yield m, As, Bs
 
-    yield gen()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lispetorch-read") as pool:
+            it = gen(pool)
+            try:
+                yield it
+            finally:
+                it.close()
+    finally:
+        for f in files:
+            f.close()
 
 
 def check_finite(checkpoints: list[Checkpoint], module: str, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> None:

@@ -7,22 +7,27 @@
 """
 
 from ..devices import available_devices, resolve_device
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteError, WriteError
 from ..schedule import SCHEDULER_TYPES, lr_at, make_scheduler
 from .config import LoraSection, TrainConfig
 from .data import Dataset, load_dataset, read_documents
-from .engine import Trainer, TrainResult, checkpoints, train
+from .engine import Trainer, TrainResult, check_checkpoint, checkpoint_dirs, checkpoints, train
 
 __all__ = [
     "SCHEDULER_TYPES",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "Dataset",
     "LoraSection",
+    "NonFiniteError",
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "WriteError",
     "available_devices",
+    "check_checkpoint",
+    "checkpoint_dirs",
     "checkpoints",
     "load_dataset",
     "lr_at",

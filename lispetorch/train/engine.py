@@ -21,11 +21,11 @@ from ..adapters import active_adapter, adapter_layers, trainable_parameters
 from ..config import RotationalPiSSAConfig, TinyLoraConfig, method_of
 from ..devices import resolve_device
 from ..dispatch import inject
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..hf import DTYPES, max_positions
 from ..methods import orthogonality_loss, save_tinylora
 from ..optim import optimizer_param_groups
-from ..peft_format import PREFIX, write_files
+from ..peft_format import PREFIX, finite_or_raise, write_files
 from ..peft_io import export, saved_module_tensors
 from ..schedule import make_scheduler
 from ..targets import quantize_nf4
@@ -40,6 +40,7 @@ TINYLORA_NAME = "tiny_lora_v.pt"  # method tinylora: the trained vector (lispeto
 FACTORS_NAME = "adapter_factors.safetensors"  # checkpoints of SVD inits: the trained factors, for resume
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", INFO_NAME)
+MANIFEST_NAME = atomic.MANIFEST_NAME  # in every checkpoint, written last: its files' sizes and checksums
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,6 +62,80 @@ def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
             if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
                 out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-N`` directory under ``output_dir``, complete or not, oldest first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in d.iterdir()
+                  if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir())
+
+
+def check_checkpoint(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (a file missing, cut short or changed since its manifest
+    was written; the manifest missing or malformed), or None when it is intact."""
+    path = Path(path)
+    why = atomic.check_manifest(path, MANIFEST_NAME)
+    if why is None:
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if missing:
+            why = f"{missing[0]} is missing"
+    return why
+
+
+def _save_torch(obj, path: Path) -> None:
+    """``torch.save``; a failed write (a full disk) is an ``OSError`` with its errno, not torch's bare
+    ``RuntimeError``: torch's own writer does not say why it failed, so the file is written again through a
+    Python file, which does (or succeeds)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+
+
+def _load_torch(path: Path):
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """Everything resume needs from the checkpoint ``path``, read and checked before anything is changed.
+
+    Raises:
+        CheckpointError: the checkpoint is not intact (its manifest says so) or a file does not read back.
+    """
+    from safetensors.torch import load_file
+
+    why = check_checkpoint(path)
+    if why is not None:
+        raise CheckpointError(f"{path}: {why}")
+    try:
+        info = json.loads((path / INFO_NAME).read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or type(info.get("global_step")) is not int or \
+                type(info.get("epoch")) is not int:
+            raise ValueError(f"{INFO_NAME} lacks global_step or epoch")
+        factors = path / FACTORS_NAME
+        return {
+            "info": info,
+            "factors": factors.is_file(),
+            "weights": load_file(str(factors if factors.is_file() else path / "adapter_model.safetensors")),
+            "optimizer": _load_torch(path / "optimizer.pt"),
+            "scheduler": _load_torch(path / "scheduler.pt"),
+            "rng": _load_torch(path / "rng_state.pth"),
+        }
+    except Exception as e:  # any reader's own error type (json, safetensors, pickle): the file does not read back
+        raise CheckpointError(f"{path}: does not read back ({type(e).__name__}: {e})") from None
+
+
+def _record(line: str) -> dict | None:
+    """A metrics line as a record; None for a blank line or one cut short by a kill (dropped on resume)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _rng_state() -> dict:
@@ -245,6 +320,39 @@ class Trainer:
         self.model.train(was_training)
         return total / max(count, 1)
 
+    # --- divergence ------------------------------------------------------------------------------------------
+    def _name_of(self, param: torch.Tensor) -> str:
+        if not hasattr(self, "_param_names"):
+            self._param_names = {id(p): n for n, p in self.model.named_parameters()}
+        return self._param_names.get(id(param), "a trained parameter")
+
+    def _diverged(self, what: str) -> NonFiniteError:
+        return NonFiniteError(f"step {self.global_step + 1}: {what}; training stopped, and nothing of this step is "
+                              f"written (checkpoints before it in {self.output_dir} are intact; a lower "
+                              "learning_rate or max_grad_norm may help)")
+
+    def _check_finite_step(self, loss: float) -> None:
+        """Raises NonFiniteError naming the step when the loss or a gradient of the step about to be taken is NaN
+        or infinite: the run stops there, before the optimizer applies it."""
+        if not math.isfinite(loss):
+            raise self._diverged(f"the training loss is {loss}")
+        grads = [p for p in self.params if p.grad is not None]
+        if grads:
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in grads])
+            if not bool(finite.all()):
+                p = grads[int((~finite).nonzero()[0, 0])]
+                n = int((~torch.isfinite(p.grad)).sum())
+                raise self._diverged(f"the gradient of {self._name_of(p)} holds {n} NaN/Inf value(s) (loss {loss:.6g})")
+
+    def _check_finite_parameters(self, lr: float) -> None:
+        """Raises NonFiniteError naming the step and the parameter when the optimizer step made one non-finite."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params])
+        if not bool(finite.all()):
+            p = self.params[int((~finite).nonzero()[0, 0])]
+            n = int((~torch.isfinite(p)).sum())
+            raise self._diverged(f"the update (learning rate {lr:.6g}) made {n} value(s) of {self._name_of(p)} "
+                                 "NaN/Inf")
+
     # --- checkpoints -----------------------------------------------------------------------------------------
     def _info(self, train_loss: float | None) -> dict:
         lora = dataclasses.asdict(self.config.lora)
@@ -265,14 +373,21 @@ class Trainer:
         other method its plain-LoRA equivalent (rank 2r where the base is a residual: PiSSA, LoRA-GA, Rotational
         PiSSA; rank r for TinyLoRA, whose base is untouched)."""
         tensors, config = export(self.model, original_weights=not self.plain)
+        finite_or_raise(tensors, f"step {self.global_step}: the trained adapter")
         config["base_model_name_or_path"] = self.model_path
         write_files(directory, tensors, config)
         if isinstance(self.lora_config, TinyLoraConfig):  # the trained vector in TinyLoRA's own file too
             save_tinylora(self.model, directory / TINYLORA_NAME, model_id=self.model_path)
 
     def save_checkpoint(self, train_loss: float | None) -> Path:
-        """``output_dir/checkpoint-N``: adapter (PEFT layout), optimizer, scheduler, RNG, training_info.json;
-        written into a temporary directory and renamed, so it is complete or absent."""
+        """``output_dir/checkpoint-N``: adapter (PEFT layout), optimizer, scheduler, RNG, training_info.json, and
+        last ``manifest.json`` (every file's size and SHA-256); written into a temporary directory and renamed, so
+        it is complete or absent, and a file damaged later is found on resume.
+
+        Raises:
+            NonFiniteError: the adapter holds NaN or Inf (nothing is written).
+            WriteError: the disk is full or the directory cannot be written (names it; nothing is left).
+        """
         path = self.output_dir / f"checkpoint-{self.global_step}"
         with atomic.directory(path) as tmp:
             self._write_adapter(tmp)
@@ -284,10 +399,12 @@ class Trainer:
 
                 save_file({n: p.detach().contiguous() for n, p in self._trained()}, str(tmp / FACTORS_NAME),
                           metadata={"format": "pt"})
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng_state.pth")
+                atomic.follow_umask(tmp / FACTORS_NAME)
+            _save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            _save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            _save_torch(_rng_state(), tmp / "rng_state.pth")
             (tmp / INFO_NAME).write_text(json.dumps(self._info(train_loss), indent=2) + "\n")
+            atomic.write_manifest(tmp, MANIFEST_NAME)  # last: a checkpoint with a matching manifest is complete
         return path
 
     def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -295,17 +412,31 @@ class Trainer:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _resume(self) -> int:
-        found = checkpoints(self.output_dir)
+        """Loads the newest intact checkpoint; a damaged one is skipped with a warning naming it and why.
+
+        Raises:
+            CheckpointError: checkpoints are there but none is intact (names the directory and each one's fault).
+            ConfigError: the checkpoint adapts other modules or shapes than this config.
+        """
+        found = checkpoint_dirs(self.output_dir)
         if not found:
             warnings.warn(f"no complete checkpoint in {self.output_dir}: starting from the beginning", stacklevel=3)
             return 0
-        step, path = found[-1]
-        from safetensors.torch import load_file
+        skipped = []
+        for step, path in reversed(found):
+            try:
+                state = _read_checkpoint(path)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                warnings.warn(f"skipping checkpoint {e}", stacklevel=3)
+                continue
+            self._apply_checkpoint(step, path, state)
+            return step
+        raise CheckpointError(f"{self.output_dir}: no intact checkpoint to resume from: " + "; ".join(skipped))
 
-        info = json.loads((path / INFO_NAME).read_text())
-        factors = path / FACTORS_NAME
-        weights = load_file(str(factors if factors.is_file() else path / "adapter_model.safetensors"))
-        if factors.is_file() and not all(k.startswith(PREFIX) for k in weights):
+    def _apply_checkpoint(self, step: int, path: Path, state: dict) -> None:
+        info, weights = state["info"], state["weights"]
+        if state["factors"] and not all(k.startswith(PREFIX) for k in weights):
             params = dict(self._trained())  # the trained parameters by their names in the model
         else:  # PEFT keys: a plain LoRA's adapter, or factors saved so by earlier versions
             params = {f"{PREFIX}{name}.{which}.weight": getattr(layer, which)[layer.active_adapter]
@@ -318,25 +449,30 @@ class Trainer:
             if param.shape != weights[key].shape:
                 raise ConfigError(f"{path}: {key} has shape {tuple(weights[key].shape)}, this config makes "
                                   f"{tuple(param.shape)}")
+        optimizer_state = self.optimizer.state_dict()
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            self.optimizer.load_state_dict(optimizer_state)
+            raise CheckpointError(f"{path}: its optimizer, scheduler or random state does not fit this run "
+                                  f"({type(e).__name__}: {e})") from None
         with torch.no_grad():
             for key, param in params.items():
                 param.copy_(weights[key])
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(path / "rng_state.pth", weights_only=True))
         self.global_step = info["global_step"]
         self.epoch = info["epoch"]
-        self.best_loss = math.inf if info["best_loss"] is None else info["best_loss"]
+        self.best_loss = math.inf if info.get("best_loss") is None else info["best_loss"]
         self._trim_metrics(step)
         self._resumed_loss = info.get("train_loss")
-        return step
 
     # --- metrics ---------------------------------------------------------------------------------------------
     def _trim_metrics(self, step: int) -> None:
         path = self.output_dir / METRICS_NAME
         if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= step]
+            keep = [line for line in path.read_text(errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= step]
             atomic.write_text(path, "".join(line + "\n" for line in keep))
 
     def _log(self, record: dict) -> None:
@@ -444,6 +580,7 @@ class Trainer:
                     batches = [self._collate(idx) for idx in window]
                     step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
                     loss, _ = self.accumulate(batches)
+                    self._check_finite_step(loss)
                     if self.orthogonality:
                         window_ortho += self.last_ortho_loss
                     grad_norm = None
@@ -451,6 +588,7 @@ class Trainer:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.optimizer.step()
+                    self._check_finite_parameters(lr)
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1

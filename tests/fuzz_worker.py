@@ -1,0 +1,132 @@
+"""The process that runs the fuzz suite's cases (tests/test_fuzz.py): one JSON request a line on stdin, one JSON
+answer a line on stdout. Run apart from pytest so that a case that hangs or dies by a signal is seen as such (the
+suite kills and restarts this process) instead of stopping the tests.
+
+An answer per target: ``ok`` (success, and the result checked: the factors read are the file's, the model's
+output finite where the factors are of moderate size, the config's values of their types and finite), ``clean``
+(a LispetorchError with a message), ``escape`` (any other exception: its type and message), ``wrong`` (a success
+whose result does not hold).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import lispetorch as lt
+from lispetorch.combine.config import load_config
+from lispetorch.combine.reader import open_checkpoint, stream
+from lispetorch.peft_format import parse_key
+from lispetorch.train.config import TrainConfig
+
+torch.manual_seed(0)
+BASE = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    vocab_size=64, max_position_embeddings=32)).eval()
+IDS = torch.arange(8).unsqueeze(0)
+
+
+class Wrong(Exception):
+    """A success whose result does not hold."""
+
+
+def load_adapter(d: Path) -> None:
+    model = copy.deepcopy(BASE)
+    lt.load_adapter(model, d)
+    weights: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for key, t in load_file(str(d / "adapter_model.safetensors")).items():
+        parsed = parse_key(key)
+        if parsed is not None:
+            weights.setdefault(parsed, []).append(t)
+    if any(len(v) > 1 for v in weights.values()):
+        raise Wrong("two keys for one factor were accepted")
+    for name, layer in lt.adapter_layers(model).items():
+        A, B, _ = layer.factors("default")
+        for which, t in (("lora_A", A), ("lora_B", B)):
+            want = weights.get((name, which), [None])[0]
+            if want is None or not torch.equal(t.detach(), want.to(t.dtype)):
+                raise Wrong(f"{name}.{which} is not the file's tensor")
+        s = layer.settings["default"].scaling
+        if not (isinstance(s, float) and math.isfinite(s) and s > 0):
+            raise Wrong(f"{name}: scaling {s!r}")
+    moderate = all(float(t.abs().max()) < 1e4 for ts in weights.values() for t in ts if t.numel())
+    with torch.no_grad():  # factors of moderate size must give a finite output (huge ones may overflow rightly)
+        if moderate and not torch.isfinite(model(IDS).logits).all():
+            raise Wrong("the adapted model's output is not finite")
+
+
+def combine_read(d: Path) -> None:
+    c = open_checkpoint("c", d)
+    try:
+        ref = load_file(str(d / "adapter_model.safetensors"))
+    except Exception as e:  # what safetensors itself refuses must not be read as an adapter
+        raise Wrong(f"read a file safetensors refuses ({e})") from None
+    with stream([c], list(c.modules)) as it:
+        for m, (A,), (B,) in it:
+            mf = c.modules[m]
+            if not (torch.equal(A, ref[mf.key_A]) and torch.equal(B, ref[mf.key_B])):
+                raise Wrong(f"{m}: factors differ from the file's")
+            if not (math.isfinite(mf.scale) and mf.scale > 0):
+                raise Wrong(f"{m}: scale {mf.scale!r}")
+
+
+def _check_values(obj, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_values(v, f"{where}.{f.name}")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise Wrong(f"{where}.{f.name} = {v!r} accepted")
+        elif f.type in ("int", "float") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise Wrong(f"{where}.{f.name} = {v!r} accepted as {f.type}")
+        elif f.type == "bool" and not isinstance(v, bool):
+            raise Wrong(f"{where}.{f.name} = {v!r} accepted as bool")
+
+
+def train_config(path: Path) -> None:
+    _check_values(TrainConfig.from_yaml(path), "config")
+
+
+def combine_config(path: Path) -> None:
+    cfg = load_config(path)
+    if not all(isinstance(e.path, Path) and isinstance(e.description, str) for e in cfg.checkpoints.values()):
+        raise Wrong("an entry's path or description is of another type")
+    if not (isinstance(cfg.verify_paths, bool) and isinstance(cfg.verbose_paths, bool)):
+        raise Wrong("a setting is not a boolean")
+
+
+TARGETS = {"load_adapter": load_adapter, "combine": combine_read, "train_config": train_config,
+           "combine_config": combine_config}
+
+
+def run(target: str, path: Path) -> dict:
+    try:
+        TARGETS[target](path)
+    except Wrong as e:
+        return {"outcome": "wrong", "message": str(e)}
+    except lt.LispetorchError as e:
+        return {"outcome": "clean" if str(e).strip() else "escape", "type": type(e).__name__, "message": str(e)}
+    except Exception as e:
+        return {"outcome": "escape", "type": type(e).__name__, "message": str(e)[:500],
+                "where": traceback.format_exc(limit=-3)[-1500:]}
+    return {"outcome": "ok"}
+
+
+def main() -> None:
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        print(json.dumps({t: run(t, Path(req["path"])) for t in req["targets"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
