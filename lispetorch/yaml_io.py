@@ -56,7 +56,10 @@ def load(path: str | Path, error: type[Exception] = ValueError):
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e})") from None
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # reads the whole text first: a character YAML forbids is an error here
+    except yaml.YAMLError as e:
+        raise _syntax_error(e, path, error) from None
     try:
         node = _parse(loader, path, error)
         return None if node is None else _construct(loader, node, path, error)

@@ -93,12 +93,22 @@ def test_a_nan_gradient_stops_the_run_naming_the_parameter(tiny_default_model, c
     assert [s for s, _ in lt.train.checkpoints(out)] == [2] and not (out / "adapter").exists()
 
 
-def test_a_learning_rate_that_blows_up_ends_the_command_with_the_step(tiny_default_model, corpus, tmp_path, capsys):
+def test_a_step_that_blows_up_ends_the_command_with_the_step(tiny_default_model, corpus, tmp_path, capsys,
+                                                             monkeypatch):
     import yaml
 
     out = tmp_path / "run"
     cfg = tmp_path / "train.yaml"
-    cfg.write_text(yaml.safe_dump(config(tiny_default_model, corpus, out, learning_rate=1e30, max_grad_norm=0)))
+    cfg.write_text(yaml.safe_dump(config(tiny_default_model, corpus, out, max_grad_norm=0)))
+    accumulate = engine.Trainer.accumulate
+    calls = {"n": 0}
+
+    def blowing_up(self, batches):  # from the third step on, the loss is infinite (a learning rate of 1e30, say,
+        calls["n"] += 1             # is refused before training starts; this is what a diverging run looks like)
+        loss, tokens = accumulate(self, batches)
+        return (float("inf") if calls["n"] >= 3 else loss), tokens
+
+    monkeypatch.setattr(engine.Trainer, "accumulate", blowing_up)
     assert cli_main(["train", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
