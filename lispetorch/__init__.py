@@ -40,6 +40,7 @@ from .errors import (
     TinyLoraFormatError,
 )
 from .layer import LoraLinear
+from .merged_export import export_merged
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
 from .nf4 import NF4Linear
 from .optim import optimizer_param_groups
@@ -71,6 +72,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "export",
+    "export_merged",
     "hotswap_adapter",
     "inject",
     "is_merged",
