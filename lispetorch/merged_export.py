@@ -217,12 +217,14 @@ def _deltas(adapter_dir: Path, keys: dict[str, tuple], where: str):
 
 
 def _merge(key: str, W: torch.Tensor, delta) -> torch.Tensor:
+    """``W + s·B A`` (transposed for ``fan_in_fan_out``), computed in float32 in ``W``'s own memory when it is
+    float32, in ``W``'s dtype; a non-finite result (caught by its sum in float64, one pass) is refused."""
     A, B, s, transposed = delta
     d = (B.float() @ A.float()) * s
-    merged = W.float() + (d.T if transposed else d)
-    if not torch.isfinite(merged).all():
+    merged = W.float().add_(d.T if transposed else d).to(W.dtype)
+    if not torch.isfinite(merged.sum(dtype=torch.float64)):
         raise ValueError(f"merging into {key} gives non-finite values; nothing was written")
-    return merged.to(W.dtype)
+    return merged
 
 
 # --- the directory -------------------------------------------------------------------------------------------
