@@ -250,10 +250,12 @@ def export_merged(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike, 
         Path: ``out_dir``.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False. FileNotFoundError: a missing directory or
-        shard. AdapterFormatError, ShapeError: an adapter or checkpoint that does not fit (naming file and key).
-        ConfigError: an unknown dtype or ``out_dir`` equal to an input. ValueError: a non-finite merged weight.
-        On any of them nothing is written.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False (nothing is written, on this or any error).
+        FileNotFoundError: a missing directory or shard.
+        AdapterFormatError: an adapter or checkpoint that cannot be read or does not fit (naming file and key).
+        ShapeError: an adapter tensor whose shape does not fit the checkpoint's weight.
+        ConfigError: an unknown dtype, or ``out_dir`` equal to an input directory.
+        ValueError: a merged weight that would be non-finite.
     """
     adapter_dir, model_dir, out_dir = Path(adapter_dir), Path(model_dir), Path(out_dir)
     if isinstance(dtype, str):
