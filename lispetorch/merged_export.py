@@ -176,7 +176,7 @@ def _deltas(adapter_dir: Path, keys: dict[str, tuple], where: str):
             found.setdefault(parsed[0], {})[parsed[1]] = tensor
             continue
         stem = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        module = next((m for m in saved if stem.startswith(m + ".") or (".") + m + "." in "." + stem), None)
+        module = next((m for m in saved if f".{m}." in f".{stem}"), None)  # a name or a dotted suffix of one
         if module is None:
             raise AdapterFormatError(f"{wpath}: unsupported key {show(key)} (only lora_A / lora_B weights and the "
                                      "tensors of modules_to_save are read)")
