@@ -72,6 +72,9 @@ bench: build
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_methods.py
 	$(BIN)/python benchmarks/bench_combine.py
+	$(BIN)/python benchmarks/bench_merged_export.py
+	$(BIN)/python benchmarks/bench_adapter_loading.py
+	$(BIN)/python benchmarks/bench_checkpointing.py
 
 clean:
 	rm -rf build $(BUILD_STAMP)

@@ -43,6 +43,7 @@ from .errors import (
     WriteError,
 )
 from .layer import LoraLinear
+from .merged_export import export_merged
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
 from .nf4 import NF4Linear
 from .optim import optimizer_param_groups
@@ -77,6 +78,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "export",
+    "export_merged",
     "hotswap_adapter",
     "inject",
     "is_merged",

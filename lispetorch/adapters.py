@@ -119,8 +119,7 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
         for name, layer in adapter_layers(model).items():
             if adapter_name in layer.lora_A and name not in chosen:
                 layer.delete_adapter(adapter_name)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze_all_but_adapters(model)
     layers: dict[str, LoraLinear] = {}
     for name, module in chosen.items():
         plan = plans[name]
@@ -136,6 +135,16 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
         layers[name] = layer
     set_adapter(model, adapter_name)
     return layers
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freezes every parameter of ``model`` outside the adapters' factor containers (which :func:`set_adapter`
+    sets), so that the cost does not grow with the number of adapters loaded."""
+    factors = {id(d) for layer in adapter_layers(model).values() for d in (layer.lora_A, layer.lora_B, layer.lora_R)}
+    for module in model.modules():
+        if id(module) not in factors:
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
 
 
 def add_saved_modules(model: nn.Module, chosen: dict[str, nn.Module], adapter_name: str,
@@ -219,8 +228,11 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         raise merged_error(sorted(merged)[0], then="unmerge before switching adapters")
     for layer in layers.values():
         layer.active_adapter = adapter_name if adapter_name in layer.lora_A else None
-        for name in layer.lora_A:
-            layer.set_trainable(name, name == adapter_name)
+        for name in layer.training_adapters():  # only those that train need turning off
+            if name != adapter_name:
+                layer.set_trainable(name, False)
+        if adapter_name in layer.lora_A:
+            layer.set_trainable(adapter_name, True)
     for wrapper in saved_modules(model).values():
         wrapper.active_adapter = adapter_name if adapter_name in wrapper.modules_to_save else None
         for name in wrapper.modules_to_save:

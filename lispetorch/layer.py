@@ -428,6 +428,14 @@ class LoraLinear(nn.Module):
             params["R"].extend(self.lora_R_fn[name].parameters())
         return params
 
+    def training_adapters(self) -> list[str]:
+        """The adapters any of whose parameters require grad (every one with an ``R_fn`` core, to be sure); read
+        straight from the containers, so that switching adapters costs no more with many of them loaded."""
+        names = {n for d in (self.lora_A, self.lora_B, self.lora_R)
+                 for n, p in d._parameters.items() if p is not None and p.requires_grad}
+        with_fn = self.lora_R_fn
+        return [n for n in self.lora_A.keys() if n in names or n in with_fn]
+
     def set_trainable(self, name: str, trainable: bool) -> None:
         """Turns training of adapter ``name`` on (its factors that are not frozen) or off (all of them)."""
         frozen = self.settings[name].frozen

@@ -620,3 +620,36 @@ def test_modules_to_save_refuses_a_module_holding_adapters(model_dirs, input_ids
             lt.inject(model, lt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=saved), "b")
     assert lt.adapter_names(model) == ["a"] and lt.ModulesToSave not in {type(m) for m in model.modules()}
     torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
+
+
+# --- loading many adapters ------------------------------------------------------------------------------------
+def test_loading_the_kth_adapter_does_the_work_of_the_first(model_dirs, tmp_path, monkeypatch):
+    """The trainability switches a load makes do not grow with the number of adapters already loaded; and only
+    the active adapter trains, as before."""
+    adapter = tmp_path / "adapter"
+    peft_model(model_dirs["llama"], r=2, target_modules=["q_proj", "v_proj"]).save_pretrained(adapter)
+    model = load(model_dirs["llama"])
+    calls = {"set_trainable": 0}
+    set_trainable = lt.LoraLinear.set_trainable
+
+    def counting(self, name, trainable):
+        calls["set_trainable"] += 1
+        return set_trainable(self, name, trainable)
+
+    monkeypatch.setattr(lt.LoraLinear, "set_trainable", counting)
+    counts = []
+    for k in range(8):
+        calls["set_trainable"] = 0
+        lt.load_adapter(model, adapter, f"a{k}")
+        counts.append(calls["set_trainable"])
+    assert counts[1:] == [counts[1]] * 7 and counts[1] <= 2 * counts[0]
+    trains = {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trains == {"a7"}
+    # a parameter of another adapter turned on by hand is turned off by set_adapter
+    layer = next(iter(lt.adapter_layers(model).values()))
+    layer.lora_B["a2"].requires_grad_(True)
+    lt.set_adapter(model, "a5")
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"a5"}
+    lt.load_adapter(model, adapter, "frozen", trainable=False)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".frozen"))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
