@@ -34,10 +34,19 @@ from .targets import adaptable_modules
 from .validate import show
 
 
+def _base_module_names(model: nn.Module) -> list[str]:
+    """The module names of ``model`` as its base model has them: an adapter's own submodules left out."""
+    adapted = [n + "." for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    return [n for n, _ in model.named_modules() if not any(n.startswith(a) for a in adapted)]
+
+
 def _targets_for(names: list[str], model: nn.Module) -> list[str] | str:
-    """The leaf names of ``names`` if they select exactly those modules, else an exact regular expression."""
+    """The leaf names of ``names`` if, by PEFT's rule (a name equal to one, or ending in ``.`` and one), they
+    select exactly those modules among all the base model's modules, else an exact regular expression. (A leaf
+    name such as ``"0"`` for the layers of an ``nn.Sequential`` also names whole decoder layers, which PEFT would
+    then try to adapt.)"""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n in adaptable_modules(model) if n.rsplit(".", 1)[-1] in leaves}
+    selected = {n for n in _base_module_names(model) if n.rsplit(".", 1)[-1] in leaves}
     return leaves if selected == set(names) else exact_targets(names)
 
 
