@@ -30,6 +30,7 @@ module whose name says attention). For each, with rank 4, alpha 8:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -84,12 +85,11 @@ def shrink(config, depth: int = 0) -> None:
     """Makes ``config`` (and its sub-configs) tiny in place."""
     layers = 2
     for key in LAYERS:
-        if isinstance(getattr(config, key, None), int):
-            old = getattr(config, key)
-            setattr(config, key, min(old, layers))
-            for list_key in ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern"):
-                value = getattr(config, list_key, None)
-                if isinstance(value, list) and len(value) == old:
+        old = getattr(config, key, None)
+        if isinstance(old, int) and not isinstance(old, bool) and old > layers:
+            setattr(config, key, layers)
+            for list_key, value in list(vars(config).items()):  # per-layer lists (layer types, block kinds)
+                if isinstance(value, (list, tuple, str)) and len(value) == old and list_key not in LAYERS:
                     setattr(config, list_key, value[:layers])
     for key, value in SIZES.items():
         old = getattr(config, key, None)
@@ -106,6 +106,13 @@ def shrink(config, depth: int = 0) -> None:
     for name in ("intermediate_size", "n_inner"):
         if isinstance(getattr(config, name, None), list):
             setattr(config, name, [128] * len(getattr(config, name)))
+    # state-space heads: heads × head size = expand × hidden
+    hidden = getattr(config, "hidden_size", None)
+    for heads, head_dim, expand in (("mamba_n_heads", "mamba_d_head", "mamba_expand"),
+                                    ("num_heads", "head_dim", "expand")):
+        if all(isinstance(getattr(config, k, None), int) for k in (heads, head_dim, expand)) and \
+                isinstance(hidden, int):
+            setattr(config, head_dim, getattr(config, expand) * hidden // getattr(config, heads))
     if depth < 2:
         for value in vars(config).values():
             if isinstance(value, transformers.PretrainedConfig):
@@ -446,21 +453,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("types", nargs="*", help="model types (default: every causal-LM type)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model type (default 300)")
+    ap.add_argument("--jobs", type=int, default=1, help="model types checked at once (default 1)")
     ap.add_argument("--markdown", help="also write the table to this file")
     ap.add_argument("--json", help="also write the records to this file (JSON lines, appended as they come)")
     args = ap.parse_args(argv)
     types = args.types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    records = []
-    for i, model_type in enumerate(types):
+    records = {}
+
+    def one(model_type: str) -> None:
         t0 = time.perf_counter()
         record = run_one(model_type, args.timeout)
-        records.append(record)
+        records[model_type] = record
         status = "not built" if not record.get("built") else ("pass" if passed(record) else "FAIL")
-        print(f"[{i + 1}/{len(types)}] {model_type}: {status} ({time.perf_counter() - t0:.0f} s) "
+        print(f"[{len(records)}/{len(types)}] {model_type}: {status} ({time.perf_counter() - t0:.0f} s) "
               f"{reason(record) if record.get('built') else record['reason']}"[:400], file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each thread waits on one child process
+        list(pool.map(one, types))
+    records = [records[t] for t in types]
     text = table(records)
     print(text)
     if args.markdown:
