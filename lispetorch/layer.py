@@ -83,6 +83,14 @@ def warm_dispatch(cls: type) -> None:
 warm_dispatch(NF4Linear)  # quantize_nf4 puts it under existing adapters
 
 
+def weight_fingerprint(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-row fingerprint of a weight ``(out, in)``'s values: the XOR of each row's values (as 64-bit patterns,
+    ``torch.hash_tensor``) and the sum of their bit patterns, two ``(out,)`` tensors. Any change of one value
+    changes both; so do changes of several values in a row, but for changes built to cancel in both."""
+    bits = w.detach().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()])
+    return torch.hash_tensor(w.detach(), dim=1), bits.sum(dim=1, dtype=torch.int64)  # (out,), (out,)
+
+
 # --- one adapter -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AdapterSettings:
@@ -194,6 +202,7 @@ class LoraLinear(nn.Module):
         self.merged_adapter: str | None = None
         self._merge_versions: tuple[int, ...] | None = None
         self.register_load_state_dict_post_hook(refresh_after_load)
+        self._merge_fingerprint: tuple[torch.Tensor, torch.Tensor] | None = None
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
@@ -244,6 +253,33 @@ class LoraLinear(nn.Module):
         if self.compiled_gate.is_inference() and not torch.is_inference_mode_enabled():
             self.compiled_gate = self.compiled_gate.clone()  # made under inference_mode: not writable outside it
         self.compiled_gate.fill_(self.settings[name].scaling if runs else 0.0)
+
+    # --- a stand-in for the wrapped layer ---------------------------------------------------------------------
+    # Model code reads attributes of the layers it built (``self.dt_proj.weight @ x``, ``self.gate.weight.dtype``,
+    # ``self.c_attn.nf``); an adapted layer answers with its base layer's, as PEFT's adapter layers do.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as the base layer stores it (``(in, out)`` for ``Conv1D``; for an
+        ``NF4Linear``, its dequantised ``(out, in)`` copy). The adapter's delta is not in it unless merged."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None without one)."""
+        return self.base_layer.bias
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of the adapter itself
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self._modules:
+                raise
+            try:
+                return getattr(self._modules["base_layer"], name)  # anything else the wrapped layer has
+            except AttributeError:
+                raise AttributeError(f"'{type(self).__name__}' object (wrapping "
+                                     f"{type(self._modules['base_layer']).__name__}) has no attribute "
+                                     f"'{name}'") from None
 
     # PEFT's LoraLayer attribute names, as read-only views of the settings.
     def _view(self, field: str) -> MappingProxyType:
@@ -493,6 +529,21 @@ class LoraLinear(nn.Module):
         params = [p for ps in self.adapter_parameters(name).values() for p in ps]
         return tuple(t._version for t in (self.base_layer.weight, *params))
 
+    def _weight_unchanged(self, name: str) -> bool:
+        """Whether the base weight and adapter ``name``'s factors are as :meth:`merge` left them.
+
+        The factors' version counters decide for them. The weight's counter is shared with every view of its
+        storage: transformers loads fused weights as views of one tensor, so merging a sibling layer bumps it.
+        When it moved, the weight's values decide: their per-row fingerprint (:func:`weight_fingerprint`) against
+        the one taken at merge time."""
+        now, then = self._versions(name), self._merge_versions
+        if now == then:
+            return True
+        if now[1:] != then[1:] or self._merge_fingerprint is None:
+            return False
+        return all(torch.equal(a, b) for a, b in zip(weight_fingerprint(self.base_weight()),
+                                                     self._merge_fingerprint, strict=True))
+
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
         """Folds the active adapter into the base weight. Merging twice is merging once.
@@ -517,6 +568,7 @@ class LoraLinear(nn.Module):
         self.merged_adapter = name
         self._merge_versions = self._versions(name)
         self.compiled_view()
+        self._merge_fingerprint = weight_fingerprint(self.base_weight())
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -526,7 +578,7 @@ class LoraLinear(nn.Module):
             return
         A, B, R = self.factors(name)
         state = (self.merge_distance, self.merge_index, self.merge_values)
-        if self._versions(name) != self._merge_versions:
+        if not self._weight_unchanged(name):
             warnings.warn(
                 f"the weight or adapter {name!r} changed while merged: unmerging by subtraction (not bit-exact)",
                 stacklevel=2,
@@ -538,6 +590,7 @@ class LoraLinear(nn.Module):
         self.merged_adapter = None
         self._merge_versions = None
         self.compiled_view()
+        self._merge_fingerprint = None
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.settings.items())

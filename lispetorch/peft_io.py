@@ -44,12 +44,20 @@ from .targets import adaptable_modules, layer_index, match_saved_modules, replac
 from .validate import show
 
 
+def _base_module_names(model: nn.Module) -> list[str]:
+    """The module names of ``model`` as its base model has them: an adapter's own submodules left out."""
+    adapted = [n + "." for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    return [n for n, _ in model.named_modules() if not any(n.startswith(a) for a in adapted)]
+
+
 def _targets_for(names: list[str], model: nn.Module) -> tuple[list[str] | str, list[int] | None]:
-    """``(target_modules, layers_to_transform)`` for PEFT that select exactly the modules ``names``: their leaf
-    names, with the layer indices where those leaves select more modules than these; else an exact regular
-    expression and no layers."""
+    """``(target_modules, layers_to_transform)`` for PEFT that select exactly the modules ``names`` among all the
+    base model's modules, by PEFT's rule (a name equal to a leaf, or ending in ``.`` and one): their leaf names,
+    with the layer indices where those leaves select more modules than these; else an exact regular expression and
+    no layers. (A leaf name such as ``"0"`` for the layers of an ``nn.Sequential`` also names whole decoder layers,
+    which PEFT would then try to adapt.)"""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n in adaptable_modules(model) if n.rsplit(".", 1)[-1] in leaves}
+    selected = {n for n in _base_module_names(model) if n.rsplit(".", 1)[-1] in leaves}
     if selected == set(names):
         return leaves, None
     layers = {layer_index(n) for n in names}

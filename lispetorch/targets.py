@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .errors import AdapterStateError, ConfigError
-from .hf import output_head
+from .hf import conv1d_type, is_conv1d, is_dense_linear, output_head, weight_out_in
 from .layer import LoraLinear, base_of, is_adaptable
 from .nf4 import BLOCKSIZE, NF4Linear, is_bitsandbytes_4bit
 from .saved_modules import ModulesToSave
@@ -36,6 +38,39 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
         elif is_adaptable(module):
             found[name] = module
     return found
+
+
+def own_forward(module: nn.Module) -> bool:
+    """True for a subclass of ``nn.Linear`` or ``Conv1D`` whose class defines a forward of its own (a router that
+    returns a tuple, a grouped projection, a hand-written ``x @ W.T + b``); not for the layers whose forward the
+    adapter takes over knowingly (bitsandbytes 4-bit, ``NF4Linear``)."""
+    if not is_dense_linear(module) or is_bitsandbytes_4bit(module):
+        return False
+    plain = conv1d_type() if is_conv1d(module) else nn.Linear
+    return type(module).forward is not plain.forward
+
+
+@torch.no_grad()
+def computes_linear(module: nn.Module) -> bool:
+    """Whether a layer with a forward of its own computes ``x Wᵀ + b`` all the same, tried on two random rows:
+    an adapter then adds its term to what the layer computes, as for a plain linear layer."""
+    w = weight_out_in(module)
+    if w.device.type == "meta" or not w.is_floating_point():
+        return False
+    x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)  # (2, in)
+    try:
+        y = module(x)
+    except Exception:  # noqa: BLE001  (a forward that needs other inputs is not a plain linear one)
+        return False
+    want = torch.nn.functional.linear(x.float(), w.float(), None if module.bias is None else module.bias.float())
+    return isinstance(y, torch.Tensor) and y.shape == want.shape and \
+        torch.allclose(y.float(), want, rtol=1e-2, atol=1e-3 * float(want.abs().max()) + 1e-6)
+
+
+def not_plain_linear(chosen: dict[str, nn.Module]) -> list[str]:
+    """The names in ``chosen`` of the layers whose own forward does not compute ``x Wᵀ + b`` (:func:`own_forward`,
+    :func:`computes_linear`): an adapter, which computes the linear map itself, would change what they return."""
+    return [n for n, m in chosen.items() if own_forward(m) and not computes_linear(m)]
 
 
 def adopt_bitsandbytes(model: nn.Module, chosen: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -116,6 +151,17 @@ def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_mod
         chosen = {n: m for n, m in candidates.items() if name_matches(n, target_modules)}
     if exclude_modules is not None:
         chosen = {n: m for n, m in chosen.items() if not name_matches(n, exclude_modules)}
+    odd = not_plain_linear(chosen)
+    if odd and target_modules == "all-linear":
+        kinds = sorted({type(chosen[n]).__name__ for n in odd})
+        warnings.warn(f"all-linear leaves out {len(odd)} layer(s) of class {', '.join(kinds)} (e.g. {odd[0]!r}): "
+                      "a linear layer with a forward of its own that computes more than x Wᵀ + b, which an "
+                      "adapter would replace", stacklevel=3)
+        chosen = {n: m for n, m in chosen.items() if n not in odd}
+    elif odd:
+        raise ConfigError(f"target_modules {target_modules!r} selects {odd[0]!r} ({type(chosen[odd[0]]).__name__}), "
+                          "a linear layer with a forward of its own that computes more than x Wᵀ + b (e.g. a "
+                          "router returning a tuple): an adapter would replace that forward; exclude it")
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise ConfigError(
