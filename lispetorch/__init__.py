@@ -28,6 +28,7 @@ from .adapters import (
     trainable_parameters,
     unmerge,
 )
+from .analysis import Analysis, analyze
 from .config import LoraConfig, RotationalPiSSAConfig, TinyLoraConfig
 from .dispatch import inject
 from .errors import (
@@ -48,6 +49,7 @@ from .targets import match_modules, quantize_nf4
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
     "AdapterFormatError",
     "AdapterStateError",
     "ConfigError",
@@ -63,6 +65,7 @@ __all__ = [
     "active_adapter",
     "adapter_layers",
     "adapter_names",
+    "analyze",
     "combine",
     "delete_adapter",
     "disabled",
