@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     combine,  # lt.combine: the checkpoint optimizer
     methods,
     ops,  # loads the extension, which registers torch.ops.lispetorch
+    tasks,  # lt.tasks: classification and QA tasks with their metrics
     train,  # lt.train: the training engine
 )
 from .adapters import (
@@ -86,6 +87,7 @@ __all__ = [
     "save_tinylora",
     "set_adapter",
     "set_enabled",
+    "tasks",
     "train",
     "trainable_parameters",
     "unmerge",
