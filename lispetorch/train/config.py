@@ -15,6 +15,7 @@ from ..hf import DTYPES
 from ..schedule import SCHEDULER_TYPES
 
 QUANTIZE_BASE = ("none", "nf4")
+FULL = "full"  # lora.method full: full fine-tuning, every parameter trains (the baseline LoRA is measured against)
 _NUMBER = "a number"
 _INT = "an integer"
 _BOOL = "true or false"
@@ -34,7 +35,8 @@ class LoraSection:
     # calibration_batches training batches)
     init: str = "kaiming"
     calibration_batches: int = 4
-    # "lora" (with the init above), "rotational_pissa" or "tinylora" (lispetorch.config.CONFIGS); options: the
+    # "lora" (with the init above), "rotational_pissa" or "tinylora" (lispetorch.config.CONFIGS), or "full" (no
+    # adapter: every parameter of the model trains, with the same loop, data and schedule); options: the
     # method's own fields (see lispetorch.config.method_config), e.g. {"method": "givens"} or {"u": 64, "seed": 0}
     method: str = "lora"
     options: dict = dataclasses.field(default_factory=dict)
@@ -46,6 +48,8 @@ class LoraSection:
         Raises:
             ValueError: an unknown method or option, or a value out of range.
         """
+        if self.method == FULL:
+            return None
         if self.method != "lora":
             name, options = self.method, self.options
         elif self.init in ("kaiming", "gaussian"):
@@ -77,6 +81,7 @@ class TrainConfig:
     save_steps: int = 100  # 0: only the final adapter
     eval_steps: int = 50  # 0: no periodic validation
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # when > 0: warmup over this share of the total steps (warmup_steps is then unused)
     max_grad_norm: float = 1.0  # 0: no clipping
     scheduler_type: str = "linear_warmup_cosine"
     min_lr: float = 1e-6
@@ -91,6 +96,10 @@ class TrainConfig:
     # as QLoRA and the TinyLoRA trainer load theirs; "none": as loaded
     quantize_base: str = "none"
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    # a task with metrics (lispetorch.tasks.load_task): a shipped task's name, or {kind, train_file, eval_file,
+    # verbalizers, max_eval_examples, max_new_tokens}; it replaces data: training on its train_file, validation
+    # (loss and the task metric) on its eval_file
+    task: dict | str | None = None
 
     # --- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -98,6 +107,8 @@ class TrainConfig:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: the config must be a mapping of keys to values, got {type(raw).__name__}")
         raw = dict(raw)
+        if raw.get("task") is not None and raw.get("data") is None:
+            raw["data"] = []  # the task's files are the data
         for key in ("data", "output_dir"):
             if key not in raw or raw[key] is None:
                 raise ConfigError(f"{source}: missing required key {key!r}")
@@ -105,6 +116,15 @@ class TrainConfig:
         for key, value in raw.items():
             if key == "lora":
                 values["lora"] = _lora_section(value, source)
+                continue
+            if key == "task":
+                if value is not None and not isinstance(value, (str, Mapping)):
+                    raise ConfigError(f"{source}: 'task' must be a shipped task's name or a mapping (kind, "
+                                      f"train_file, eval_file, ...), got {value!r} ({_type_name(value)})")
+                values["task"] = dict(value) if isinstance(value, Mapping) else value
+                continue
+            if key == "data" and value == []:
+                values["data"] = []
                 continue
             if key not in _FIELDS:
                 raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, _FIELDS)}")
@@ -125,6 +145,10 @@ class TrainConfig:
         config.data = [str(base / d) if not Path(d).expanduser().is_absolute() else d for d in config.data]
         config.output_dir = str(base / config.output_dir) if not Path(config.output_dir).is_absolute() \
             else config.output_dir
+        if isinstance(config.task, dict):  # task files too
+            for key in ("train_file", "eval_file"):
+                if isinstance(config.task.get(key), str) and not Path(config.task[key]).expanduser().is_absolute():
+                    config.task[key] = str(base / config.task[key])
         if config.model is not None and not Path(config.model).is_absolute() and (base / config.model).exists():
             config.model = str(base / config.model)
         return config
@@ -153,6 +177,8 @@ class TrainConfig:
                 raise ConfigError(f"{source}: {key!r} must be ≥ 0, got {getattr(self, key)}")
         if self.gamma <= 0:
             raise ConfigError(f"{source}: 'gamma' must be > 0, got {self.gamma}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{source}: 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.validation_split < 1:
             raise ConfigError(f"{source}: 'validation_split' must be in [0, 1), got {self.validation_split}")
         if self.scheduler_type not in SCHEDULER_TYPES:
@@ -178,8 +204,15 @@ class TrainConfig:
                               f"of subspace iterations) or lora_ga, got {lora.init!r}")
         if lora.calibration_batches <= 0:
             raise ConfigError(f"{source}: 'lora.calibration_batches' must be > 0, got {lora.calibration_batches}")
-        if lora.method not in CONFIGS:
-            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(CONFIGS)}, got {lora.method!r}")
+        if lora.method not in CONFIGS and lora.method != FULL:
+            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join([*CONFIGS, FULL])}, got "
+                              f"{lora.method!r}")
+        if lora.method == FULL and self.save_steps > 0:
+            raise ConfigError(f"{source}: 'lora.method: full' writes the trained model at the end only (no "
+                              f"resumable checkpoints): set 'save_steps: 0', got {self.save_steps}")
+        if lora.method == FULL and self.quantize_base != "none":
+            raise ConfigError(f"{source}: 'lora.method: full' trains the base weights, which 'quantize_base: "
+                              f"{self.quantize_base}' would freeze in NF4")
         if lora.method != "lora" and lora.init != "kaiming":
             raise ConfigError(f"{source}: 'lora.init' ({lora.init!r}) applies to method lora; method "
                               f"{lora.method} makes its own factors")
@@ -211,7 +244,7 @@ class TrainConfig:
 # key -> expected kind
 _FIELDS: dict[str, str] = {}
 for _f in dataclasses.fields(TrainConfig):
-    if _f.name == "lora":
+    if _f.name in ("lora", "task"):
         continue
     _FIELDS[_f.name] = {"data": _PATHS, "report_to": "names", "model": "optional str"}.get(_f.name) or {
         float: _NUMBER, int: _INT, bool: _BOOL, str: _STR, "float": _NUMBER, "int": _INT, "bool": _BOOL,
