@@ -10,6 +10,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension, which
 
 from . import (  # noqa: F401
     combine,  # lt.combine: the checkpoint optimizer
+    experiment,  # lt.experiment: grids of training runs and their results
     methods,
     ops,  # loads the extension, which registers torch.ops.lispetorch
     tasks,  # lt.tasks: classification and QA tasks with their metrics
@@ -70,6 +71,7 @@ __all__ = [
     "combine",
     "delete_adapter",
     "disabled",
+    "experiment",
     "export",
     "inject",
     "is_merged",

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lispetorch.lisp.runner", "run a Hy script with the torch_hf_lora_* primitives and LispE macros in scope"),
     "default-model": ("lispetorch.default_model", "build (once) and show the embedded default model"),
     "combine": ("lispetorch.combine.cli", "find the best combination of LoRA checkpoints and build it"),
+    "experiment": ("lispetorch.experiment", "run a grid of training runs (ablation, sweep) and tabulate the results"),
     "analyze": ("lispetorch.analysis", "statistics and ΔW spectra of an adapter's modules (rank utilisation)"),
 }
 

@@ -205,8 +205,8 @@ class TrainConfig:
         if lora.calibration_batches <= 0:
             raise ConfigError(f"{source}: 'lora.calibration_batches' must be > 0, got {lora.calibration_batches}")
         if lora.method not in CONFIGS and lora.method != FULL:
-            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join([*CONFIGS, FULL])}, got "
-                              f"{lora.method!r}")
+            raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(CONFIGS)}, got {lora.method!r} "
+                              f"(or {FULL}: full fine-tuning)")
         if lora.method == FULL and self.save_steps > 0:
             raise ConfigError(f"{source}: 'lora.method: full' writes the trained model at the end only (no "
                               f"resumable checkpoints): set 'save_steps: 0', got {self.save_steps}")
