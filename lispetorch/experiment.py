@@ -5,7 +5,7 @@ the results gathered in one table (mean ± std over seeds) and plotted against e
     output_dir: runs/rank-ablation
     base: {task: stdlib-kind, max_steps: 60, lora: {target_modules: standard}}
     mode: ablation          # single | sweep | ablation
-    ablation: rank          # rank [4, 8, 16] with alpha 2r | alpha [8, 16, 32] at r 8 | modules standard/extended/all-linear
+    ablation: rank          # rank [4, 8, 16], alpha 2r; alpha [8, 16, 32] at r 8; modules
     grid: {seed: [42, 1337]}
     full_baseline: true     # the same runs with every parameter trained, once per setting of the other axes
 
