@@ -84,7 +84,8 @@ def run_checks(model_dir: str | os.PathLike | None = None, rank: int = 8, target
     n_total = sum(p.numel() for p in model.parameters())
     expected = sum(layer.lora_A["default"].numel() + layer.lora_B["default"].numel() for layer in layers.values())
     checks.append(Check("trainable share", n_train == expected and n_train > 0,
-                        f"{n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.3f} %), all adapter factors"))
+                        f"{n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.3f} %), all adapter "
+                        "factors"))
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
