@@ -135,3 +135,12 @@ def test_command(tiny_default_model, tiny_task, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lispetorch.cli", "experiment", str(bad)], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "'lora.rank' has an empty list" in proc.stderr
+
+
+def test_the_example_experiment_plans():
+    from pathlib import Path
+
+    p = experiment.plan(Path(__file__).resolve().parent.parent / "examples" / "rank_presets_experiment.yaml")
+    assert len(p.settings) == 2 * 2 * 2 + 2  # rank × preset × seed, and full fine-tuning per seed
+    assert {c["lora"].get("target_modules") for c in p.configs} == {"standard", "all-linear", None}
+    assert p.metric == "accuracy" and p.output_dir.name == "rank-presets"
