@@ -404,7 +404,8 @@ def _definitions(limit_files: int):
 
 
 def _stdlib_kind(limit_files: int) -> tuple[list[dict], list[dict]]:
-    """SST-2 layout: a docstring's first line; label 1 when it documents a class, 0 a function. Balanced."""
+    """SST-2 layout: a docstring's first line; label 1 when it documents a class, 0 a function (verbalized as the
+    keywords ``class`` and ``def``). Balanced."""
     train, ev = {0: [], 1: []}, {0: [], 1: []}
     for rel, kind, _name, _first, line in _definitions(limit_files):
         label = int(kind == "class")
@@ -437,7 +438,7 @@ def _stdlib_signature(limit_files: int) -> tuple[list[dict], list[dict]]:
 
 
 SHIPPED = {
-    "stdlib-kind": ("classification", _stdlib_kind, {"0": "function", "1": "class"},
+    "stdlib-kind": ("classification", _stdlib_kind, {"0": "def", "1": "class"},
                     "does a docstring's first line document a class or a function (SST-2 layout)"),
     "stdlib-signature": ("qa", _stdlib_signature, None,
                          "a function's name or first parameter from its signature, unanswerable when it has none "
