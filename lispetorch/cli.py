@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "default-model": ("lispetorch.default_model", "build (once) and show the embedded default model"),
     "combine": ("lispetorch.combine.cli", "find the best combination of LoRA checkpoints and build it"),
     "experiment": ("lispetorch.experiment", "run a grid of training runs (ablation, sweep) and tabulate the results"),
-    "validate": ("lispetorch.validate", "check a LoRA setup: adapters, frozen base, loss, save/load, merge, PEFT"),
+    "validate": ("lispetorch.checkup", "check a LoRA setup: adapters, frozen base, loss, save/load, merge, PEFT"),
     "analyze": ("lispetorch.analysis", "statistics and ΔW spectra of an adapter's modules (rank utilisation)"),
 }
 

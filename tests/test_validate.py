@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lispetorch import validate
+from lispetorch import checkup as validate
 
 NAMES = ["adapters applied", "trainable share", "base frozen", "loss decreases", "save/load round trip",
          "merge equivalence", "PEFT loads the adapter"]
