@@ -21,8 +21,9 @@ the progress bar, the data helpers).
         tempfile
         time
         tqdm [tqdm]
-        lispetorch [default-model]
-        lispetorch.train.data :as data)
+        lispetorch [default-model disabled tasks]
+        lispetorch.train.data :as data
+        lispetorch.train.engine [Trainer])
 
 (setv start-time (time.perf-counter))
 
@@ -221,6 +222,34 @@ the progress bar, the data helpers).
 (torch_set_grad_enabled True)
 
 
+;; --- a task: what a LoRA learns, measured -------------------------------------------------------------------
+;; The shipped classification task stdlib-kind (does a docstring's first line document a class or a function?),
+;; trained by the engine with a fresh adapter on the same base model and scored on its held-out split.
+(section "task: class or function? (stdlib-kind)")
+(setv task-trainer (Trainer {"task" {#** (tasks.build-shipped "stdlib-kind" output-dir) "max_eval_examples" 100}
+                             "model" model-path
+                             "output_dir" (os.path.join output-dir "task")
+                             "max_steps" 60 "batch_size" 8 "gradient_accumulation_steps" 1 "learning_rate" 3e-3
+                             "warmup_ratio" 0.06 "logging_steps" 20 "eval_steps" 60 "save_steps" 0
+                             "max_seq_length" 96 "plot" False
+                             "lora" {"rank" 8 "alpha" 16 "target_modules" "all-linear"}})
+      task-result (.train task-trainer)
+      task task-trainer.task
+      metric task.metric
+      base-metric (get task-result.initial-task-metrics metric)
+      adapted-metric (get task-result.task-metrics metric))
+(println (.format "held-out {} on {} examples: base model {:.1f}%, with the adapter {:.1f}%" metric
+                  (get task-result.task-metrics "total") base-metric adapted-metric))
+(setv shown (cut (.eval-records task) 0 6))
+(with [_ (disabled task-trainer.model)]
+  (setv base-answers (.predict task task-trainer.model task-trainer.tokenizer shown)))
+(setv adapted-answers (.predict task task-trainer.model task-trainer.tokenizer shown))
+(for [[rec base-answer adapted-answer] (zip shown base-answers adapted-answers)]
+  (println (.format "  {!r:.60}: expected {}, base {}, adapted {}" (get rec.fields "sentence")
+                    (get task.verbalizers rec.label) (get task.verbalizers base-answer)
+                    (get task.verbalizers adapted-answer))))
+
+
 ;; --- summary -------------------------------------------------------------------------------------------------
 (section "summary")
 (println (.format "validation loss {:.4f} -> {:.4f} (perplexity {:.1f} -> {:.1f}), {:.1f}% lower" base-loss
@@ -230,4 +259,5 @@ the progress bar, the data helpers).
 (println (.format "trainable parameters: {:,} of {:,} ({:.2f}%)" trainable total-parameters
                   (* 100 (/ trainable total-parameters))))
 (println (.format "time: {:.0f} s in all, {:.0f} s training" (- (time.perf-counter) start-time) train-seconds))
+(println (.format "task {} ({}): base model {:.1f}% -> adapted {:.1f}%" task.name metric base-metric adapted-metric))
 (println "adapters and metadata:" checkpoint-dir)

@@ -10,8 +10,10 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension, which
 
 from . import (  # noqa: F401
     combine,  # lt.combine: the checkpoint optimizer
+    experiment,  # lt.experiment: grids of training runs and their results
     methods,
     ops,  # loads the extension, which registers torch.ops.lispetorch
+    tasks,  # lt.tasks: classification and QA tasks with their metrics
     train,  # lt.train: the training engine
 )
 from .adapters import (
@@ -28,6 +30,7 @@ from .adapters import (
     trainable_parameters,
     unmerge,
 )
+from .analysis import Analysis, analyze
 from .config import LoraConfig, RotationalPiSSAConfig, TinyLoraConfig
 from .dispatch import inject
 from .errors import (
@@ -55,6 +58,7 @@ from .unload import merge_and_unload
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
     "AdapterFormatError",
     "AdapterStateError",
     "CheckpointError",
@@ -74,9 +78,11 @@ __all__ = [
     "active_adapter",
     "adapter_layers",
     "adapter_names",
+    "analyze",
     "combine",
     "delete_adapter",
     "disabled",
+    "experiment",
     "export",
     "export_merged",
     "hotswap_adapter",
@@ -98,6 +104,7 @@ __all__ = [
     "save_tinylora",
     "set_adapter",
     "set_enabled",
+    "tasks",
     "train",
     "trainable_parameters",
     "unmerge",

@@ -21,6 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "default-model": ("lispetorch.default_model", "build (once) and show the embedded default model"),
     "export": ("lispetorch.merged_export", "merge a LoRA adapter into a Hugging Face model directory, shard by shard"),
     "combine": ("lispetorch.combine.cli", "find the best combination of LoRA checkpoints and build it"),
+    "experiment": ("lispetorch.experiment", "run a grid of training runs (ablation, sweep) and tabulate the results"),
+    "validate": ("lispetorch.checkup", "check a LoRA setup: adapters, frozen base, loss, save/load, merge, PEFT"),
+    "analyze": ("lispetorch.analysis", "statistics and ΔW spectra of an adapter's modules (rank utilisation)"),
 }
 
 

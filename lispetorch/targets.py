@@ -95,6 +95,38 @@ def adopt_bitsandbytes(model: nn.Module, chosen: dict[str, nn.Module]) -> dict[s
     return {n: converted.get(n, m) for n, m in chosen.items()}
 
 
+# Named target presets, resolved per architecture: the first candidate list whose every name (or dotted suffix)
+# the model has. "standard": the attention's query and value projections (LoRA's paper); "extended": query, key,
+# value and output; "all-linear": every adaptable layer but the output head.
+PRESETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "standard": (("q_proj", "v_proj"), ("attn.c_attn",), ("query_key_value",), ("query", "value"), ("q", "v"),
+                 ("Wqkv",)),
+    "extended": (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
+                 ("q_proj", "k_proj", "v_proj", "dense"), ("attn.c_attn", "attn.c_proj"),
+                 ("query_key_value", "attention.dense"), ("query_key_value", "self_attention.dense"),
+                 ("query", "key", "value", "attention.output.dense"), ("q", "k", "v", "o"), ("Wqkv", "out_proj")),
+}
+
+
+def resolve_preset(model: nn.Module, target_modules: list[str] | str) -> list[str] | str:
+    """``target_modules`` with a preset name (``standard``, ``extended``) replaced by the model's module names for
+    it; anything else (``all-linear`` included) as it is.
+
+    Raises:
+        ConfigError: the model has none of the preset's names (the message lists the model's module names).
+    """
+    if not isinstance(target_modules, str) or target_modules not in PRESETS:
+        return target_modules
+    names = list(adaptable_modules(model))
+    for candidate in PRESETS[target_modules]:
+        if all(any(name_matches(n, [c]) for n in names) for c in candidate):
+            return list(candidate)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    raise ConfigError(f"target_modules preset {target_modules!r}: this model ({type(model).__name__}) has none of "
+                      f"its module names {[list(c) for c in PRESETS[target_modules]]}; its adaptable modules are "
+                      f"named {leaves}")
+
+
 def layer_index(name: str, layers_pattern: list[str] | str | None = None) -> int | None:
     """The layer index in a module name, by PEFT's rule: the number after the first ``<layers_pattern>.`` segment
     (``model.layers.3.mlp.up_proj`` → 3 for ``"layers"``), or without a pattern the first number that follows a
@@ -136,13 +168,15 @@ def select_layers(chosen: dict[str, nn.Module], target_modules: list[str] | str,
 
 def match_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
                   layers_to_transform=None, layers_pattern=None) -> dict[str, nn.Module]:
-    """The one matcher: names or suffixes, a full-match regular expression, or ``"all-linear"`` (every adaptable
+    """The one matcher: names or suffixes, a full-match regular expression, a preset (``"standard"``,
+    ``"extended"``: :data:`PRESETS`, resolved for the model's architecture), or ``"all-linear"`` (every adaptable
     layer but the output head); then, with ``layers_to_transform``, only the modules in those layers
     (:func:`select_layers`).
 
     Raises:
         ValueError: nothing matches; the message lists the adaptable module names found.
     """
+    target_modules = resolve_preset(model, target_modules)
     candidates = adaptable_modules(model)
     if target_modules == "all-linear":
         head = output_head(model)

@@ -15,6 +15,7 @@ from ..hf import DTYPES
 from ..schedule import SCHEDULER_TYPES
 
 QUANTIZE_BASE = ("none", "nf4")
+FULL = "full"  # lora.method full: full fine-tuning, every parameter trains (the baseline LoRA is measured against)
 _NUMBER = "a number"
 _INT = "an integer"
 _BOOL = "true or false"
@@ -34,7 +35,8 @@ class LoraSection:
     # calibration_batches training batches)
     init: str = "kaiming"
     calibration_batches: int = 4
-    # "lora" (with the init above), "rotational_pissa" or "tinylora" (lispetorch.config.CONFIGS); options: the
+    # "lora" (with the init above), "rotational_pissa" or "tinylora" (lispetorch.config.CONFIGS), or "full" (no
+    # adapter: every parameter of the model trains, with the same loop, data and schedule); options: the
     # method's own fields (see lispetorch.config.method_config), e.g. {"method": "givens"} or {"u": 64, "seed": 0}
     method: str = "lora"
     options: dict = dataclasses.field(default_factory=dict)
@@ -56,6 +58,8 @@ class LoraSection:
         selection = {key: getattr(self, key) for key in _SELECTION if getattr(self, key) not in (None, {})}
         if selection and self.method != "lora":
             raise ConfigError(f"'lora.{next(iter(selection))}' applies to method lora, not {self.method}")
+        if self.method == FULL:
+            return None
         if self.method != "lora":
             name, options = self.method, self.options
         elif self.init in ("kaiming", "gaussian"):
@@ -88,6 +92,7 @@ class TrainConfig:
     save_steps: int = 100  # 0: only the final adapter
     eval_steps: int = 50  # 0: no periodic validation
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # when > 0: warmup over this share of the total steps (warmup_steps is then unused)
     max_grad_norm: float = 1.0  # 0: no clipping
     scheduler_type: str = "linear_warmup_cosine"
     min_lr: float = 1e-6
@@ -104,6 +109,10 @@ class TrainConfig:
     loraplus_lr_ratio: float = 1.0  # LoRA+: B's learning rate is this times learning_rate (A's); 1: plain LoRA
     gradient_checkpointing: bool = False  # transformers' own (non-reentrant): activations recomputed in backward
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    # a task with metrics (lispetorch.tasks.load_task): a shipped task's name, or {kind, train_file, eval_file,
+    # verbalizers, max_eval_examples, max_new_tokens}; it replaces data: training on its train_file, validation
+    # (loss and the task metric) on its eval_file
+    task: dict | str | None = None
 
     # --- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -111,6 +120,8 @@ class TrainConfig:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: the config must be a mapping of keys to values, got {type(raw).__name__}")
         raw = dict(raw)
+        if raw.get("task") is not None and raw.get("data") is None:
+            raw["data"] = []  # the task's files are the data
         for key in ("data", "output_dir"):
             if key not in raw or raw[key] is None:
                 raise ConfigError(f"{source}: missing required key {key!r}")
@@ -118,6 +129,16 @@ class TrainConfig:
         for key, value in raw.items():
             if key == "lora":
                 values["lora"] = _lora_section(value, source)
+                continue
+            if key == "task":
+                if value is not None and not isinstance(value, (str, Mapping)):
+                    raise ConfigError(f"{source}: 'task' must be a shipped task's name or a mapping (kind, "
+                                      f"train_file, eval_file, ...), got {validate.show(value)} "
+                                      f"({validate.type_name(value)})")
+                values["task"] = dict(value) if isinstance(value, Mapping) else value
+                continue
+            if key == "data" and value == []:
+                values["data"] = []
                 continue
             if key not in _FIELDS:
                 raise ConfigError(f"{source}: unknown key {validate.show(key)}{_suggest(key, _FIELDS)}")
@@ -138,6 +159,10 @@ class TrainConfig:
         config.data = [str(base / d) if not Path(d).expanduser().is_absolute() else d for d in config.data]
         config.output_dir = str(base / config.output_dir) if not Path(config.output_dir).is_absolute() \
             else config.output_dir
+        if isinstance(config.task, dict):  # task files too
+            for key in ("train_file", "eval_file"):
+                if isinstance(config.task.get(key), str) and not Path(config.task[key]).expanduser().is_absolute():
+                    config.task[key] = str(base / config.task[key])
         if config.model is not None and not Path(config.model).is_absolute() and (base / config.model).exists():
             config.model = str(base / config.model)
         return config
@@ -181,9 +206,15 @@ class TrainConfig:
         if not is_init(lora.init):
             raise ConfigError(f"{source}: 'lora.init' must be kaiming, gaussian, pissa, pissa_niter_K (K a number "
                               f"of subspace iterations) or lora_ga, got {validate.show(lora.init)}")
-        if lora.method not in CONFIGS:
+        if lora.method not in CONFIGS and lora.method != FULL:
             raise ConfigError(f"{source}: 'lora.method' must be one of {', '.join(CONFIGS)}, got "
-                              f"{validate.show(lora.method)}")
+                              f"{validate.show(lora.method)} (or {FULL}: full fine-tuning)")
+        if lora.method == FULL and self.save_steps > 0:
+            raise ConfigError(f"{source}: 'lora.method: full' writes the trained model at the end only (no "
+                              f"resumable checkpoints): set 'save_steps: 0', got {self.save_steps}")
+        if lora.method == FULL and self.quantize_base != "none":
+            raise ConfigError(f"{source}: 'lora.method: full' trains the base weights, which 'quantize_base: "
+                              f"{self.quantize_base}' would freeze in NF4")
         if lora.method != "lora" and lora.init != "kaiming":
             raise ConfigError(f"{source}: 'lora.init' ({validate.show(lora.init)}) applies to method lora; method "
                               f"{lora.method} makes its own factors")
@@ -234,6 +265,7 @@ RANGES: dict[str, tuple] = {
     "gamma": (0.0, 10.0, True),
     "step_size": (1, 10**12),
     "seed": (0, 2**32 - 1),
+    "warmup_ratio": (0.0, 1.0, False, True),
     "loraplus_lr_ratio": (0.0, 1e6, True),
 }
 LORA_RANGES: dict[str, tuple] = {
@@ -246,7 +278,7 @@ LORA_RANGES: dict[str, tuple] = {
 # key -> expected kind
 _FIELDS: dict[str, str] = {}
 for _f in dataclasses.fields(TrainConfig):
-    if _f.name == "lora":
+    if _f.name in ("lora", "task"):
         continue
     _FIELDS[_f.name] = {"data": _PATHS, "report_to": "names", "model": "optional str"}.get(_f.name) or {
         float: _NUMBER, int: _INT, bool: _BOOL, str: _STR, "float": _NUMBER, "int": _INT, "bool": _BOOL,

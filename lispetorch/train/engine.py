@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic, default_model
+from .. import analysis, atomic, default_model
+from .. import tasks as tasks_mod
 from ..adapters import active_adapter, adapter_layers, trainable_parameters
 from ..config import RotationalPiSSAConfig, TinyLoraConfig, method_of
 from ..devices import resolve_device
@@ -30,7 +32,7 @@ from ..peft_io import export, saved_module_tensors
 from ..schedule import make_scheduler
 from ..targets import quantize_nf4
 from . import data as data_mod
-from .config import TrainConfig
+from .config import FULL, TrainConfig
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 INFO_NAME = "training_info.json"
@@ -166,6 +168,8 @@ class TrainResult:
     seconds: float
     trainable_parameters: int
     total_parameters: int
+    task_metrics: dict | None = None  # the task's metrics on its evaluation split, at the end
+    initial_task_metrics: dict | None = None  # the same before the first step (None when resumed)
 
     @property
     def tokens_per_second(self) -> float:
@@ -196,7 +200,9 @@ class Trainer:
     # --- setup -----------------------------------------------------------------------------------------------
     def _setup(self, resume: bool = False) -> None:
         cfg = self.config
-        docs = data_mod.read_documents(cfg.data)  # bad files are reported before any model is loaded
+        # bad files are reported before any model is loaded
+        self.task = tasks_mod.load_task(cfg.task) if cfg.task is not None else None
+        docs = data_mod.read_documents(cfg.data) if self.task is None or cfg.data else []
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ConfigError(f"output_dir {self.output_dir} exists and is not a directory")
         if not resume and checkpoints(self.output_dir):
@@ -224,9 +230,15 @@ class Trainer:
             raise ConfigError(f"'max_seq_length' is {cfg.max_seq_length}, above the model's maximum number of "
                               f"positions ({key} = {n} in {model_path or 'the model'}'s config): set max_seq_length "
                               f"≤ {n}")
-        self.dataset = data_mod.load_dataset(None, self.tokenizer, cfg.max_seq_length, packing=cfg.packing,
-                                             mask_prompt=cfg.mask_prompt, validation_split=cfg.validation_split,
-                                             seed=cfg.seed, documents=docs)
+        if self.task is not None:  # the task's prompts and answers, the answers learned; validation on its eval split
+            split = {s: data_mod.truncate(data_mod.tokenize(self.tokenizer, [data_mod.Document(*d) for d in
+                                                                             self.task.documents(s)], True),
+                                          cfg.max_seq_length) for s in ("train", "eval")}
+            self.dataset = data_mod.Dataset(split["train"], split["eval"], len(self.task.train))
+        else:
+            self.dataset = data_mod.load_dataset(None, self.tokenizer, cfg.max_seq_length, packing=cfg.packing,
+                                                 mask_prompt=cfg.mask_prompt, validation_split=cfg.validation_split,
+                                                 seed=cfg.seed, documents=docs)
         self.pad_id = data_mod.pad_id(self.tokenizer)
         self.model.to(self.device)
         torch.manual_seed(cfg.seed)
@@ -236,7 +248,7 @@ class Trainer:
         # A LoRA with a plain init trains and saves its factors as they are; every other method (SVD inits,
         # Rotational PiSSA, TinyLoRA) changes the base or computes its core, and is saved as its plain-LoRA
         # equivalent on the original weights, with its trained parameters beside it for resume.
-        self.plain = method_of(self.lora_config) == "lora"
+        self.plain = self.lora_config is None or method_of(self.lora_config) == "lora"
         # Rotational PiSSA's penalty parametrisation keeps its free r×r cores near orthogonal.
         self.last_ortho_loss = 0.0
         self.orthogonality = isinstance(self.lora_config, RotationalPiSSAConfig) and \
@@ -244,15 +256,25 @@ class Trainer:
         if cfg.quantize_base == "nf4":  # the frozen base in NF4 before the adapter is made from it
             quantize_nf4(self.model, "all-linear")
         calibration = None
-        if method_of(self.lora_config) == "lora_ga":  # the gradients of the first training batches
-            micro = self.dataset.micro_batches(cfg.seed, 0, cfg.batch_size)[:lora.calibration_batches]
-            calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
-        inject(self.model, self.lora_config, calibration_batches=calibration)
-        self.params = trainable_parameters(self.model)
+        self.full = lora.method == FULL
+        if self.full:  # full fine-tuning: no adapter, every parameter trains
+            self.plain = True
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            self.params = list(self.model.parameters())
+        else:
+            if method_of(self.lora_config) == "lora_ga":  # the gradients of the first training batches
+                micro = self.dataset.micro_batches(cfg.seed, 0, cfg.batch_size)[:lora.calibration_batches]
+                calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
+            inject(self.model, self.lora_config, calibration_batches=calibration)
+            self.params = trainable_parameters(self.model)
+        trained = {id(p) for p in self.params}
+        self.frozen = [p for p in self.model.parameters() if id(p) not in trained]
+        self.base_checksum = self._checksum()
         if cfg.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         schedule = {"initial_lr": cfg.learning_rate}
-        if cfg.loraplus_lr_ratio != 1.0:
+        if cfg.loraplus_lr_ratio != 1.0 and not self.full:
             # LoRA+: B at ratio × learning_rate; each group keeps its own rate under the schedule, whose base is the
             # first group's (at learning_rate)
             groups = optimizer_param_groups(self.model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
@@ -263,9 +285,11 @@ class Trainer:
         n_batches = math.ceil(len(self.dataset.train) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.num_epochs
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio > 0 else \
+            cfg.warmup_steps
         self.scheduler = make_scheduler(self.optimizer, cfg.scheduler_type, {
             **schedule, "min_lr": cfg.min_lr, "total_steps": self.total_steps,
-            "warmup_steps": cfg.warmup_steps, "gamma": cfg.gamma, "step_size": cfg.step_size})
+            "warmup_steps": self.warmup_steps, "gamma": cfg.gamma, "step_size": cfg.step_size})
 
     def _enable_gradient_checkpointing(self) -> None:
         """transformers' gradient checkpointing, non-reentrant: each decoder layer's activations are recomputed in
@@ -353,6 +377,65 @@ class Trainer:
             raise self._diverged(f"the update (learning rate {lr:.6g}) made {n} value(s) of {self._name_of(p)} "
                                  "NaN/Inf")
 
+    def evaluate_task(self) -> dict | None:
+        """The task's metrics on its evaluation split (None without a task)."""
+        if self.task is None:
+            return None
+        metrics = self.task.evaluate(self.model, self.tokenizer)
+        self.last_task_metrics = metrics
+        return metrics
+
+    def _eval_record(self, ev: float) -> dict:
+        """The validation record: loss, perplexity and, with a task, its metrics (``eval_accuracy``, ...)."""
+        record = {"step": self.global_step, "eval_loss": ev, "eval_perplexity": math.exp(min(ev, 700.0))}
+        metrics = self.evaluate_task()
+        if metrics is not None:
+            record.update({f"eval_{k}": v for k, v in metrics.items() if k != "total"})
+        return record
+
+    # --- the metrics of every logging step: adapter, rank, efficiency, verification ------------------------------
+    @torch.no_grad()
+    def _checksum(self) -> float:
+        """A checksum of the frozen parameters: the sum of Σw and Σ|w| over them, in float64."""
+        total = torch.zeros((), dtype=torch.float64)
+        for p in self.frozen:
+            if p.is_floating_point():
+                d = p.detach().double()
+                total += (d.sum() + d.abs().sum()).cpu()
+            else:
+                total += p.detach().double().sum().cpu()
+        return float(total)
+
+    def namespaced_metrics(self, n_train: int, n_total: int) -> dict:
+        """``lora_adapters/*`` (factor norms, ‖ΔW‖ per module type and overall), ``lora_rank/*`` (effective rank and
+        utilisation, mean and per module type), ``efficiency/*`` (trainable parameters and share) and
+        ``verification/*`` (frozen parameters with a gradient; the frozen weights' checksum and whether it is
+        unchanged since the start)."""
+        out: dict[str, float] = {}
+        if not self.full and adapter_layers(self.model):
+            summary = analysis.analyze(self.model).summary
+            out["lora_adapters/delta_norm"] = summary["delta_norm"]
+            out["lora_rank/effective_rank"] = summary["effective_rank"]
+            out["lora_rank/utilisation"] = summary["utilisation"]
+            for kind, row in summary["by_kind"].items():
+                for key in ("A_norm", "B_norm", "delta_norm"):
+                    out[f"lora_adapters/{key}/{kind}"] = row[key]
+                out[f"lora_rank/effective_rank/{kind}"] = row["effective_rank"]
+                out[f"lora_rank/utilisation/{kind}"] = row["utilisation"]
+        out["efficiency/trainable_parameters"] = n_train
+        out["efficiency/total_parameters"] = n_total
+        out["efficiency/trainable_share"] = n_train / max(n_total, 1)
+        out["verification/base_params_with_grad"] = sum(1 for p in self.frozen if p.requires_grad or p.grad is not None)
+        checksum = self._checksum()
+        out["verification/base_checksum"] = checksum
+        out["verification/base_unchanged"] = float(checksum == self.base_checksum)
+        return out
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
     # --- checkpoints -----------------------------------------------------------------------------------------
     def _info(self, train_loss: float | None) -> dict:
         lora = dataclasses.asdict(self.config.lora)
@@ -372,6 +455,10 @@ class Trainer:
         """The final adapter as a PEFT LoRA on the original base weights: as trained for a plain init; for every
         other method its plain-LoRA equivalent (rank 2r where the base is a residual: PiSSA, LoRA-GA, Rotational
         PiSSA; rank r for TinyLoRA, whose base is untouched)."""
+        if self.full:  # full fine-tuning: the whole model, as a Hugging Face model directory
+            self.model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+            return
         tensors, config = export(self.model, original_weights=not self.plain)
         finite_or_raise(tensors, f"step {self.global_step}: the trained adapter")
         config["base_model_name_or_path"] = self.model_path
@@ -558,10 +645,13 @@ class Trainer:
         n_train = sum(p.numel() for p in self.params)
         n_total = sum(p.numel() for p in self.model.parameters())
         initial_eval = None
+        self.last_task_metrics: dict | None = None
+        initial_task = None
         if start_step == 0 and cfg.eval_steps > 0:
             initial_eval = self.evaluate()
             if initial_eval is not None:
-                self._log({"step": 0, "eval_loss": initial_eval, "eval_perplexity": math.exp(initial_eval)})
+                self._log(self._eval_record(initial_eval))
+                initial_task = self.last_task_metrics
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=start_step, desc="training", disable=not self.progress,
                    dynamic_ncols=True, unit="step")
@@ -607,6 +697,10 @@ class Trainer:
                                   "tokens_per_second": rate}
                         if grad_norm is not None:
                             record["grad_norm"] = grad_norm
+                        record.update(self.namespaced_metrics(n_train, n_total))
+                        record.update({"training_efficiency/tokens_per_second": rate,
+                                       "training_efficiency/step_time_s": elapsed / window_steps,
+                                       "training_efficiency/peak_memory_mb": self._peak_memory_mb()})
                         if self.orthogonality:  # way0: the task loss, the penalty and the loss minimised
                             ortho = window_ortho / window_steps
                             record.update(task_loss=last_loss, ortho_loss=ortho, total_loss=last_loss + ortho)
@@ -618,7 +712,7 @@ class Trainer:
                         evaluated = (self.global_step, ev)
                         if ev is not None:
                             self.best_loss = min(self.best_loss, ev)
-                            self._log({"step": self.global_step, "eval_loss": ev, "eval_perplexity": math.exp(ev)})
+                            self._log(self._eval_record(ev))
                     if not self.dataset.validation:
                         self.best_loss = min(self.best_loss, loss)
                     if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0:
@@ -640,15 +734,16 @@ class Trainer:
             final_eval = self.evaluate()
             if final_eval is not None:
                 self.best_loss = min(self.best_loss, final_eval)
-                self._log({"step": self.global_step, "eval_loss": final_eval, "eval_perplexity": math.exp(final_eval)})
-        adapter_dir = self.output_dir / "adapter"
+                self._log(self._eval_record(final_eval))
+        adapter_dir = self.output_dir / ("model" if self.full else "adapter")
         with atomic.directory(adapter_dir) as tmp:
             self._write_adapter(tmp)
         atomic.write_text(self.output_dir / INFO_NAME, json.dumps(self._info(last_loss), indent=2) + "\n")
         if cfg.plot:
             self.plot()
         return TrainResult(self.output_dir, adapter_dir, self.global_step, self.epoch, last_loss, final_eval,
-                           initial_eval, self.best_loss, tokens_total, seconds, n_train, n_total)
+                           initial_eval, self.best_loss, tokens_total, seconds, n_train, n_total,
+                           self.last_task_metrics, initial_task)
 
 
 def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = False, model=None, tokenizer=None,
