@@ -257,7 +257,10 @@ def _live_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
     tensors, config = export(model, original_weights=True)
     out = {}
     for key, t in tensors.items():
-        name, which = parse_key(key)
+        parsed = parse_key(key)
+        if parsed is None:  # a module trained whole (modules_to_save): no factors
+            continue
+        name, which = parsed
         out.setdefault(name, {})[which] = t
     result = {}
     for name, pair in out.items():

@@ -345,12 +345,12 @@ def load_task(spec: Mapping | str, base: str | os.PathLike | None = None, source
             raise ConfigError(f"{source}: unknown key 'task.{key}'; the keys are {', '.join(TASK_KEYS)}")
     spec = dict(spec)
     if "name" in spec:
-        name = spec.pop("name")
+        name = spec["name"]
         if name not in SHIPPED:
             raise ConfigError(f"{source}: 'task.name' {name!r} is not a shipped task; choose one of "
                               f"{', '.join(SHIPPED)}")
-        shipped = build_shipped(name)
-        spec = {**shipped, **spec}
+        if "train_file" not in spec or "eval_file" not in spec:  # else built already (build_shipped's spec)
+            spec = {**build_shipped(name), **spec}
     kind = spec.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"{source}: 'task.kind' must be one of {', '.join(KINDS)}, got {kind!r}")

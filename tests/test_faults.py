@@ -345,7 +345,10 @@ def test_a_checkpoint_truncated_while_read_is_an_error_not_a_signal(tmp_path, da
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, (r.returncode, r.stderr)  # a signal would be a negative code (SIGBUS: -7)
     assert r.stdout.startswith("AdapterFormatError checkpoint 'c': cannot read the factors of "), r.stdout
-    assert f"{d / 'adapter_model.safetensors'} changed while it was being read ({says}" in r.stdout
+    # which check sees a truncation first depends on where the reader is: its size, or the tensors it ends inside
+    said = (says, "it ends at byte") if says == "its size went from" else (says,)
+    assert any(f"{d / 'adapter_model.safetensors'} changed while it was being read ({s}" in r.stdout for s in said), \
+        r.stdout
 
 
 def test_views_of_a_map_die_by_sigbus_which_is_why_stream_reads_copies(tmp_path):
