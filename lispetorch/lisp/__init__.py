@@ -26,7 +26,8 @@ MODULES = (
     "lispetorch.lisp.lispe",  # LispE's list, string, file and JSON functions; nil, true, false
 )
 MACRO_MODULE = "lispetorch.lisp.lispe"
-_SUBMODULES = {m.rsplit(".", 1)[1] for m in MODULES} | {"checks", "runner"}
+_SUBMODULES = {m.rsplit(".", 1)[1] for m in MODULES} | {"checks", "runner", "lispe_reader", "lispe_eval",
+                                                         "lispe_tiktoken"}
 
 
 def primitives() -> dict[str, object]:
