@@ -556,8 +556,8 @@ class Interpreter:
         except PrimitiveError as err:
             raise LispeError(f"{err.primitive}: {err.detail}", f"{self.filename}:{x.line}", _text(x)) from err
         except Exception as err:  # noqa: BLE001  (every failure is reported at the form that failed)
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise LispeError(f"{type(err).__name__}: {message}", f"{self.filename}:{x.line}", _text(x)) from err
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            raise LispeError(message or type(err).__name__, f"{self.filename}:{x.line}", _text(x)) from err
 
     def eval_form(self, x: Form, frame: Frame):
         head = x[0]

@@ -33,9 +33,6 @@ class Symbol(str):
 
     __slots__ = ()
 
-    def __repr__(self) -> str:
-        return f"Symbol({str(self)!r})"
-
 
 class Form(list):
     """A list read from the text, with the line it starts on and its source text."""
