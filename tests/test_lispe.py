@@ -336,3 +336,14 @@ def test_lispe_lora_training_runs_as_published(tmp_path, tiny_default_model):
 def test_instance_repr():
     assert "Person instance" in repr(lispe("(class@ Person (n)) (Person 1)"))
     assert isinstance(lispe("(class@ Person (n)) (Person 1)"), Instance)
+
+
+def test_readme_lispe_example_runs(tmp_path):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("```lisp\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "readme.lisp"
+    script.write_text(block)
+    result = subprocess.run([str(BIN / "lispetorch"), "run", str(script)], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().endswith("count: 42"), result.stderr
