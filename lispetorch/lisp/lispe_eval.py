@@ -497,8 +497,9 @@ class Interpreter:
 
     def __init__(self, path: str | os.PathLike = "<lispe>"):
         self.path = str(path)
+        hidden = {"at", "truthy", "use", *lispe_tiktoken.PRIMITIVES}  # tiktoken_*: after (use 'lispe_tiktoken)
         self.builtins: dict[str, object] = {k: v for k, v in primitives().items()
-                                            if not k.startswith("hyx_") and k not in ("at", "truthy", "use")}
+                                            if not k.startswith("hyx_") and k not in hidden}
         self.builtins.update(FUNCTIONS)
         self.builtins.update(CONSTANTS)
         directory = str(Path(self.path).resolve().parent) if self.path != "<lispe>" else os.getcwd()

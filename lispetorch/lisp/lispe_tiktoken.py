@@ -1,6 +1,6 @@
 """LispE's ``lispe_tiktoken`` library on the ``tiktoken`` package: byte-level BPE from a ``tokenizer.json``.
 
-``(use 'lispe_tiktoken)`` puts these primitives in a LispE script's scope:
+``(use 'lispe_tiktoken)`` puts these primitives in a LispE script's scope (Hy scripts have them from the start):
 
 - ``(tiktoken_create vocab added_tokens pattern)``: a tokenizer from a ``tokenizer.json``'s ``model.vocab``
   (token text in the byte-level alphabet → id; the ids are the merge ranks), its ``added_tokens`` (a list of
@@ -139,5 +139,7 @@ def tiktoken_vocab_size(tokenizer):
     return _tok("tiktoken_vocab_size", tokenizer).size
 
 
+__all__ = ["tiktoken_create", "tiktoken_encode", "tiktoken_special_encode", "tiktoken_decode",
+           "tiktoken_decode_bytes", "tiktoken_vocab_size"]
 PRIMITIVES = {f.__name__: f for f in (tiktoken_create, tiktoken_encode, tiktoken_special_encode, tiktoken_decode,
                                       tiktoken_decode_bytes, tiktoken_vocab_size)}
