@@ -347,3 +347,11 @@ def test_readme_lispe_example_runs(tmp_path):
                             timeout=120, env={**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().endswith("count: 42"), result.stderr
+
+
+def test_map_filter_apply_and_lambda():
+    assert lispe("(map (lambda (x) (* x 2)) (integers 1 2 3))") == [2, 4, 6]
+    assert lispe("(filter (λ (x) (> x 1)) (integers 1 2 3))") == [2, 3]
+    assert lispe("(apply '+ (integers 1 2 3))") == 6
+    assert lispe("(defun sq(x) (* x x)) (map 'sq (integers 1 2))") == [1, 4]
+    assert lispe("(let ((a 1) (b 2)) (+ a b))") == 3

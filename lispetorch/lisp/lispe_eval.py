@@ -516,7 +516,7 @@ class Interpreter:
             "return": self.sf_return, "break": self.sf_break, "+=": self.sf_update, "-=": self.sf_update,
             "*=": self.sf_update, "/=": self.sf_update, "class@": self.sf_class, "withclass": self.sf_withclass,
             "elapse": self.sf_elapse, "use": self.sf_use, "load": self.sf_load, "toclean": self.sf_toclean,
-            "let": self.sf_let,
+            "let": self.sf_let, "map": self.sf_map, "filter": self.sf_filter, "apply": self.sf_apply,
         }
 
     # running ----------------------------------------------------------------------------------------------
@@ -910,6 +910,33 @@ class Interpreter:
             raise AttributeError(f"{frame.instance.cls.name} has no method {name!r}")
         self.cleanups.append((frame.instance, name))
         return True
+
+    def invoke(self, fn, args: list, form: Form, frame: Frame):
+        """Calls ``fn`` (a function, a primitive, or a quoted name of either) with ``args``."""
+        if isinstance(fn, Symbol):
+            fn = self.lookup(fn, frame)
+        if isinstance(fn, Function):
+            return self.call(fn, args, form)
+        if callable(fn):
+            return fn(*args)
+        raise TypeError(f"{describe(fn)} is not a function")
+
+    def sf_map(self, x, frame):
+        """``(map f l)``: ``f`` of each element."""
+        self._arity(x, 2, 2)
+        fn, values = self.eval(x[1], frame), self.eval(x[2], frame)
+        return [self.invoke(fn, [v], x, frame) for v in values]
+
+    def sf_filter(self, x, frame):
+        """``(filter f l)``: the elements for which ``f`` is true."""
+        self._arity(x, 2, 2)
+        fn, values = self.eval(x[1], frame), self.eval(x[2], frame)
+        return [v for v in values if truthy(self.invoke(fn, [v], x, frame))]
+
+    def sf_apply(self, x, frame):
+        """``(apply f l)``: ``f`` called with the elements of ``l`` as its arguments."""
+        self._arity(x, 2, 2)
+        return self.invoke(self.eval(x[1], frame), list(self.eval(x[2], frame)), x, frame)
 
     def sf_let(self, x, frame):
         """``(let ((a 1) (b 2)) body…)``: ``a`` and ``b`` set, then the body."""
