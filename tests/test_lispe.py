@@ -354,3 +354,19 @@ def test_map_filter_apply_and_lambda():
     assert lispe("(apply '+ (integers 1 2 3))") == 6
     assert lispe("(defun sq(x) (* x x)) (map 'sq (integers 1 2))") == [1, 4]
     assert lispe("(let ((a 1) (b 2)) (+ a b))") == 3
+
+
+def test_remaining_core_functions(capsys):
+    assert lispe("(setq a 1 b 2) (+ a b)") == 3  # setq of several pairs
+    assert lispe('(join (strings "a" "b") "/")') == "a/b" and lispe('(split "a,b" ",")') == ["a", "b"]
+    assert lispe('(trim "  x ")') == "x" and lispe("(car (integers 1 2))") == 1 and lispe("(cdr (integers 1 2))") == [2]
+    assert lispe("(reverse (integers 1 2))") == [2, 1] and lispe("(sum (integers 1 2 3))") == 6
+    assert lispe("(abs -2)") == 2 and lispe("(sqrt 16)") == 4.0 and lispe("(ceiling 1.2)") == 2
+    assert lispe('(integer "12")') == 12 and lispe('(float "2.5")') == 2.5 and lispe("(string 3)") == "3"
+    assert lispe("(typeof 1)") == "integer" and lispe('(typeof "a")') == "string" and lispe("(typeof nil)") == "nil"
+    assert lispe("(irange 0 10 3)") == [0, 3, 6, 9] and lispe("(iota0 3)") == [0, 1, 2]
+    assert lispe('(keys (dictionary "a" 1))') == ["a"] and lispe('(values (dictionary "a" 1))') == [1]
+    assert lispe("(setq l (integers 1 2 3)) (pop l) l") == [1, 2]
+    assert lispe("(emptyp (list))") is True and lispe("(maybe (@ (list) 3) 'fallback)") == "fallback"
+    lispe('(print "a" 1) (println "b" 2.5 true nil (integers 1 2))')
+    assert capsys.readouterr().out == "a 1b 2.5 true nil (1 2)\n"
