@@ -17,7 +17,7 @@ from . import __version__
 # name -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lispetorch.train.cli", "train a LoRA adapter from a YAML config"),
-    "run": ("lispetorch.lisp.runner", "run a Hy script with the torch_hf_lora_* primitives and LispE macros in scope"),
+    "run": ("lispetorch.lisp.runner", "run a Hy (.hy) or LispE (.lisp) script with the primitives in scope"),
     "default-model": ("lispetorch.default_model", "build (once) and show the embedded default model"),
     "export": ("lispetorch.merged_export", "merge a LoRA adapter into a Hugging Face model directory, shard by shard"),
     "combine": ("lispetorch.combine.cli", "find the best combination of LoRA checkpoints and build it"),

@@ -33,8 +33,13 @@ from .schedule import make_scheduler
 
 CACHE_ENV = "LISPETORCH_CACHE"
 INFO_NAME = "lispetorch_default_model.json"
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", INFO_NAME)
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", INFO_NAME)
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+# Llama 3's split pattern: the tokenizer has the layout of Llama 3's tokenizer.json (a Split pre-tokenizer with
+# this regular expression, then byte-level), so tools that read Llama 3's file (LispE's tiktoken scripts) read it.
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +140,13 @@ def read_corpus(max_chars: int) -> tuple[list[str], list[str]]:
 
 # --- build ---------------------------------------------------------------------------------------------------
 def _train_tokenizer(texts: list[str], spec: ModelSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=[EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -253,9 +260,18 @@ def build(directory: str | os.PathLike, spec: ModelSpec = DEFAULT, progress: boo
     with atomic.directory(directory) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "special_tokens_map.json").write_text(json.dumps(_special_tokens_map(), indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(record))
         (tmp / INFO_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return directory
+
+
+def _special_tokens_map() -> dict:
+    """``special_tokens_map.json`` as Llama 3 writes it: each token as a dictionary with its ``content``."""
+    def entry(content: str) -> dict:
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+    return {"bos_token": entry(EOS), "eos_token": entry(EOS), "pad_token": entry(PAD)}
 
 
 def _model_card(record: dict) -> str:

@@ -24,9 +24,10 @@ MODULES = (
     "lispetorch.lisp.tensors",  # tensor_* and the loss
     "lispetorch.lisp.methods",  # SVD-family methods' extras, NF4, the checkpoint optimizer
     "lispetorch.lisp.lispe",  # LispE's list, string, file and JSON functions; nil, true, false
+    "lispetorch.lisp.lispe_tiktoken",  # LispE's lispe_tiktoken library, on the tiktoken package
 )
 MACRO_MODULE = "lispetorch.lisp.lispe"
-_SUBMODULES = {m.rsplit(".", 1)[1] for m in MODULES} | {"checks", "runner"}
+_SUBMODULES = {m.rsplit(".", 1)[1] for m in MODULES} | {"checks", "runner", "lispe_reader", "lispe_eval"}
 
 
 def primitives() -> dict[str, object]:

@@ -1,4 +1,6 @@
-"""``lispetorch run SCRIPT.hy [ARGS…]``: runs a Hy script with the primitives and the LispE-style macros in scope.
+"""``lispetorch run SCRIPT.hy [ARGS…]``: runs a Hy script with the primitives and the LispE-style macros in scope;
+``lispetorch run SCRIPT.lisp [ARGS…]`` runs a LispE script with LispE's own syntax and semantics
+(:mod:`lispetorch.lisp.lispe_eval`).
 
 The script runs as ``__main__`` with ``sys.argv`` set to the script and its arguments. When it fails, the
 traceback shows the script's own frames (and those of any other user file it called), not the frames of
@@ -19,7 +21,7 @@ import hy.compiler
 import hy.errors
 import hy.macros
 
-from . import MACRO_MODULE, primitives
+from . import MACRO_MODULE, lispe_eval, lispe_reader, primitives
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # lispetorch/
 _HIDDEN_ROOTS = tuple({str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)} |
@@ -40,6 +42,7 @@ def execute(path: str | os.PathLike, argv: list[str] | tuple[str, ...] = ()) -> 
     """Runs the Hy script at ``path`` with ``sys.argv = [path, *argv]``; returns its global variables.
 
     Raises whatever the script raises (``hy.errors.HyLanguageError`` for a script that does not compile).
+    Whatever its name, the file is read as Hy; :func:`execute_lispe` reads LispE.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,6 +65,17 @@ def execute(path: str | os.PathLike, argv: list[str] | tuple[str, ...] = ()) -> 
     return module.__dict__
 
 
+def execute_lispe(path: str | os.PathLike, argv: list[str] | tuple[str, ...] = ()) -> dict:
+    """Runs the LispE script at ``path`` (its arguments in ``_args``); returns its global variables.
+
+    Raises :class:`lispetorch.lisp.lispe_eval.LispeError` (naming the script, line and form) when it fails.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no script at {path}")
+    return lispe_eval.run(path, list(argv))
+
+
 def _user_frame(frame: traceback.FrameSummary) -> bool:
     filename = frame.filename
     if filename.startswith("<"):
@@ -74,6 +88,8 @@ def format_error(error: BaseException) -> str:
     """The report of a failed script: its own frames, then the error."""
     if isinstance(error, hy.errors.HyLanguageError):  # does not compile: Hy's message shows the place
         return "".join(traceback.format_exception_only(type(error), error))
+    if isinstance(error, (lispe_eval.LispeError, lispe_reader.LispeSyntaxError)):  # LispE: file, line, form
+        return f"{error}\n"
     frames = [f for f in traceback.extract_tb(error.__traceback__) if _user_frame(f)]
     lines = ["Traceback (most recent call last):\n", *traceback.StackSummary.from_list(frames).format()] if frames \
         else []
@@ -81,7 +97,7 @@ def format_error(error: BaseException) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("script", help="the Hy script to run (.hy)")
+    parser.add_argument("script", help="the script to run: Hy (.hy) or LispE (.lisp)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script (sys.argv[1:])")
 
 
@@ -89,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.script).is_file():
         raise FileNotFoundError(f"no script at {args.script}")  # the command reports it as bad input
     try:
-        execute(args.script, args.args)
+        (execute_lispe if Path(args.script).suffix == ".lisp" else execute)(args.script, args.args)
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
             return exit_.code or 0

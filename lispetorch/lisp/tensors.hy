@@ -1,5 +1,5 @@
 "Tensors, devices and the loss: ``tensor_create``, ``tensor_reshape``, ``tensor_div``, ``tensor_shape``,
-``tensor_slice``, ``torch_to_device``, ``tensor_in_memory``, ``torch_cross_entropy``.
+``tensor_slice``, ``torch_to_device``, ``torch_to_mps``, ``tensor_in_memory``, ``torch_cross_entropy``.
 
 Examples::
 
@@ -82,6 +82,13 @@ Examples::
   (.to tensor (resolve-device "torch_to_device" device)))
 
 
+(defn [primitive] torch-to-mps [tensor]
+  "``tensor`` on Apple's MPS device; on a machine without one, on the best device there is, with the notice of
+  ``torch_to_device``."
+  (check-tensor "torch_to_mps" "tensor" tensor)
+  (.to tensor (resolve-device "torch_to_mps" "mps")))
+
+
 (defn [primitive] tensor-in-memory []
   "How many tensors are alive in this process (parameters and buffers included)."
   (sum (gfor o (gc.get-objects) :if (issubclass (type o) torch.Tensor) 1)))
@@ -100,4 +107,4 @@ Examples::
 
 
 (export :objects [tensor-create tensor-reshape tensor-div tensor-shape tensor-slice torch-to-device
-                  tensor-in-memory torch-cross-entropy])
+                  tensor-in-memory torch-cross-entropy torch-to-mps])
