@@ -227,12 +227,11 @@ Examples::
 
 
 (defn [primitive] torch-hf-lora-enable [model-name enable]
-  "Turns the adapters on (true) or off (false: the base model's outputs), without changing any weight.
-  Returns the new state."
+  "Turns the adapters on (true) or off (false: the base model's outputs), as PEFT's enable/disable do. On a
+  merged model, disabling unmerges exactly (the base weights come back bit for bit) and enabling merges again;
+  otherwise no weight changes. Returns the new state."
   (setv model (. (entry "torch_hf_lora_enable" model-name) model)
         flag (check-bool "torch_hf_lora_enable" "enable" enable))
-  (when (and (not flag) (lt.is-merged model))
-    (fail "torch_hf_lora_enable" "the adapter is merged into the weights: torch_hf_lora_unmerge before disabling it"))
   (lt.set-enabled model flag)
   flag)
 

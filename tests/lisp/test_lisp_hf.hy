@@ -89,8 +89,13 @@
   (assert (torch_hf_lora_merge "hf_c"))
   (assert (lt.is-merged (torch_hf_model "hf_c")))
   (assert (torch.allclose (no-grad-forward "hf_c" IDS) adapted :atol 1e-5))
-  (with [e (pytest.raises PrimitiveError :match "torch_hf_lora_unmerge before disabling")]
-    (torch_hf_lora_enable "hf_c" False))
+  ;; Disabling a merged model gives the base model (an exact unmerge), enabling merges again, as PEFT does.
+  (assert (= (torch_hf_lora_enable "hf_c" False) False))
+  (assert (not (lt.is-merged (torch_hf_model "hf_c"))))
+  (assert (torch.allclose (no-grad-forward "hf_c" IDS) base :atol 1e-5))
+  (assert (= (torch_hf_lora_enable "hf_c" True) True))
+  (assert (lt.is-merged (torch_hf_model "hf_c")))
+  (assert (torch.allclose (no-grad-forward "hf_c" IDS) adapted :atol 1e-5))
   (assert (torch_hf_lora_unmerge "hf_c"))
   (assert (torch.equal (no-grad-forward "hf_c" IDS) adapted))
 
