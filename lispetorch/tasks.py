@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, default_model
+from . import atomic, default_model, validate
 from .errors import ConfigError, DataError
 
 KINDS = ("classification", "qa")
@@ -112,23 +112,15 @@ def parse_record(obj, where: str, verbalizers: Mapping[str, str] | None = None) 
 def read_records(path: str | os.PathLike, verbalizers: Mapping[str, str] | None = None) -> list[Record]:
     """The records of a JSONL file, in one layout (checked: a file mixing layouts is refused)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such task file")
     out, layouts = [], set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            rec = parse_record(obj, f"{path}:{lineno}", verbalizers)
-            layouts.add(layout_of(obj))
-            if len(layouts) > 1:
-                raise DataError(f"{path}:{lineno}: a {layout_of(obj)} record in a file of {layouts - {layout_of(obj)}}"
-                                " records")
-            out.append(rec)
+    for where, obj in validate.jsonl(path, "task files are read from regular files only"):
+        rec = parse_record(obj, where, verbalizers)
+        layouts.add(layout_of(obj))
+        if len(layouts) > 1:
+            raise DataError(f"{where}: a {layout_of(obj)} record in a file of {layouts - {layout_of(obj)}} records")
+        out.append(rec)
     if not out:
         raise DataError(f"{path}: holds no records")
     return out

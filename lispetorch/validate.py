@@ -18,12 +18,18 @@ the key and the value: ``train.yaml: 'learning_rate' must be > 0 and ≤ 10, got
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import reprlib
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
 
 import re2
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 
 class _BoundedRepr(reprlib.Repr):
@@ -171,3 +177,52 @@ def suffix_match(key: str, name: str) -> bool:
     """PEFT's rule for a ``rank_pattern`` / ``alpha_pattern`` key: the regular expression ``key`` matches the
     module name or a dotted suffix of it (PEFT's ``re.match(rf"(.*\\.)?({key})$", name)``), here with RE2."""
     return compile_pattern(key, "pattern key", form=PEFT_PATTERN).match(name) is not None
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, for a message: ``"a FIFO"``, ``"a socket"``, ``"a directory"``…"""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike, why: str = "data is read from regular files only") -> TextIO:
+    """``path`` opened for reading as UTF-8 text, if it is a regular file. It is opened without blocking and checked
+    on the open descriptor, so a FIFO or a device put in its place is refused, never waited on.
+
+    Raises:
+        DataError: not a regular file (what it is named, and ``why``), or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(f"{path}: {file_kind(mode)}, not a regular file; {why}")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return open(fd, encoding="utf-8")
+
+
+def jsonl(path: str | os.PathLike, why: str = "data is read from regular files only") -> Iterator[tuple[str, object]]:
+    """``(where, value)`` for each non-blank line of the JSON Lines file ``path`` (a regular file, see
+    :func:`open_regular`); ``where`` is ``path:line`` for messages.
+
+    Raises:
+        DataError: not a regular file, or a line that is not JSON (its ``path:line``).
+    """
+    path = Path(path)
+    with open_regular(path, why) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield f"{path}:{lineno}", value

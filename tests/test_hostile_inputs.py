@@ -463,3 +463,21 @@ def test_a_shared_structure_of_a_billion_values_is_named_in_a_line():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["t.yaml: 'report_to' must be a list of names", "t.yaml: 'data' must be a "
                                         "path or a list of paths", "t.yaml: 'lora' must be a mapping (rank"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_as_a_task_file_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "train.jsonl")
+    code = """
+        import sys
+        from lispetorch.errors import DataError
+        from lispetorch.tasks import read_records
+        try:
+            read_records(sys.argv[1])
+        except DataError as e:
+            print("ERR", e)
+    """
+    done = run_python(code, 120, str(tmp_path / "train.jsonl"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"ERR {tmp_path / 'train.jsonl'}: a FIFO, not a regular file; task files"), \
+        done.stdout

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..errors import DataError
 from ..validate import show
 
@@ -69,61 +70,26 @@ def record_document(obj, where: str) -> Document | None:
                     where)
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _not_regular(path: Path) -> str | None:
     """None for a regular file (or a link to one); else what ``path`` is (``"a FIFO"``, ``"a broken link"``…)."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
         return "a broken link" if os.path.islink(path) else f"unreadable ({e.strerror})"
-    return None if stat.S_ISREG(mode) else _kind(mode)
-
-
-def _open_regular(path: Path):
-    """``path`` opened for reading as UTF-8 text, if it is a regular file. It is opened without blocking and checked
-    on the open descriptor, so a FIFO or a device put in its place is refused, never waited on.
-
-    Raises:
-        DataError: not a regular file (what it is named).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise DataError(f"{path}: {_kind(mode)}, not a regular file; training data is read from regular files only")
-    if hasattr(os, "set_blocking"):
-        os.set_blocking(fd, True)
-    return open(fd, encoding="utf-8")
+    return None if stat.S_ISREG(mode) else validate.file_kind(mode)
 
 
 def _read_jsonl(path: Path) -> list[Document]:
     docs = []
-    with _open_regular(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            doc = record_document(obj, f"{path}:{lineno}")
-            if doc is not None:
-                docs.append(doc)
+    for where, obj in validate.jsonl(path, "training data is read from regular files only"):
+        doc = record_document(obj, where)
+        if doc is not None:
+            docs.append(doc)
     return docs
 
 
 def _read_json(path: Path) -> list[Document]:
-    with _open_regular(path) as fh:
+    with validate.open_regular(path, "training data is read from regular files only") as fh:
         text = fh.read()
     try:
         obj = json.loads(text)
@@ -140,7 +106,7 @@ def _read_file(path: Path) -> list[Document]:
             return _read_jsonl(path)
         if path.suffix == ".json":
             return _read_json(path)
-        with _open_regular(path) as fh:
+        with validate.open_regular(path, "training data is read from regular files only") as fh:
             text = fh.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
