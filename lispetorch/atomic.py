@@ -1,7 +1,7 @@
 """Atomic file and directory writes: a crash leaves the previous version or the new one, never half of one.
 
 A write goes to a hidden temporary beside its final place (``.NAME.XXXXXXXX.tmp``), which is then renamed over
-it. While it is being written the temporary holds an exclusive ``flock``; a temporary that nobody holds is the
+it. While it is being written the temporary holds a shared ``flock``; a temporary that nobody holds is the
 leftover of a writer that was killed, and the next write to the same place removes it. Files and directories
 written here get the permissions the process's umask gives (like any file it creates), not the temporaries'
 private ones. A write that fails (a full disk, a quota, no permission) raises :class:`~lispetorch.errors.WriteError`
@@ -144,13 +144,14 @@ def _write_error(path: Path, e: OSError) -> WriteError:
 
 
 # --- files ---------------------------------------------------------------------------------------------------
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file in the same directory, fsync, then rename.
+def _temporary(path: Path, directory: bool) -> tuple[int, Path]:
+    """The one way a write starts: ``path``'s parent made, the leftovers of killed writers to ``path`` removed,
+    then a new hidden temporary beside it (a file or a directory), locked before anyone can take it for a
+    leftover. Returns ``(fd, temporary)``; the lock is held until ``fd`` is closed.
 
     Raises:
-        WriteError: the file cannot be written (names ``path``); the previous version is unchanged.
+        WriteError: the parent or the temporary cannot be made (names ``path``).
     """
-    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -158,10 +159,23 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     remove_leftovers(path)
     try:
         with _parent_lock(path.parent, exclusive=False):
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            _lock(Path(tmp), fd)
+            if directory:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+                return _lock(tmp), tmp
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            return _lock(Path(name), fd), Path(name)
     except OSError as e:
         raise _write_error(path, e) from e
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file in the same directory, fsync, then rename.
+
+    Raises:
+        WriteError: the file cannot be written (names ``path``); the previous version is unchanged.
+    """
+    path = Path(path)
+    fd, tmp = _temporary(path, directory=False)
     try:
         with os.fdopen(fd, "wb") as f:  # closing it releases the lock, once the rename is done
             os.fchmod(fd, 0o666 & ~umask())
@@ -227,17 +241,7 @@ def directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _write_error(path, e) from e
-    remove_leftovers(path)
-    try:
-        with _parent_lock(path.parent, exclusive=False):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-            lock = _lock(tmp)
-    except OSError as e:
-        raise _write_error(path, e) from e
+    lock, tmp = _temporary(path, directory=True)
     try:
         try:
             yield tmp
