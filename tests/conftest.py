@@ -139,3 +139,18 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile("quick", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fuzz", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Real code to train on: three standard-library modules as a data directory (a test file may define its
+    own)."""
+    import sysconfig
+    from pathlib import Path
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for name in ("colorsys.py", "bisect.py", "keyword.py"):
+        (d / name).write_text((src / name).read_text())
+    return d

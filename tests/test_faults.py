@@ -34,18 +34,6 @@ def run_python(code: str, timeout: float = 120, **kw) -> subprocess.CompletedPro
                           timeout=timeout, env=ENV, **kw)
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    import sysconfig
-
-    src = Path(sysconfig.get_paths()["stdlib"])
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for name in ("colorsys.py", "bisect.py", "keyword.py"):
-        (d / name).write_text((src / name).read_text())
-    return d
-
-
 def config(model, corpus, out, **over):
     cfg = {"model": str(model), "data": str(corpus), "output_dir": str(out), "max_steps": 6, "batch_size": 2,
            "gradient_accumulation_steps": 2, "max_seq_length": 32, "logging_steps": 2, "save_steps": 2,

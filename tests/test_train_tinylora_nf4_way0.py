@@ -5,7 +5,6 @@ metrics."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +13,6 @@ import lispetorch as lt
 from lispetorch.layer import base_of
 from lispetorch.nf4 import NF4Linear
 from lispetorch.train import engine
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    import sysconfig
-
-    src = Path(sysconfig.get_paths()["stdlib"])
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for name in ("colorsys.py", "bisect.py", "keyword.py"):
-        (d / name).write_text((src / name).read_text())
-    return d
 
 
 def config(model, corpus, out, **over):
