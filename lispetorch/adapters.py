@@ -25,6 +25,8 @@ class AdapterPlan:
     """The factors and settings of one adapter on one layer, computed before the model changes.
 
     ``offset``: the base becomes ``W − s·B R A`` (from the factors as installed), as SVD inits need.
+    ``use_dora``: a DoRA magnitude, ``magnitude`` ``(out,)`` when given (a loaded adapter), else the row norms of
+    the adapted weight as installed (so the layer starts as it was).
     """
 
     A: torch.Tensor  # (r, in)
@@ -36,6 +38,8 @@ class AdapterPlan:
     R_fn: nn.Module | None = None  # returns R (r, r) at every forward
     frozen: tuple[str, ...] = ()
     offset: bool = False
+    use_dora: bool = False
+    magnitude: torch.Tensor | None = None  # (out,)
 
 
 def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
@@ -115,6 +119,11 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
     Returns:
         dict[str, LoraLinear]: the layers holding the adapter, by module name.
     """
+    for name, module in chosen.items():
+        if plans[name].use_dora and isinstance(base_of(module), NF4Linear):
+            raise AdapterStateError(f"{name!r}: a DoRA adapter needs a dense base weight, and this layer's is NF4 "
+                                    f"({base_of(module).out_features}×{base_of(module).in_features}); the model "
+                                    "is unchanged")
     if replace:
         for name, layer in adapter_layers(model).items():
             if adapter_name in layer.lora_A and name not in chosen:
@@ -130,6 +139,8 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
                           use_rslora=plan.use_rslora, R=plan.R, R_fn=plan.R_fn, frozen=plan.frozen)
         if plan.offset:
             layer.set_base_offset(adapter_name)
+        if plan.use_dora:
+            layer.set_magnitude(adapter_name, plan.magnitude)
         if layer is not module:
             replace_module(model, name, layer)
         layers[name] = layer
@@ -140,7 +151,8 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
 def freeze_all_but_adapters(model: nn.Module) -> None:
     """Freezes every parameter of ``model`` outside the adapters' factor containers (which :func:`set_adapter`
     sets), so that the cost does not grow with the number of adapters loaded."""
-    factors = {id(d) for layer in adapter_layers(model).values() for d in (layer.lora_A, layer.lora_B, layer.lora_R)}
+    factors = {id(d) for layer in adapter_layers(model).values()
+               for d in (layer.lora_A, layer.lora_B, layer.lora_R, layer.lora_magnitude_vector)}
     for module in model.modules():
         if id(module) not in factors:
             for p in module.parameters(recurse=False):

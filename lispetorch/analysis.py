@@ -39,7 +39,16 @@ from .adapters import adapter_layers
 from .errors import AdapterFormatError, ShapeError
 from .hf import weight_out_in
 from .layer import base_of
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, module_ranks, parse_key, peft_key, read_config, read_weights
+from .peft_format import (
+    CONFIG_NAME,
+    MAGNITUDE,
+    WEIGHTS_NAME,
+    module_ranks,
+    parse_key,
+    peft_key,
+    read_config,
+    read_weights,
+)
 from .peft_io import export
 
 ENERGY_LEVELS = (0.90, 0.99)
@@ -224,6 +233,8 @@ def adapter_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tenso
         parsed = parse_key(key)
         if parsed is None:
             raise AdapterFormatError(f"{wpath}: key {key!r} is not a LoRA factor (lora_A / lora_B weight)")
+        if parsed[1] == MAGNITUDE:  # a DoRA magnitude: the spectra are the low-rank update's
+            continue
         found.setdefault(parsed[0], {})[parsed[1]] = tensor
     if not found:
         raise AdapterFormatError(f"{wpath}: holds no LoRA weights")
@@ -258,7 +269,7 @@ def _live_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
     out = {}
     for key, t in tensors.items():
         parsed = parse_key(key)
-        if parsed is None:  # a module trained whole (modules_to_save): no factors
+        if parsed is None or parsed[1] == MAGNITUDE:  # a module trained whole (modules_to_save), a DoRA magnitude
             continue
         name, which = parsed
         out.setdefault(name, {})[which] = t

@@ -188,6 +188,10 @@ class LoraConfig(AdapterConfig):
         modules_to_save (list[str] | None): whole modules (an output head, an embedding, a classifier), by name or
             dotted name suffix, trained as a copy beside the adapter and saved with it (PEFT's field); the
             original stays for the adapter-less model. Default None.
+        use_dora (bool): DoRA (Liu et al., 2024): the adapted weight is ``m ⊙ (W + s·B A) / ‖W + s·B A‖`` per
+            output row, with a trained magnitude ``m`` started at the row norms (so the layer starts as the base
+            layer); the norm is a constant in backward, as in the paper and PEFT. Works with every ``init``;
+            not over an NF4 base. Default False.
 
     Raises:
         ConfigError: a field out of range, named with its value (a ``ValueError``); ``layers_to_transform`` or
@@ -208,10 +212,13 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_number(self.alpha, "LoraConfig.alpha")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         probability(self.dropout, "LoraConfig.dropout")
         if not is_init(self.init):
             raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
@@ -238,7 +245,7 @@ class LoraConfig(AdapterConfig):
         Raises:
             ConfigError: not a ``peft.LoraConfig``; no ``target_modules`` (PEFT then picks them by model type);
                 an ``init_lora_weights`` without a counterpart here (``False``, ``"olora"``, ``"loftq"``, …);
-                a field set to something this package does not do (``use_dora``, ``bias``,
+                a field set to something this package does not do (``bias``,
                 ``target_parameters``, …), named with its value.
         """
         import peft
@@ -270,6 +277,7 @@ class LoraConfig(AdapterConfig):
             layers_to_transform=peft_config.layers_to_transform, layers_pattern=peft_config.layers_pattern,
             rank_pattern=dict(peft_config.rank_pattern or {}), alpha_pattern=dict(peft_config.alpha_pattern or {}),
             modules_to_save=None if peft_config.modules_to_save is None else list(peft_config.modules_to_save),
+            use_dora=bool(peft_config.use_dora),
         )
 
     def to_peft(self, **fields):
@@ -284,7 +292,8 @@ class LoraConfig(AdapterConfig):
             init_lora_weights=True if self.init == "kaiming" else self.init,
             layers_to_transform=self.layers_to_transform, layers_pattern=self.layers_pattern,
             rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
-            modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save), **fields,
+            modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save),
+            use_dora=self.use_dora, **fields,
         )
 
     def rank_of(self, module: str) -> int:
@@ -303,7 +312,7 @@ class LoraConfig(AdapterConfig):
 # peft.LoraConfig fields that LoraConfig.from_peft converts, and those that only describe PEFT's bookkeeping.
 _PEFT_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
                           "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-                          "alpha_pattern", "modules_to_save"})
+                          "alpha_pattern", "modules_to_save", "use_dora"})
 _PEFT_BOOKKEEPING = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                                "revision", "inference_mode", "fan_in_fan_out", "runtime_config", "megatron_core"})
 

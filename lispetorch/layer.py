@@ -2,7 +2,8 @@
 
 Layout: the base weight is ``(out, in)`` (a transposed view of GPT-2's ``Conv1D``, stored ``(in, out)``), and
 each adapter's factors are ``A (r, in)``, ``B (out, r)`` and optionally ``R (r, r)``, so that
-``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
+``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``; a DoRA adapter adds a magnitude ``m (out,)`` and computes
+``y = g ⊙ (x Wᵀ + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b`` with ``g = m / ‖W + s·B R A‖`` per output row.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .hf import is_conv1d, is_dense_linear, weight_out_in
 from .nf4 import NF4Linear, NF4Weight
 from .peft_format import scaling
 
-FACTORS = ("A", "B", "R")
+FACTORS = ("A", "B", "R", "M")  # M: a DoRA adapter's magnitude
 
 
 def init_factors(r: int, in_features: int, out_features: int, init: str = "kaiming", dtype=None,
@@ -72,12 +73,25 @@ def _(base: NF4Linear, x, A, B, R, scale: float, dropout: float, seed: int) -> t
     return base.lora_linear(x, A, B, R, scale, dropout, seed)
 
 
+@functools.singledispatch
+def fused_dora_linear(base: nn.Module, x, A, B, R, m, scale: float, dropout: float, seed: int) -> torch.Tensor:
+    """DoRA's ``g ⊙ (x Wᵀ + scale · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b`` over a dense base (``nn.Linear``, ``Conv1D``)."""
+    return ops.dora_linear(x, weight_out_in(base), base.bias, A, B, R, m, scale, dropout, seed)
+
+
+@fused_dora_linear.register
+def _(base: NF4Linear, x, A, B, R, m, scale: float, dropout: float, seed: int) -> torch.Tensor:
+    raise AdapterStateError(f"a DoRA adapter needs a dense base weight; this layer's is NF4 "
+                            f"({base.out_features}×{base.in_features})")
+
+
 def warm_dispatch(cls: type) -> None:
     """Fills the per-class dispatch caches of :func:`compute_dtype` and :func:`fused_linear` for ``cls`` before any
     forward: ``torch.compile`` guards on those caches, and one filled during the first compiled call would make
     the second recompile."""
     compute_dtype.dispatch(cls)
     fused_linear.dispatch(cls)
+    fused_dora_linear.dispatch(cls)
 
 
 warm_dispatch(NF4Linear)  # quantize_nf4 puts it under existing adapters
@@ -189,6 +203,8 @@ class LoraLinear(nn.Module):
         self.lora_nf4 = nn.ModuleDict()
         # Adapters whose init took a delta out of the base weight (PiSSA, LoRA-GA, Rotational PiSSA).
         self.base_offset = nn.ModuleDict()
+        # DoRA adapters' magnitudes m (out,), PEFT's name for them.
+        self.lora_magnitude_vector = nn.ParameterDict()
         self.settings: dict[str, AdapterSettings] = {}
         # What a compiled forward reads (see compiled_view): the factors of the adapter that gives the layer its
         # shapes, and a 0-d gate, its scaling when it runs and 0 when the base alone does. Switching adapters or
@@ -247,9 +263,12 @@ class LoraLinear(nn.Module):
             return
         name = self._active_adapter if self._active_adapter in self.lora_A else names[0]
         runs = self._enabled and self._active_adapter in self.lora_A and self.merged_adapter is None
+        # A DoRA magnitude only while its adapter runs: a layer whose adapter is off computes the base alone
+        # (switching a DoRA adapter on or off recompiles once for each state).
+        magnitude = self.lora_magnitude_vector[name] if runs and name in self.lora_magnitude_vector else None
         self.compiled_factors = (self.lora_A[name], self.lora_B[name], self.lora_R[name] if name in self.lora_R
                                  else None, self.lora_R_fn[name] if name in self.lora_R_fn else None,
-                                 self.settings[name].dropout)
+                                 self.settings[name].dropout, magnitude)
         if self.compiled_gate.is_inference() and not torch.is_inference_mode_enabled():
             self.compiled_gate = self.compiled_gate.clone()  # made under inference_mode: not writable outside it
         self.compiled_gate.fill_(self.settings[name].scaling if runs else 0.0)
@@ -310,6 +329,11 @@ class LoraLinear(nn.Module):
         """Whether the scaling is rsLoRA's, by adapter name."""
         return self._view("use_rslora")
 
+    @property
+    def use_dora(self) -> MappingProxyType:
+        """Whether the adapter is a DoRA adapter (has a magnitude), by adapter name."""
+        return MappingProxyType({n: n in self.lora_magnitude_vector for n in self.settings})
+
     # --- factors -------------------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``(out, in)`` (a transposed view for ``Conv1D``, dequantised for ``NF4Linear``)."""
@@ -369,11 +393,12 @@ class LoraLinear(nn.Module):
             raise ShapeError(f"adapter {name!r}: expected R ({r}, {r}), got {tuple(R.shape)}")
         unknown = set(frozen) - set(FACTORS)
         if unknown:
-            raise ConfigError(f"adapter {name!r}: frozen names factors {sorted(unknown)}; factors are A, B, R")
+            raise ConfigError(f"adapter {name!r}: frozen names factors {sorted(unknown)}; factors are A, B, R, M")
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        if name in self.lora_nf4:
-            del self.lora_nf4[name]
+        for container in (self.lora_nf4, self.lora_magnitude_vector):  # new factors: a magnitude is set again
+            if name in container:
+                del container[name]
         for container, value in ((self.lora_R, None if R is None else nn.Parameter(R)), (self.lora_R_fn, R_fn)):
             if value is not None:
                 container[name] = value
@@ -382,6 +407,33 @@ class LoraLinear(nn.Module):
         self.settings[name] = AdapterSettings(r, float(alpha), bool(use_rslora), float(dropout), frozenset(frozen))
         if self.active_adapter is None:
             self.active_adapter = name
+        self.compiled_view()
+
+    @torch.no_grad()
+    def set_magnitude(self, name: str, magnitude: torch.Tensor | None = None) -> None:
+        """Makes adapter ``name`` a DoRA adapter with magnitude ``magnitude`` ``(out,)``, or, when None, the row
+        norms ``‖W + s·B R A‖`` of the weight as installed now (so the layer's output does not change).
+
+        Raises:
+            AdapterStateError: the adapter is merged, or the base is NF4. ShapeError: a magnitude that is not
+                ``(out,)`` (both shapes named).
+        """
+        if self.merged_adapter == name:
+            raise merged_error(name)
+        if isinstance(self.base_layer, NF4Linear):
+            raise AdapterStateError(f"adapter {name!r}: DoRA needs a dense base weight; this layer's is NF4 "
+                                    f"({self.out_features}×{self.in_features})")
+        A, B, R = self.factors(name)
+        w = self.base_weight()
+        if magnitude is None:
+            magnitude = ops.dora_norm(w, A.to(w.dtype), B.to(w.dtype), None if R is None else R.to(w.dtype),
+                                      self.settings[name].scaling)
+        elif tuple(magnitude.shape) != (self.out_features,):
+            raise ShapeError(f"adapter {name!r}: the DoRA magnitude has shape {tuple(magnitude.shape)} but the layer "
+                             f"needs ({self.out_features},) (weight {self.out_features}×{self.in_features})")
+        trains = self.lora_A[name].requires_grad or self.lora_B[name].requires_grad
+        self.lora_magnitude_vector[name] = nn.Parameter(magnitude.detach().to(A.dtype).clone(),
+                                                        requires_grad=trains and "M" not in self.settings[name].frozen)
         self.compiled_view()
 
     def set_base_offset(self, name: str) -> None:
@@ -407,7 +459,8 @@ class LoraLinear(nn.Module):
                 with torch.no_grad():
                     w = self.base_weight()
                     w.copy_((w.float() + self.base_offset[name].delta()).to(w.dtype))
-        for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_R_fn, self.base_offset, self.lora_nf4):
+        for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_R_fn, self.base_offset, self.lora_nf4,
+                  self.lora_magnitude_vector):
             if name in d:
                 del d[name]
         self.settings.pop(name, None)
@@ -456,8 +509,10 @@ class LoraLinear(nn.Module):
             self.base_offset[name] = NF4BaseOffset(nf4, offset.R, offset.scale)
 
     def adapter_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
-        """The parameters of adapter ``name`` by factor: ``{"A": [...], "B": [...], "R": [...]}``."""
-        params = {"A": [self.lora_A[name]], "B": [self.lora_B[name]], "R": []}
+        """The parameters of adapter ``name`` by factor: ``{"A": [...], "B": [...], "R": [...], "M": [...]}`` (M: a
+        DoRA adapter's magnitude)."""
+        params = {"A": [self.lora_A[name]], "B": [self.lora_B[name]], "R": [],
+                  "M": [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []}
         if name in self.lora_R:
             params["R"].append(self.lora_R[name])
         if name in self.lora_R_fn:
@@ -467,7 +522,7 @@ class LoraLinear(nn.Module):
     def training_adapters(self) -> list[str]:
         """The adapters any of whose parameters require grad (every one with an ``R_fn`` core, to be sure); read
         straight from the containers, so that switching adapters costs no more with many of them loaded."""
-        names = {n for d in (self.lora_A, self.lora_B, self.lora_R)
+        names = {n for d in (self.lora_A, self.lora_B, self.lora_R, self.lora_magnitude_vector)
                  for n, p in d._parameters.items() if p is not None and p.requires_grad}
         with_fn = self.lora_R_fn
         return [n for n in self.lora_A.keys() if n in names or n in with_fn]
@@ -495,6 +550,9 @@ class LoraLinear(nn.Module):
         settings = self.settings[name]
         p = settings.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        if name in self.lora_magnitude_vector:
+            m = self.lora_magnitude_vector[name]
+            return fused_dora_linear(self.base_layer, x, A, B, R, m.to(dtype), settings.scaling, p, seed)
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -502,7 +560,7 @@ class LoraLinear(nn.Module):
         :attr:`compiled_factors` and the gate (see :meth:`compiled_view`); ``s·B`` is formed as ``B · gate``."""
         if self.compiled_factors is None:
             return self.base_layer(x)
-        A, B, R, R_fn, dropout = self.compiled_factors
+        A, B, R, R_fn, dropout, m = self.compiled_factors
         if R_fn is not None:
             R = R_fn()
         dtype = compute_dtype(self.base_layer)
@@ -511,6 +569,17 @@ class LoraLinear(nn.Module):
         x = x.to(dtype)
         B = B * self.compiled_gate.to(dtype)  # (out, r): s·B, or zeros when the base alone runs
         p = dropout if self.training else 0.0
+        if m is not None:
+            m = m.to(dtype)
+            if p > 0:  # as below: torch's dropout where the operator's seed cannot be drawn
+                w = weight_out_in(self.base_layer)
+                g = m / ops.dora_norm(w, A, B, R, 1.0).to(dtype).detach()  # (out,)
+                h = F.linear(F.dropout(x, p, training=True), A)  # (..., r)
+                if R is not None:
+                    h = F.linear(h, R)
+                y = g * (F.linear(x, w) + F.linear(h, B))
+                return y if self.base_layer.bias is None else y + self.base_layer.bias
+            return fused_dora_linear(self.base_layer, x, A, B, R, m, 1.0, 0.0, 0)
         if p > 0:
             # The operator takes its dropout seed as a Python int, which a compiled graph cannot draw afresh at
             # each call: compiled, the same sum is written out with torch's own dropout.
@@ -561,7 +630,13 @@ class LoraLinear(nn.Module):
                                     "or dequantise the base first")
         name = self.active_adapter
         A, B, R = self.factors(name)
-        distance, index, values = ops.lora_merge_(self.base_weight(), A, B, R, self.settings[name].scaling, safe)
+        if name in self.lora_magnitude_vector:
+            distance, index, values, norm = ops.dora_merge_(self.base_weight(), A, B, R,
+                                                            self.lora_magnitude_vector[name],
+                                                            self.settings[name].scaling, safe)
+            self.register_buffer("merge_norm", norm, persistent=False)
+        else:
+            distance, index, values = ops.lora_merge_(self.base_weight(), A, B, R, self.settings[name].scaling, safe)
         self.register_buffer("merge_distance", distance, persistent=False)
         self.register_buffer("merge_index", index, persistent=False)
         self.register_buffer("merge_values", values, persistent=False)
@@ -584,7 +659,12 @@ class LoraLinear(nn.Module):
                 stacklevel=2,
             )
             state = None
-        ops.lora_unmerge_(self.base_weight(), A, B, R, self.settings[name].scaling, state)
+        if name in self.lora_magnitude_vector:
+            ops.dora_unmerge_(self.base_weight(), A, B, R, self.lora_magnitude_vector[name], self.merge_norm,
+                              self.settings[name].scaling, state)
+            delattr(self, "merge_norm")
+        else:
+            ops.lora_unmerge_(self.base_weight(), A, B, R, self.settings[name].scaling, state)
         for buf in ("merge_distance", "merge_index", "merge_values"):
             delattr(self, buf)
         self.merged_adapter = None

@@ -24,7 +24,18 @@ import torch
 from . import atomic
 from .errors import AdapterFormatError, ConfigError, ShapeError
 from .hf import DTYPES
-from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, module_ranks, parse_key, read_config, read_weights, scaling
+from .peft_format import (
+    CONFIG_NAME,
+    MAGNITUDE,
+    PREFIX,
+    WEIGHTS_NAME,
+    module_ranks,
+    parse_key,
+    peft_key,
+    read_config,
+    read_weights,
+    scaling,
+)
 from .validate import show
 
 SINGLE = "model.safetensors"
@@ -158,7 +169,8 @@ def _checkpoint_key(module: str, param: str, keys: set[str], where: str) -> str:
 
 
 def _deltas(adapter_dir: Path, keys: dict[str, tuple], where: str):
-    """``(deltas, replaced)``: checkpoint key -> (A, B, scaling, transposed) for each adapted weight, and
+    """``(deltas, replaced)``: checkpoint key -> (A, B, scaling, transposed, DoRA magnitude or None) for each adapted
+    weight, and
     checkpoint key -> tensor for each tensor of a module trained whole; every tensor checked."""
     config = read_config(adapter_dir)
     weights = read_weights(adapter_dir)
@@ -191,8 +203,14 @@ def _deltas(adapter_dir: Path, keys: dict[str, tuple], where: str):
         raise AdapterFormatError(f"{wpath}: holds no LoRA weights")
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
     deltas = {}
     for module, pair in found.items():
+        magnitude = pair.pop(MAGNITUDE, None)
+        if (magnitude is not None) != use_dora:
+            raise AdapterFormatError(f"{wpath}: module {show(module)} {'has' if magnitude is not None else 'lacks'} "
+                                     f"a DoRA magnitude ({peft_key(module, MAGNITUDE)}) and {CONFIG_NAME} says "
+                                     f"use_dora {use_dora}")
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterFormatError(f"{wpath}: module {show(module)} lacks {({'lora_A', 'lora_B'} - set(pair)).pop()}")
         A, B = pair["lora_A"], pair["lora_B"]
@@ -206,22 +224,32 @@ def _deltas(adapter_dir: Path, keys: dict[str, tuple], where: str):
             raise ShapeError(f"{wpath}: {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, which do "
                              f"not fit the model's {ck} of shape {tuple(shape)}"
                              f"{' (fan_in_fan_out: stored in × out)' if fan_in_fan_out else ''}")
-        for which, t in pair.items():
+        if magnitude is not None and tuple(magnitude.shape) != (out_in[0],):
+            raise ShapeError(f"{wpath}: {peft_key(module, MAGNITUDE)} has shape {tuple(magnitude.shape)} but the "
+                             f"model's {ck} needs ({out_in[0]},)")
+        for which, t in (*pair.items(), *(() if magnitude is None else ((MAGNITUDE, magnitude),))):
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise AdapterFormatError(f"{wpath}: {module}.{which} holds non-finite or non-float values")
         rank_cfg, alpha = module_ranks(config, module, r)
         if rank_cfg != r:
             raise AdapterFormatError(f"{wpath}: {module}.lora_A has rank {r} but {CONFIG_NAME} says {rank_cfg}")
-        deltas[ck] = (A, B, scaling(alpha, r, use_rslora), fan_in_fan_out)
+        deltas[ck] = (A, B, scaling(alpha, r, use_rslora), fan_in_fan_out, magnitude)
     return deltas, replaced
 
 
 def _merge(key: str, W: torch.Tensor, delta) -> torch.Tensor:
-    """``W + s·B A`` (transposed for ``fan_in_fan_out``), computed in float32 in ``W``'s own memory when it is
-    float32, in ``W``'s dtype; a non-finite result (caught by its sum in float64, one pass) is refused."""
-    A, B, s, transposed = delta
+    """``W + s·B A`` (transposed for ``fan_in_fan_out``; for DoRA ``m ⊙ (W + s·B A) / ‖W + s·B A‖`` per output
+    row), computed in float32 in ``W``'s own memory when it is float32, in ``W``'s dtype; a non-finite result
+    (caught by its sum in float64, one pass) is refused."""
+    A, B, s, transposed, magnitude = delta
     d = (B.float() @ A.float()) * s
-    merged = W.float().add_(d.T if transposed else d).to(W.dtype)
+    merged = W.float().add_(d.T if transposed else d)  # (out, in), or (in, out) transposed
+    if magnitude is not None:
+        rows = merged.T if transposed else merged
+        norm = torch.linalg.vector_norm(rows, dim=1)  # (out,)
+        g = torch.where(norm > 0, magnitude.float() / norm, torch.zeros_like(norm))
+        rows.mul_(g[:, None])
+    merged = merged.to(W.dtype)
     if not torch.isfinite(merged.sum(dtype=torch.float64)):
         raise ValueError(f"merging into {key} gives non-finite values; nothing was written")
     return merged

@@ -25,6 +25,10 @@ def native_library() -> str:
 
 __all__ = [
     "lora_linear",
+    "dora_linear",
+    "dora_norm",
+    "dora_merge_",
+    "dora_unmerge_",
     "dropout",
     "dropout_mask",
     "lora_delta",
@@ -72,6 +76,79 @@ def lora_linear(
         RuntimeError: shapes, dtypes or devices that do not fit, named in the message.
     """
     return _ops.lora_linear(x, weight, bias, lora_A, lora_B, lora_R, float(scale), float(dropout), int(seed))
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None,
+    magnitude: torch.Tensor,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """DoRA's weight-decomposed linear (Liu et al., 2024), fused and differentiable:
+    ``y = g ⊙ (x Wᵀ + scale · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b`` with ``g = m / ‖W + scale · B R A‖`` per output row.
+
+    The row norms come from the factors (:func:`dora_norm`), never from the ``(out, in)`` sum, and are a constant
+    in backward, as the paper proposes and PEFT does. Dropout applies to the low-rank branch's input, as in
+    :func:`lora_linear`; evaluated without dropout the layer is PEFT's DoRA layer.
+
+    Args:
+        x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed: as :func:`lora_linear`.
+        magnitude (Tensor): ``m`` ``(out,)``.
+
+    Returns:
+        Tensor: ``(..., out)``.
+
+    Raises:
+        RuntimeError: shapes, dtypes or devices that do not fit, named in the message.
+    """
+    return _ops.dora_linear(x, weight, bias, lora_A, lora_B, lora_R, magnitude, float(scale), float(dropout),
+                            int(seed))
+
+
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_R: torch.Tensor | None = None,
+              scale: float = 1.0) -> torch.Tensor:
+    """The row norms ``‖W + scale · B R A‖`` ``(out,)``, from ``‖wᵢ‖²``, ``W Aᵀ`` and the Gram ``A Aᵀ``; float32
+    (float64 for a float64 weight)."""
+    return _ops.dora_norm(weight, lora_A, lora_B, lora_R, float(scale))
+
+
+def dora_merge_(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None,
+    magnitude: torch.Tensor,
+    scale: float = 1.0,
+    safe: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W ← m ⊙ (W + scale · B R A) / ‖W + scale · B R A‖`` in place, returning the state that makes unmerge
+    exact: :func:`lora_merge_`'s three tensors and the row norms of the unmerged weight.
+
+    Raises:
+        RuntimeError: with ``safe=True``, when the merged weight would hold NaN or Inf (W is left untouched).
+    """
+    return _ops.dora_merge_(weight, lora_A, lora_B, lora_R, magnitude, float(scale), bool(safe))
+
+
+def dora_unmerge_(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor | None,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float = 1.0,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """The inverse of :func:`dora_merge_` given its norms; bit-exact when also given the rest of its ``state``."""
+    distance, index, values = state if state is not None else (None, None, None)
+    _ops.dora_unmerge_(weight, lora_A, lora_B, lora_R, magnitude, norm, float(scale), distance, index, values)
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -372,6 +449,57 @@ def _(grad, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed, output_
         tuple(lora_R.shape) if lora_R is not None else (),
     ]
     return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask, strict=True) if wanted]
+
+
+@torch.library.register_fake("lispetorch::dora_linear")
+def _(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _norm_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("lispetorch::dora_linear_forward")
+def _(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed):
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((_rows(x), lora_A.shape[0])),
+            weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight)))
+
+
+@torch.library.register_fake("lispetorch::dora_linear_backward")
+def _(grad, x, weight, bias, lora_A, lora_B, lora_R, magnitude, y, hr, norm, scale, dropout, seed, output_mask):
+    shapes = [
+        (*grad.shape[:-1], weight.shape[1]),
+        tuple(weight.shape),
+        (weight.shape[0],),
+        tuple(lora_A.shape),
+        tuple(lora_B.shape),
+        tuple(lora_R.shape) if lora_R is not None else (),
+        tuple(magnitude.shape),
+    ]
+    dtypes = [grad.dtype] * 6 + [magnitude.dtype]
+    return [grad.new_empty(s, dtype=d) for s, d, wanted in zip(shapes, dtypes, output_mask, strict=True) if wanted]
+
+
+@torch.library.register_fake("lispetorch::dora_norm")
+def _(weight, lora_A, lora_B, lora_R, scale):
+    return weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight))
+
+
+@torch.library.register_fake("lispetorch::dora_merge_")
+def _(weight, lora_A, lora_B, lora_R, magnitude, scale, safe):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return (
+        weight.new_empty(weight.shape, dtype=torch.int8),
+        weight.new_empty((k, 2), dtype=torch.long),
+        weight.new_empty((k,)),
+        weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight)),
+    )
+
+
+@torch.library.register_fake("lispetorch::dora_unmerge_")
+def _(weight, lora_A, lora_B, lora_R, magnitude, norm, scale, distance, index, values):
+    return None
 
 
 @torch.library.register_fake("lispetorch::dropout")

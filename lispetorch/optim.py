@@ -16,7 +16,8 @@ def optimizer_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float
     Groups, each left out when empty, the first always at ``lr``:
 
     - the adapters' ``A`` factors and r×r cores (``R``, or the parameters computing it): ``lr``, ``weight_decay``;
-    - their ``B`` factors: ``lr · loraplus_lr_ratio`` (LoRA+; 1 is plain LoRA), ``weight_decay``;
+    - their ``B`` factors and DoRA magnitudes: ``lr · loraplus_lr_ratio`` (LoRA+; 1 is plain LoRA),
+      ``weight_decay``;
     - other trainable matrices (a trained copy of an output head or classifier, ``modules_to_save``): ``lr``,
       ``weight_decay``;
     - other trainable embeddings: ``embedding_lr`` (``lr`` when None), no weight decay;
@@ -50,7 +51,7 @@ def optimizer_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float
             for which, params in layer.adapter_parameters(name).items():
                 for p in params:
                     factor_ids.add(id(p))
-                    if which == "B":
+                    if which in ("B", "M"):  # a DoRA magnitude (1-D) learns at B's rate, as in PEFT
                         b_ids.add(id(p))
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups = {"A": [], "B": [], "matrix": [], "embedding": [], "vector": []}

@@ -24,8 +24,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-# base_model.model.<module>.lora_A.weight; PEFT in memory also writes .lora_A.<adapter>.weight
-_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight")
+# base_model.model.<module>.lora_A.weight; PEFT in memory also writes .lora_A.<adapter>.weight. A DoRA
+# magnitude: base_model.model.<module>.lora_magnitude_vector (in memory .lora_magnitude_vector.<adapter>.weight).
+_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(?:(lora_A|lora_B)(?:\.[^.]+)?\.weight"
+                  r"|(lora_magnitude_vector)(?:\.[^.]+\.weight)?)")
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -34,14 +37,16 @@ def scaling(alpha: float, r: int, use_rslora: bool) -> float:
 
 
 def peft_key(module: str, which: str) -> str:
-    """The PEFT key of a module's factor: ``base_model.model.<module>.lora_A.weight`` (``which``: lora_A, lora_B)."""
-    return f"{PREFIX}{module}.{which}.weight"
+    """The PEFT key of a module's factor: ``base_model.model.<module>.lora_A.weight`` (``which``: lora_A, lora_B),
+    or of its DoRA magnitude, ``base_model.model.<module>.lora_magnitude_vector``."""
+    return f"{PREFIX}{module}.{which}" if which == MAGNITUDE else f"{PREFIX}{module}.{which}.weight"
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
-    """``(module, "lora_A" | "lora_B")`` of a PEFT LoRA key, with or without prefix and adapter name; else None."""
+    """``(module, "lora_A" | "lora_B" | "lora_magnitude_vector")`` of a PEFT LoRA key, with or without prefix and
+    adapter name; else None."""
     m = _KEY.fullmatch(key)
-    return None if m is None else (m.group(1), m.group(2))
+    return None if m is None else (m.group(1), m.group(2) or m.group(3))
 
 
 def exact_targets(modules) -> str:
@@ -77,7 +82,7 @@ def ranked_fields(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
 
 def lora_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: dict[str, float], use_rslora: bool,
                 fan_in_fan_out: bool, target_modules: list[str] | str, base_model: str | None = None,
-                task_type: str | None = None) -> dict:
+                task_type: str | None = None, use_dora: bool = False) -> dict:
     """The ``adapter_config.json`` PEFT writes for a LoRA with these per-module ranks, alphas and dropouts."""
     return {
         "peft_type": "LORA",
@@ -92,7 +97,7 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: dict[
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -187,8 +192,6 @@ def check_config(config, path: str | os.PathLike) -> dict:
     for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
         if config.get(key) is not None:
             validate.boolean(config[key], key, src, error=E)
-    if config.get("use_dora"):
-        raise E(f"{path}: DoRA adapters (use_dora) are not supported")
     if "r" in config:
         validate.integer(config["r"], "r", src, 1, MAX_RANK, error=E)
     if "lora_alpha" in config:

@@ -27,6 +27,7 @@ from .hf import model_id, task_type, weight_out_in
 from .layer import LoraLinear, base_of
 from .peft_format import (
     CONFIG_NAME,
+    MAGNITUDE,
     PREFIX,
     WEIGHTS_NAME,
     exact_targets,
@@ -100,7 +101,7 @@ def export(model: nn.Module, adapter_name: str | None = None,
     merged = [n for n, layer in holding.items() if layer.merged_adapter == name]
     if merged and original_weights:
         raise merged_error(name, merged[0], "unmerge before converting")
-    tensors, ranks, alphas, dropouts, rslora, fan = {}, {}, {}, {}, set(), set()
+    tensors, ranks, alphas, dropouts, rslora, fan, dora = {}, {}, {}, {}, set(), set(), set()
     for mod, layer in holding.items():
         settings = layer.settings[name]
         A, B, R = layer.factors(name)
@@ -121,6 +122,9 @@ def export(model: nn.Module, adapter_name: str | None = None,
             r, alpha = 2 * r, alpha * (math.sqrt(2) if settings.use_rslora else 2)
         tensors[peft_key(mod, "lora_A")] = A.contiguous()
         tensors[peft_key(mod, "lora_B")] = B.contiguous()
+        dora.add(name in layer.lora_magnitude_vector)
+        if name in layer.lora_magnitude_vector:  # the norm of W + s·B A is the same on the original weights
+            tensors[peft_key(mod, MAGNITUDE)] = layer.lora_magnitude_vector[name].detach().contiguous()
         ranks[mod], alphas[mod], dropouts[mod] = r, alpha, settings.dropout
         rslora.add(settings.use_rslora)
         fan.add(layer.fan_in_fan_out)
@@ -129,9 +133,12 @@ def export(model: nn.Module, adapter_name: str | None = None,
                                 "cannot hold")
     if len(fan) > 1:
         raise AdapterStateError(f"adapter {name!r} mixes Linear and Conv1D layers, which one PEFT config cannot hold")
+    if len(dora) > 1:
+        raise AdapterStateError(f"adapter {name!r} is DoRA on some layers and not on others, which one PEFT config "
+                                "cannot hold")
     targets, layers = _targets_for(list(holding), model)
     config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, targets,
-                         base_model=model_id(model) or None, task_type=task_type(model))
+                         base_model=model_id(model) or None, task_type=task_type(model), use_dora=dora == {True})
     config["layers_to_transform"] = layers
     saved = saved_module_tensors(model, name)
     tensors.update({key: t.detach().contiguous() for key, t in saved.items()})
@@ -265,7 +272,8 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
     for key, tensor in weights.items():
         parsed = parse_key(key)
         if parsed is None:
-            raise AdapterFormatError(f"{wpath}: unsupported key {show(key)} (only lora_A / lora_B weights are read)")
+            raise AdapterFormatError(f"{wpath}: unsupported key {show(key)} (only lora_A / lora_B weights and DoRA "
+                                     "magnitudes are read)")
         name, which = parsed
         if name not in adaptable:
             raise AdapterFormatError(f"{wpath}: key {show(key)} names module {show(name)}, which the model has no "
@@ -281,12 +289,20 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
         raise AdapterFormatError(f"{wpath}: holds no LoRA weights")
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     chosen, plans = {}, {}
     for name, pair in found.items():
+        magnitude = pair.pop(MAGNITUDE, None)
         if set(pair) != {"lora_A", "lora_B"}:
             missing = {"lora_A", "lora_B"} - set(pair)
             raise AdapterFormatError(f"{wpath}: module {show(name)} lacks {missing.pop()}")
+        if use_dora and magnitude is None:
+            raise AdapterFormatError(f"{wpath}: {CONFIG_NAME} says use_dora but module {show(name)} has no "
+                                     f"{peft_key(name, MAGNITUDE)}")
+        if magnitude is not None and not use_dora:
+            raise AdapterFormatError(f"{wpath}: {peft_key(name, MAGNITUDE)} is a DoRA magnitude but {CONFIG_NAME} "
+                                     "does not say use_dora")
         module = adaptable[name]
         base = base_of(module)
         w = weight_out_in(base)
@@ -299,6 +315,9 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
         if B.shape != (out_f, r):
             raise ShapeError(f"{wpath}: {peft_key(name, 'lora_B')} has shape {tuple(B.shape)} but the model "
                              f"needs ({out_f}, {r})")
+        if magnitude is not None and tuple(magnitude.shape) != (out_f,):
+            raise ShapeError(f"{wpath}: {peft_key(name, MAGNITUDE)} has shape {tuple(magnitude.shape)} but module "
+                             f"{show(name)} (weight {out_f}×{in_f}) needs ({out_f},)")
         if isinstance(base, nn.Linear) and fan_in_fan_out:
             raise AdapterFormatError(f"{directory / CONFIG_NAME}: fan_in_fan_out is true but {name!r} is nn.Linear")
         if isinstance(module, LoraLinear) and module.merged_adapter is not None:
@@ -309,7 +328,8 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
                                      f"{rank_cfg}")
         chosen[name] = module
         plans[name] = AdapterPlan(A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), alpha, dropout,
-                                  use_rslora)
+                                  use_rslora, use_dora=use_dora,
+                                  magnitude=None if magnitude is None else magnitude.to(w.dtype).to(w.device))
     return chosen, plans
 
 
@@ -347,16 +367,25 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
     for key, tensor in weights.items():
         parsed = parse_key(key)
         if parsed is None:
-            raise AdapterFormatError(f"{wpath}: unsupported key {key!r} (only lora_A / lora_B weights are read)")
+            raise AdapterFormatError(f"{wpath}: unsupported key {key!r} (only lora_A / lora_B weights and DoRA "
+                                     "magnitudes are read)")
         found.setdefault(parsed[0], {})[parsed[1]] = tensor
     if set(found) != set(holding):
         raise AdapterFormatError(f"{wpath}: adapts {len(found)} modules, adapter {name!r} {len(holding)}; only in "
                                  f"the file: {sorted(set(found) - set(holding))[:5]}, only in the model: "
                                  f"{sorted(set(holding) - set(found))[:5]}")
     use_rslora = bool(config.get("use_rslora", False))
-    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    new: dict[str, tuple[torch.Tensor, ...]] = {}
     for mod, layer in holding.items():
-        pair = found[mod]
+        pair = dict(found[mod])
+        magnitude = pair.pop(MAGNITUDE, None)
+        if (magnitude is not None) != (name in layer.lora_magnitude_vector):
+            raise AdapterFormatError(f"{wpath}: {mod!r} is {'' if magnitude is not None else 'not '}DoRA in the file "
+                                     f"and {'' if name in layer.lora_magnitude_vector else 'not '}in adapter {name!r}")
+        if magnitude is not None and (tuple(magnitude.shape) != (layer.out_features,)
+                                      or not torch.isfinite(magnitude).all()):
+            raise ShapeError(f"{wpath}: {peft_key(mod, MAGNITUDE)} has shape {tuple(magnitude.shape)} (or non-finite "
+                             f"values); the layer needs ({layer.out_features},), finite")
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterFormatError(f"{wpath}: module {mod!r} lacks {({'lora_A', 'lora_B'} - set(pair)).pop()}")
         A_new, B_new = pair["lora_A"], pair["lora_B"]
@@ -381,11 +410,13 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
         B_pad = torch.zeros_like(B)
         A_pad[:r_new] = A_new.to(A.dtype)
         B_pad[:, :r_new] = (B_new.double() * factor).to(B.dtype)
-        new[mod] = (A_pad, B_pad)
-    for mod, (A_new, B_new) in new.items():  # everything checked: now the weights change
+        new[mod] = (A_pad, B_pad) if magnitude is None else (A_pad, B_pad, magnitude)
+    for mod, (A_new, B_new, *m_new) in new.items():  # everything checked: now the weights change
         A, B, _ = holding[mod].factors(name)
         A.copy_(A_new)
         B.copy_(B_new)
+        if m_new:  # the norm of W + s·B A is unchanged by the padding and the folded scaling
+            holding[mod].lora_magnitude_vector[name].copy_(m_new[0])
     for mod, state in states.items():
         copy = saved_modules(model)[mod].modules_to_save[name]
         for key, t in copy.state_dict(keep_vars=True).items():

@@ -262,14 +262,17 @@ def quantize_nf4(model: nn.Module, target_modules: list[str] | str = "all-linear
         dict[str, NF4Linear]: the quantised layers by module name.
 
     Raises:
-        AdapterStateError: a selected layer has a merged adapter. ValueError: nothing matches. TypeError: a
-            weight that is not floating point. On any of them the model is left unchanged.
+        AdapterStateError: a selected layer has a merged adapter, or a DoRA adapter. ValueError: nothing matches.
+            TypeError: a weight that is not floating point. On any of them the model is left unchanged.
     """
     chosen = match_modules(model, target_modules, exclude_modules)
     for name, module in chosen.items():
         if isinstance(module, LoraLinear) and module.merged:
             raise AdapterStateError(f"layer {name!r} has adapter {module.merged_adapter!r} merged: unmerge before "
                                     "quantising")
+        if isinstance(module, LoraLinear) and len(module.lora_magnitude_vector):
+            raise AdapterStateError(f"layer {name!r} holds DoRA adapter(s) {sorted(module.lora_magnitude_vector)}, "
+                                    "which need a dense base weight: it is not quantised")
         base = base_of(module)
         if not isinstance(base, NF4Linear) and not is_bitsandbytes_4bit(base) and not base.weight.is_floating_point():
             raise TypeError(f"NF4 quantises floating-point weights, but {name!r} holds {base.weight.dtype}")

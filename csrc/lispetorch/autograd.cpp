@@ -1,4 +1,4 @@
-// Autograd for lora_linear, in C++: forward and backward go through the dispatcher to the
+// Autograd for lora_linear and dora_linear, in C++: forward and backward go through the dispatcher to the
 // lora_linear_forward / lora_linear_backward operators (so fake tensors and torch.compile see registered ops),
 // and only what backward needs is saved: the layer input (only when a gradient needs it: A, R or W), the
 // factors, and hr = drop(x) Aᵀ Rᵀ of shape (N, r). No dropped copy of x and no mask is kept: backward
@@ -98,6 +98,94 @@ at::Tensor lora_linear_no_grad(const at::Tensor& x, const at::Tensor& weight, co
   return std::get<0>(forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed));
 }
 
+const auto& dora_forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::dora_linear_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double, double,
+                           int64_t)>();
+  return op;
+}
+
+const auto& dora_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::dora_linear_backward", "")
+                       .typed<std::vector<at::Tensor>(
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, double, double, int64_t, std::array<bool, 7>)>();
+  return op;
+}
+
+// DoRA: inputs x, weight, bias, A, B, R (bias and R optional), magnitude, then scale, dropout, seed. Saved: what
+// LoRA saves, the magnitude, the row norms (out) and the output itself (dL/dm reads z off it; see dora.cpp), which
+// is the tensor the next layer receives, not a copy.
+class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                            const at::Tensor& magnitude, double scale, double dropout, int64_t seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, hr, norm] = dora_forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout,
+                                                seed);
+    const at::Tensor R = lora_R.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+    const bool keep_x = lora_A.requires_grad() || weight.requires_grad() || magnitude.requires_grad() ||
+                        (R.defined() && R.requires_grad());
+    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, b, lora_A, lora_B, R, magnitude, y, hr, norm});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["seed"] = seed;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &lora_A = saved[3], &lora_B = saved[4],
+                     &lora_R = saved[5], &magnitude = saved[6], &y = saved[7], &hr = saved[8], &norm = saved[9];
+    const bool has_bias = bias.defined(), has_R = lora_R.defined();
+    // needs_input_grad counts only the tensor inputs that were given: x, weight, [bias], A, B, [R], magnitude.
+    const size_t b = has_bias ? 1 : 0, r = has_R ? 1 : 0;
+    std::array<bool, 7> mask = {ctx->needs_input_grad(0),
+                                ctx->needs_input_grad(1),
+                                has_bias && ctx->needs_input_grad(2),
+                                ctx->needs_input_grad(2 + b),
+                                ctx->needs_input_grad(3 + b),
+                                has_R && ctx->needs_input_grad(4 + b),
+                                ctx->needs_input_grad(4 + b + r)};
+    variable_list out(10);
+    if (!std::any_of(mask.begin(), mask.end(), [](bool b) { return b; })) return out;
+    at::Tensor grad = grad_outputs[0];
+    if (!grad.defined()) return out;
+    const auto grads = dora_backward_op().call(grad, opt(x), weight, opt(bias), lora_A, lora_B, opt(lora_R),
+                                               magnitude, y, hr, norm, ctx->saved_data["scale"].toDouble(),
+                                               ctx->saved_data["dropout"].toDouble(), ctx->saved_data["seed"].toInt(),
+                                               mask);
+    size_t k = 0;
+    for (size_t i = 0; i < mask.size(); ++i) {
+      if (mask[i]) out[i] = grads.at(k++);
+    }
+    return out;
+  }
+};
+
+at::Tensor dora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
+                                double dropout, int64_t seed) {
+  return DoraLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B,
+                                   opt(lora_R.value_or(at::Tensor())), magnitude, scale, dropout, seed);
+}
+
+at::Tensor dora_linear_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B,
+                               const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
+                               double dropout, int64_t seed) {
+  return std::get<0>(dora_forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed));
+}
+
 }  // namespace
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -111,10 +199,25 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   return op.call(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed);
 }
 
+at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                       const at::Tensor& magnitude, double scale, double dropout, int64_t seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::dora_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, double, double, int64_t)>();
+  return op.call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed);
+}
+
 }  // namespace lispetorch
 
-TORCH_LIBRARY_IMPL(lispetorch, Autograd, m) { m.impl("lora_linear", &lispetorch::lora_linear_autograd); }
+TORCH_LIBRARY_IMPL(lispetorch, Autograd, m) {
+  m.impl("lora_linear", &lispetorch::lora_linear_autograd);
+  m.impl("dora_linear", &lispetorch::dora_linear_autograd);
+}
 
 TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lispetorch::lora_linear_no_grad);
+  m.impl("dora_linear", &lispetorch::dora_linear_no_grad);
 }

@@ -13,6 +13,17 @@ TORCH_LIBRARY(lispetorch, m) {
   m.def(
       "lora_linear_backward(Tensor grad, Tensor? x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
       "Tensor hr, float scale, float dropout, int seed, bool[6] output_mask) -> Tensor[]");
+  m.def(
+      "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
+      "Tensor magnitude, float scale, float dropout, int seed) -> Tensor");
+  m.def(
+      "dora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
+      "Tensor magnitude, float scale, float dropout, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dora_linear_backward(Tensor grad, Tensor? x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor? lora_R, Tensor magnitude, Tensor y, Tensor hr, Tensor norm, float scale, float dropout, int seed, "
+      "bool[7] output_mask) -> Tensor[]");
+  m.def("dora_norm(Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale) -> Tensor");
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");
   m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor");
   m.def("lora_delta(Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale, ScalarType dtype) -> Tensor");
@@ -22,6 +33,12 @@ TORCH_LIBRARY(lispetorch, m) {
   m.def(
       "lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale, "
       "Tensor? distance, Tensor? index, Tensor? values) -> ()");
+  m.def(
+      "dora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, Tensor magnitude, float scale, "
+      "bool safe) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, Tensor magnitude, "
+      "Tensor norm, float scale, Tensor? distance, Tensor? index, Tensor? values) -> ()");
   m.def("lora_gram(Tensor[] lora_A, Tensor[] lora_B, float[] scales) -> Tensor");
   m.def("lora_gram_modules(Tensor[] lora_A, Tensor[] lora_B, float[] scales, int checkpoints) -> Tensor");
   m.def("lora_factored_svd(Tensor[] lora_A, Tensor[] lora_B, float[] scales, int rank) -> (Tensor, Tensor, Tensor)");

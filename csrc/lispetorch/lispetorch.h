@@ -51,6 +51,30 @@ void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tenso
                    const std::optional<at::Tensor>& lora_R, double scale, const std::optional<at::Tensor>& distance,
                    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& values);
 
+// DoRA (Liu et al. 2024), differentiable: y = g ⊙ (x Wᵀ + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b with g = m / n and
+// n = ‖W + s·B R A‖ per output row, a constant in backward (gradients for x, A, B, R, m and, if they require it,
+// W and b). magnitude m: (out). See dora.cpp.
+at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                       const at::Tensor& magnitude, double scale, double dropout, int64_t seed);
+
+// The row norms n = ‖W + s·B R A‖ (out) from the factors, never forming the (out, in) sum; float32 (float64 for
+// float64 weights).
+at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                     const std::optional<at::Tensor>& lora_R, double scale);
+
+// W ← g ⊙ (W + s·B R A), g = m / n with n the norms of the unmerged weight, in place. Returns what
+// dora_unmerge_ needs to give back the pre-merge W bit for bit: lora_merge_'s distances, index and values, and n.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_merge_(
+    at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+    const at::Tensor& magnitude, double scale, bool safe);
+
+// W ← W / g − s·B R A with the merge's norms; exact given the rest of what dora_merge_ returned.
+void dora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                   const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const at::Tensor& norm,
+                   double scale, const std::optional<at::Tensor>& distance, const std::optional<at::Tensor>& index,
+                   const std::optional<at::Tensor>& values);
+
 // s·B R A in float32 (float64 for float64 factors): the dense delta, shape (out, in).
 at::Tensor lora_delta(const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
                       double scale, c10::ScalarType dtype);
@@ -119,6 +143,21 @@ std::vector<at::Tensor> lora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr,
     double scale, double dropout, int64_t seed, std::array<bool, 6> output_mask);
+
+// A magnitude vector that fits weight: (out,), floating point, on its device.
+void check_magnitude(const at::Tensor& weight, const at::Tensor& magnitude);
+
+// DoRA's kernels: forward returns (y, hr, n) (n the row norms, see dora_norm); backward the gradients whose
+// output_mask entry is true, in the order (x, weight, bias, A, B, R, magnitude). y is the forward's output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
+    double dropout, int64_t seed);
+std::vector<at::Tensor> dora_linear_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const at::Tensor& y, const at::Tensor& hr,
+    const at::Tensor& norm, double scale, double dropout, int64_t seed, std::array<bool, 7> output_mask);
 
 // In-place dropout on a contiguous tensor whose flattened index is the mask's counter.
 void dropout_inplace_(at::Tensor& t, double p, int64_t seed);

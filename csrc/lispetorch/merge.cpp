@@ -1,4 +1,4 @@
-// Merge and unmerge: W ± s·B R A, accumulated in float32 (float64 for float64 weights), written in place.
+// Merge and unmerge: W ± s·B R A (and DoRA's m ⊙ (W + s·B R A) / n and back), accumulated in float32 (float64 for float64 weights), written in place.
 //
 // Exact unmerge. Rounding makes round(round(W + Δ) - Δ) differ from W by a few units in the last place. At
 // merge we compute that round trip once and keep, per element, the signed distance between W and it, counted
@@ -62,42 +62,29 @@ at::Tensor lora_delta(const at::Tensor& lora_A, const at::Tensor& lora_B, const 
   return at::mm(B, RA).mul_(scale);                                              // (out, in)
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_(at::Tensor& weight, const at::Tensor& lora_A,
-                                                           const at::Tensor& lora_B,
-                                                           const std::optional<at::Tensor>& lora_R, double scale,
-                                                           bool safe) {
-  detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
-  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt), bt = bits_type(wt);
-  const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);     // (out, in)
-  const at::Tensor merged = at::add(weight.to(acc), delta).to(wt);
-  if (safe) {
-    const int64_t bad = at::logical_not(at::isfinite(merged)).sum().item<int64_t>();
-    TORCH_CHECK(bad == 0, "merge refused: it would put NaN or Inf into ", bad, " of the ", merged.numel(),
-                " elements of the weight (shape ", weight.sizes(), "); the weight was left unchanged");
-  }
-  const at::Tensor round_trip = at::sub(merged.to(acc), delta).to(wt);
+namespace {
+// What unmerge needs to turn round_trip (the pre-merge W as unmerge will compute it) back into weight bit for bit:
+// per-element distances as int8, and the elements whose distance does not fit (or whose round trip is not
+// finite) as an index (K, 2) and their values.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exact_state(const at::Tensor& weight, const at::Tensor& round_trip) {
+  const c10::ScalarType bt = bits_type(weight.scalar_type());
   const c10::ScalarType wide = bt == at::kLong ? at::kLong : at::kInt;
   at::Tensor distance = at::sub(ordered(weight.view(bt)).to(wide), ordered(round_trip.view(bt)).to(wide));
-  const at::Tensor outside = distance.abs().gt(127);
+  const at::Tensor outside = distance.abs().gt(127).logical_or_(at::logical_not(at::isfinite(round_trip)));
   const at::Tensor index = outside.nonzero();                                   // (K, 2) row, column
   const at::Tensor values = weight.index({outside});                            // (K,) pre-merge values
   distance.masked_fill_(outside, 0);
-  at::Tensor small = distance.to(at::kChar);
-  weight.copy_(merged);
-  return {small, index, values};
+  return {distance.to(at::kChar), index, values};
 }
 
-void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                   const std::optional<at::Tensor>& lora_R, double scale, const std::optional<at::Tensor>& distance,
-                   const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& values) {
-  detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
-  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt), bt = bits_type(wt);
-  const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);
-  const at::Tensor round_trip = at::sub(weight.to(acc), delta).to(wt);
+// weight = round_trip corrected by exact_state's distances and exceptions; the plain round trip without them.
+void restore(at::Tensor& weight, const at::Tensor& round_trip, const std::optional<at::Tensor>& distance,
+             const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& values) {
   if (!has(distance)) {
     weight.copy_(round_trip);
     return;
   }
+  const c10::ScalarType wt = weight.scalar_type(), bt = bits_type(wt);
   const at::Tensor& d = *distance;
   TORCH_CHECK(d.sizes() == weight.sizes() && d.scalar_type() == at::kChar, "merge distances must be int8 of the "
               "weight's shape ", weight.sizes(), ", got ", d.scalar_type(), " ", d.sizes());
@@ -113,6 +100,78 @@ void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tenso
   }
 }
 
+void refuse_non_finite(const at::Tensor& merged, const at::Tensor& weight) {
+  const int64_t bad = at::logical_not(at::isfinite(merged)).sum().item<int64_t>();
+  TORCH_CHECK(bad == 0, "merge refused: it would put NaN or Inf into ", bad, " of the ", merged.numel(),
+              " elements of the weight (shape ", weight.sizes(), "); the weight was left unchanged");
+}
+
+// DoRA's row factor g = m / n (0 where n is 0) as a column (out, 1) in the accumulation dtype.
+at::Tensor dora_column(const at::Tensor& magnitude, const at::Tensor& norm) {
+  const at::Tensor m = magnitude.to(norm.scalar_type());
+  return at::where(norm.gt(0), m / norm, at::zeros_like(norm)).unsqueeze(1);
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_(at::Tensor& weight, const at::Tensor& lora_A,
+                                                           const at::Tensor& lora_B,
+                                                           const std::optional<at::Tensor>& lora_R, double scale,
+                                                           bool safe) {
+  detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
+  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);     // (out, in)
+  const at::Tensor merged = at::add(weight.to(acc), delta).to(wt);
+  if (safe) refuse_non_finite(merged, weight);
+  const at::Tensor round_trip = at::sub(merged.to(acc), delta).to(wt);
+  auto state = exact_state(weight, round_trip);
+  weight.copy_(merged);
+  return state;
+}
+
+void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                   const std::optional<at::Tensor>& lora_R, double scale, const std::optional<at::Tensor>& distance,
+                   const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& values) {
+  detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
+  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);
+  restore(weight, at::sub(weight.to(acc), delta).to(wt), distance, index, values);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_merge_(
+    at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+    const at::Tensor& magnitude, double scale, bool safe) {
+  detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
+  detail::check_magnitude(weight, magnitude);
+  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);     // (out, in)
+  const at::Tensor norm = dora_norm(weight, lora_A, lora_B, lora_R, scale);     // of the unmerged weight (out)
+  const at::Tensor g = dora_column(magnitude, norm);                            // (out, 1)
+  const at::Tensor merged = at::add(weight.to(acc), delta).mul_(g).to(wt);       // g ⊙ (W + Δ)
+  if (safe) refuse_non_finite(merged, weight);
+  const at::Tensor round_trip = at::div(merged.to(acc), g).sub_(delta).to(wt);
+  auto [distance, index, values] = exact_state(weight, round_trip);
+  weight.copy_(merged);
+  return {distance, index, values, norm};
+}
+
+void dora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                   const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const at::Tensor& norm,
+                   double scale, const std::optional<at::Tensor>& distance, const std::optional<at::Tensor>& index,
+                   const std::optional<at::Tensor>& values) {
+  detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
+  detail::check_magnitude(weight, magnitude);
+  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == weight.size(0) && norm.scalar_type() == acc, "the merge's norm "
+              "must be (out,) = (", weight.size(0), ",) in ", acc, ", got ", norm.scalar_type(), " ", norm.sizes());
+  const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);
+  const at::Tensor g = dora_column(magnitude, norm);
+  at::Tensor round_trip = at::div(weight.to(acc), g).sub_(delta);
+  if (!has(distance)) {  // rows merged with g = 0 hold nothing to divide: they come back as the plain difference
+    round_trip = at::where(g.eq(0), at::sub(weight.to(acc), delta), round_trip);
+  }
+  restore(weight, round_trip.to(wt), distance, index, values);
+}
+
 }  // namespace lispetorch
 
 #include <torch/library.h>
@@ -121,4 +180,6 @@ TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
   m.impl("lora_delta", &lispetorch::lora_delta);
   m.impl("lora_merge_", &lispetorch::lora_merge_);
   m.impl("lora_unmerge_", &lispetorch::lora_unmerge_);
+  m.impl("dora_merge_", &lispetorch::dora_merge_);
+  m.impl("dora_unmerge_", &lispetorch::dora_unmerge_);
 }

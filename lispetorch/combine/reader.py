@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import AdapterFormatError, ConfigError, ShapeError
-from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
+from ..peft_format import CONFIG_NAME, MAGNITUDE, WEIGHTS_NAME, module_ranks, parse_key, read_config, scaling
 from ..validate import show
 
 
@@ -175,6 +175,9 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     """
     path = Path(path)
     config = read_config(path)  # names the file; raises when the directory or the config is missing
+    if config.get("use_dora"):
+        raise AdapterFormatError(f"checkpoint {name!r}: {path / CONFIG_NAME} says use_dora: a DoRA adapter's output "
+                                 "is not linear in its factors, so checkpoints combine as LoRA adapters only")
     wfile = path / WEIGHTS_NAME
     if not wfile.is_file():
         legacy = " (only a legacy adapter_model.bin is there; re-save it as safetensors)" \
@@ -196,6 +199,9 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
         if parsed is None:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds {show(key)}, which is not a LoRA A/B weight "
                                      "(only lora_A / lora_B weights can be combined)")
+        if parsed[1] == MAGNITUDE:
+            raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds a DoRA magnitude ({show(key)}) but "
+                                     f"{CONFIG_NAME} does not say use_dora")
         pair = found.setdefault(parsed[0], {})
         if parsed[1] in pair:
             raise AdapterFormatError(f"checkpoint {name!r}: {wfile} holds two keys for the {parsed[1]} of module "

@@ -20,5 +20,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
     for name, module in chosen.items():
         w = base_weight(module)
         A, B = init_factors(config.rank_of(name), w.shape[1], w.shape[0], config.init, dtype or w.dtype, w.device)
-        plans[name] = AdapterPlan(A, B, config.alpha_of(name), config.dropout, config.use_rslora)
+        plans[name] = AdapterPlan(A, B, config.alpha_of(name), config.dropout, config.use_rslora,
+                                  use_dora=config.use_dora)
     return install(model, chosen, plans, adapter_name)

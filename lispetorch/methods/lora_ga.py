@@ -91,5 +91,5 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
         A = (Vh[:r] * c).to(dtype or w.dtype)  # (r, in)   V[:, :r]ᵀ
         B = (U[:, r:2 * r] * c).to(dtype or w.dtype)  # (out, r)  U[:, r:2r]
         plans[name] = AdapterPlan(A.contiguous(), B.contiguous(), config.alpha_of(name), config.dropout,
-                                  config.use_rslora, offset=True)
+                                  config.use_rslora, offset=True, use_dora=config.use_dora)
     return install(model, chosen, plans, adapter_name)

@@ -33,5 +33,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
         root = torch.sqrt(S / s)  # (r,)
         A = (root[:, None] * Vh).to(dtype or w.dtype)  # (r, in)  √(S/s) Vᵀ
         B = (U * root[None, :]).to(dtype or w.dtype)  # (out, r)  U √(S/s)
-        plans[name] = AdapterPlan(A, B, config.alpha_of(name), config.dropout, config.use_rslora, offset=True)
+        plans[name] = AdapterPlan(A, B, config.alpha_of(name), config.dropout, config.use_rslora, offset=True,
+                                  use_dora=config.use_dora)
     return install(model, chosen, plans, adapter_name)

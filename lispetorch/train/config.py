@@ -47,6 +47,7 @@ class LoraSection:
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    use_dora: bool = False  # DoRA (method lora, any init)
 
     def adapter_config(self):
         """The adapter config these keys describe (a ``LoraConfig``, ``RotationalPiSSAConfig`` or
@@ -58,6 +59,10 @@ class LoraSection:
         selection = {key: getattr(self, key) for key in _SELECTION if getattr(self, key) not in (None, {})}
         if selection and self.method != "lora":
             raise ConfigError(f"'lora.{next(iter(selection))}' applies to method lora, not {self.method}")
+        if self.use_dora and self.method != "lora":
+            raise ConfigError(f"'lora.use_dora' applies to method lora, not {self.method}")
+        if self.use_dora:
+            selection["use_dora"] = True
         if self.method == FULL:
             return None
         if self.method != "lora":
@@ -288,7 +293,7 @@ _INDICES = "a layer index or a list of them"
 _LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES, "init": _STR,
                 "calibration_batches": _INT, "method": _STR, "options": _MAPPING, "layers_to_transform": _INDICES,
                 "layers_pattern": "names", "rank_pattern": _MAPPING, "alpha_pattern": _MAPPING,
-                "modules_to_save": "names"}
+                "modules_to_save": "names", "use_dora": _BOOL}
 _SELECTION = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save")
 
 

@@ -1,0 +1,155 @@
+// DoRA (Liu et al. 2024) in the fused operator: the weight-decomposed update
+//
+//   W' = m ⊙ (W + s·B R A) / n,   n = ‖W + s·B R A‖ per output row (a constant in backward, as the paper proposes),
+//   y  = g ⊙ (x Wᵀ + s · hr Bᵀ) + b,   g = m / n (out),   hr = drop(x) Aᵀ Rᵀ (N, r)
+//
+// The row norms never form the (out, in) sum: with C = B R (out, r), P = W Aᵀ (out, r) and the Gram Q = A Aᵀ (r, r),
+//   n² = ‖wᵢ‖² + 2s Cᵢ·Pᵢ + s² Cᵢ Q Cᵢᵀ,
+// one (out, in)×(in, r) product and a pass over W. A row whose norm is 0 (a zero row of W + s·B R A) has g = 0.
+//
+// Backward needs dL/dm = Σₙ Gₙᵢ zₙᵢ / nᵢ with z = x Wᵀ + s·hr Bᵀ; it reads z off the output, z = (y − b) / g, so it
+// keeps the output (which the next layer often keeps too), not a copy of z: dL/dm = Σₙ Gₙᵢ (yₙᵢ − bᵢ) / mᵢ. The
+// rows where m is 0 (there y − b is 0 and z is lost) recompute their columns of z. The other gradients are
+// LoRA's with the output gradient scaled by g (g is a constant to them), so the LoRA backward kernel computes them.
+// Dropout applies to the low-rank branch's input, as in LoRA, and costs no memory.
+#include "lispetorch.h"
+
+#include <ATen/ATen.h>
+
+namespace lispetorch {
+
+namespace {
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+c10::ScalarType accumulate_type(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// g = m / n in the accumulation dtype, 0 where n is 0.
+at::Tensor dora_scale(const at::Tensor& magnitude, const at::Tensor& norm) {
+  const at::Tensor m = magnitude.to(norm.scalar_type());
+  return at::where(norm.gt(0), m / norm, at::zeros_like(norm));
+}
+}  // namespace
+
+namespace detail {
+void check_magnitude(const at::Tensor& weight, const at::Tensor& magnitude) {
+  TORCH_CHECK(magnitude.defined(), "magnitude is undefined");
+  TORCH_CHECK(at::isFloatingType(magnitude.scalar_type()), "magnitude must be a floating-point tensor, got ",
+              magnitude.scalar_type());
+  TORCH_CHECK(magnitude.dim() == 1 && magnitude.size(0) == weight.size(0), "magnitude must be (out,) = (",
+              weight.size(0), ",) for weight ", weight.sizes(), ", got shape ", magnitude.sizes());
+  TORCH_CHECK(magnitude.device() == weight.device(), "weight is on ", weight.device(), " but magnitude is on ",
+              magnitude.device());
+}
+}  // namespace detail
+
+at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                     const std::optional<at::Tensor>& lora_R, double scale) {
+  detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
+  const c10::ScalarType acc = accumulate_type(weight.scalar_type());
+  const at::Tensor A = lora_A.to(acc);                                            // (r, in)
+  at::Tensor C = lora_B.to(acc);                                                  // (out, r)
+  if (has(lora_R)) C = at::mm(C, lora_R->to(acc));                                // B R
+  const at::Tensor P = at::mm(weight, lora_A.to(weight.scalar_type()).t()).to(acc);  // W Aᵀ (out, r)
+  const at::Tensor Q = at::mm(A, A.t());                                          // (r, r)
+  const std::vector<int64_t> rows{1};
+  at::Tensor w2 = at::linalg_vector_norm(weight, 2, rows, false, acc);           // ‖wᵢ‖ (out)
+  w2.mul_(w2);
+  w2.add_(at::sum(C * P, 1), 2.0 * scale);
+  w2.add_(at::sum(at::mm(C, Q).mul_(C), 1), scale * scale);
+  return w2.clamp_min_(0).sqrt_();                                                // (out)
+}
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
+    double dropout, int64_t seed) {
+  check_lora_inputs(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout);
+  check_magnitude(weight, magnitude);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, in});                                      // (N, in)
+  at::Tensor y = at::mm(x2, weight.t());                                          // (N, out)
+  const at::Tensor xd = dropout > 0.0 ? lispetorch::dropout(x2, dropout, seed) : x2;
+  at::Tensor hr = at::mm(xd, lora_A.t());                                         // (N, r)
+  if (has(lora_R)) hr = at::mm(hr, lora_R->t());
+  y.addmm_(hr, lora_B.t(), /*beta=*/1.0, /*alpha=*/scale);                        // z = x Wᵀ + s·hr Bᵀ
+  const at::Tensor norm = dora_norm(weight, lora_A, lora_B, lora_R, scale);       // (out), accumulation dtype
+  y.mul_(dora_scale(magnitude, norm).to(y.scalar_type()));                        // g ⊙ z
+  if (has(bias)) y.add_(*bias);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = out;
+  return {y.view(sizes), hr, norm};
+}
+
+std::vector<at::Tensor> dora_linear_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const at::Tensor& y, const at::Tensor& hr,
+    const at::Tensor& norm, double scale, double dropout, int64_t seed, std::array<bool, 7> output_mask) {
+  const auto [need_x, need_w, need_b, need_A, need_B, need_R, need_m] = output_mask;
+  check_factors(weight, lora_A, lora_B, lora_R, scale);
+  check_magnitude(weight, magnitude);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(grad.size(-1) == out, "grad_output has ", grad.size(-1), " features (shape ", grad.sizes(),
+              ") but weight has ", out, " outputs");
+  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == out, "saved norm has shape ", norm.sizes(), " but weight has ", out,
+              " outputs");
+  const at::Tensor g2 = grad.reshape({-1, out});                                  // (N, out)
+  const at::Tensor g = dora_scale(magnitude, norm).to(g2.scalar_type());          // (out)
+  std::vector<at::Tensor> grads;
+  const bool lora_part = need_x || need_w || need_A || need_B || need_R;
+  if (lora_part) {
+    const at::Tensor gs = g2 * g;                                                 // dL/dz (N, out)
+    const auto inner = lora_linear_backward(gs, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed,
+                                            {need_x, need_w, false, need_A, need_B, need_R});
+    size_t k = 0;
+    if (need_x) {
+      std::vector<int64_t> sizes = grad.sizes().vec();
+      sizes.back() = in;
+      grads.push_back(inner.at(k++).view(sizes));
+    }
+    if (need_w) grads.push_back(inner.at(k++));
+    if (need_b) grads.push_back(g2.sum(0));
+    for (const bool wanted : {need_A, need_B, need_R}) {
+      if (wanted) grads.push_back(inner.at(k++));
+    }
+  } else if (need_b) {
+    grads.push_back(g2.sum(0));
+  }
+  if (need_m) {
+    const c10::ScalarType acc = norm.scalar_type();
+    const at::Tensor y2 = y.reshape({-1, out});                                   // (N, out)
+    at::Tensor t = at::sum(g2 * y2, 0, false, acc);                               // Σₙ Gₙᵢ yₙᵢ
+    if (has(bias)) t.sub_(at::sum(g2, 0, false, acc) * bias->to(acc));            // − bᵢ Σₙ Gₙᵢ
+    const at::Tensor m = magnitude.to(acc);
+    const at::Tensor zero = m.eq(0);
+    at::Tensor grad_m = at::where(zero, at::zeros_like(m), t / at::where(zero, at::ones_like(m), m));
+    if (zero.any().item<bool>()) {
+      // Rows with m = 0: y − b is 0 there, so their columns of z are computed again (x Wᵢᵀ + s·hr Bᵢᵀ).
+      TORCH_CHECK(has(x), "the layer input is needed for the gradient of a zero magnitude but was not given");
+      const at::Tensor rows = zero.nonzero().flatten();
+      const at::Tensor x2 = x->reshape({-1, in});
+      at::Tensor z = at::mm(x2, weight.index_select(0, rows).t());                // (N, k)
+      z.addmm_(hr, lora_B.index_select(0, rows).t(), 1.0, scale);
+      const at::Tensor nk = norm.index_select(0, rows);
+      const at::Tensor tk = at::sum(g2.index_select(1, rows).to(acc) * z.to(acc), 0);
+      grad_m.index_put_({rows}, at::where(nk.gt(0), tk / at::where(nk.gt(0), nk, at::ones_like(nk)),
+                                          at::zeros_like(nk)));
+    }
+    grads.push_back(grad_m.to(magnitude.scalar_type()));
+  }
+  return grads;
+}
+
+}  // namespace detail
+
+}  // namespace lispetorch
+
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
+  m.impl("dora_norm", &lispetorch::dora_norm);
+  m.impl("dora_linear_forward", &lispetorch::detail::dora_linear_forward);
+  m.impl("dora_linear_backward", &lispetorch::detail::dora_linear_backward);
+}

@@ -1,0 +1,340 @@
+"""DoRA in the fused operator: against a plain-PyTorch reference, against the real PEFT package (files both ways,
+training gradients, merged export), exact merge/unmerge, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import lispetorch as lt
+from lispetorch import ops
+from lispetorch.combine.reader import open_checkpoint
+from lispetorch.errors import AdapterFormatError, AdapterStateError, ShapeError
+from lispetorch.train.config import TrainConfig
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def reference(x, W, b, A, B, R, m, s, p=0.0, seed=0):
+    """DoRA written out in plain PyTorch: the norm of W + s·B R A formed densely and detached, dropout on the
+    low-rank branch's input with the operator's mask."""
+    C = B @ R if R is not None else B
+    n = (W + s * C @ A).norm(dim=1).detach()
+    xd = x
+    if p > 0:
+        xd = x * ops.dropout_mask(x.reshape(-1, x.shape[-1]), p, seed).view(x.shape) / (1 - p)
+    h = xd @ A.T
+    if R is not None:
+        h = h @ R.T
+    y = (m / n) * (x @ W.T + s * h @ B.T)
+    return y if b is None else y + b
+
+
+def tensors(out=7, inp=5, r=3, dtype=torch.float64, with_R=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    m = (torch.rand(out, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    return rnd(2, 4, inp), rnd(out, inp), rnd(out), rnd(r, inp), rnd(out, r), (rnd(r, r) if with_R else None), m
+
+
+@pytest.mark.parametrize("with_R", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_forward_and_gradients_match_the_reference(with_R, p):
+    x, W, b, A, B, R, m = tensors(with_R=with_R)
+    y = ops.dora_linear(x, W, b, A, B, R, m, 0.7, p, 123)
+    y_ref = reference(x, W, b, A, B, R, m, 0.7, p, 123)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    inputs = [t for t in (x, W, b, A, B, R, m) if t is not None]
+    gy = torch.randn_like(y)
+    for ours, theirs in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(y_ref, inputs, gy), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_in_float64(p):
+    # the norm is a constant in backward: x, b and m are the inputs it does not depend on, checked numerically;
+    # A, B, R and W are checked against the reference's autograd above
+    x, W, b, A, B, R, m = tensors(with_R=True)
+    assert torch.autograd.gradcheck(lambda x, b, m: ops.dora_linear(x, W, b, A, B, R, m, 0.7, p, 5), (x, b, m))
+
+
+def test_zero_magnitude_rows_keep_their_gradient():
+    x, W, _, A, B, _, m = tensors()
+    with torch.no_grad():
+        m[1] = 0.0
+        m[4] = 0.0
+    assert torch.autograd.gradcheck(lambda x, m: ops.dora_linear(x, W, None, A, B, None, m, 0.5, 0.0, 0), (x, m))
+    y = ops.dora_linear(x, W, None, A, B, None, m, 0.5, 0.0, 0)
+    (gm,) = torch.autograd.grad(y.sum(), [m])
+    (gm_ref,) = torch.autograd.grad(reference(x, W, None, A, B, None, m, 0.5).sum(), [m])
+    torch.testing.assert_close(gm, gm_ref)
+    assert gm[1] != 0 and gm[4] != 0
+
+
+def test_norm_from_the_factors_equals_the_dense_norm():
+    _, W, _, A, B, R, _ = tensors(out=40, inp=30, r=6, with_R=True)
+    dense = (W + 0.3 * (B @ R) @ A).norm(dim=1)
+    torch.testing.assert_close(ops.dora_norm(W, A, B, R, 0.3), dense, rtol=1e-12, atol=1e-12)
+    assert ops.dora_norm(W.float(), A.float(), B.float(), None, 0.3).dtype == torch.float32
+
+
+def test_opcheck():
+    args = [t.detach().float() for t in tensors(with_R=True)]
+    for i in (3, 4, 5, 6):
+        args[i].requires_grad_()
+    torch.library.opcheck(torch.ops.lispetorch.dora_linear, (*args, 0.5, 0.1, 3))
+    torch.library.opcheck(torch.ops.lispetorch.dora_linear, (*args[:5], None, args[6], 0.5, 0.0, 0))
+    torch.library.opcheck(torch.ops.lispetorch.dora_norm, (args[1].detach(), args[3].detach(), args[4].detach(),
+                                                           None, 0.5))
+
+
+def test_unmerge_is_bit_exact_in_bfloat16_after_1000_cycles():
+    torch.manual_seed(0)
+    layer = lt.LoraLinear(torch.nn.Linear(48, 64, dtype=torch.bfloat16))
+    layer.add_adapter("d", r=8, alpha=16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B["d"].normal_(std=0.05)
+    layer.set_magnitude("d")
+    with torch.no_grad():
+        layer.lora_magnitude_vector["d"].mul_(1.3)
+    w0 = layer.base_layer.weight.clone()
+    x = torch.randn(5, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        for _ in range(1000):
+            layer.merge()
+            layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, w0)
+        layer.merge()
+        torch.testing.assert_close(layer(x).float(), y.float(), rtol=0.02, atol=0.05)
+        assert not torch.equal(layer.base_layer.weight, w0)
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+# --- against PEFT ------------------------------------------------------------------------------------------------
+def build(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        return transformers.LlamaForCausalLM(cfg).eval(), ["q_proj", "v_proj", "down_proj"]
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        return transformers.Qwen2ForCausalLM(cfg).eval(), ["q_proj", "k_proj", "o_proj"]
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval(), ["c_attn", "c_proj"]
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_peft_round_trip_both_ways(kind, tmp_path):
+    base, targets = build(kind)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ours = copy.deepcopy(base)
+    lt.inject(ours, lt.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True))
+    perturb(ours, 2)
+    lt.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                   use_dora=True, fan_in_fan_out=kind == "gpt2"))
+    perturb(pm, 3)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    loaded = copy.deepcopy(base)
+    lt.load_adapter(loaded, tmp_path / "peft")
+    loaded.eval()
+    with torch.no_grad():
+        expected = pm(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert (loaded(ids).logits - base(ids).logits).abs().max() > 1e-3  # the adapter does something
+    # and back out: the same tensors PEFT wrote
+    lt.save_adapter(loaded, tmp_path / "again")
+    a, b = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "again" /
+                                                                                 "adapter_model.safetensors")
+    assert set(a) == set(b) and any(k.endswith("lora_magnitude_vector") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_training_gradients_equal_peft():
+    base, targets = build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                   use_dora=True))
+    perturb(pm, 3)
+    ours = copy.deepcopy(base)
+    lt.inject(ours, lt.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True))
+    theirs = pm.get_base_model()
+    with torch.no_grad():
+        for name, layer in lt.adapter_layers(ours).items():
+            peft_layer = theirs.get_submodule(name)
+            layer.lora_A["default"].copy_(peft_layer.lora_A["default"].weight)
+            layer.lora_B["default"].copy_(peft_layer.lora_B["default"].weight)
+            layer.lora_magnitude_vector["default"].copy_(peft_layer.lora_magnitude_vector["default"].weight)
+    ours.train()
+    pm.train()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    checked = 0
+    for name, layer in lt.adapter_layers(ours).items():
+        peft_layer = theirs.get_submodule(name)
+        for mine, other in ((layer.lora_A["default"], peft_layer.lora_A["default"].weight),
+                            (layer.lora_B["default"], peft_layer.lora_B["default"].weight),
+                            (layer.lora_magnitude_vector["default"],
+                             peft_layer.lora_magnitude_vector["default"].weight)):
+            torch.testing.assert_close(mine.grad, other.grad, rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked == 3 * 6
+
+
+def test_a_new_dora_adapter_starts_as_the_base_model_under_every_lora_init():
+    base, targets = build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = base(ids).logits
+    for init in ("kaiming", "gaussian", "pissa"):
+        m = copy.deepcopy(base)
+        lt.inject(m, lt.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True, init=init))
+        with torch.no_grad():
+            torch.testing.assert_close(m(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_dora_saved_on_the_original_weights_loads_in_peft(tmp_path):
+    base, targets = build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ours = copy.deepcopy(base)
+    lt.inject(ours, lt.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True, init="pissa"))
+    perturb(ours, 5)
+    lt.save_as_lora(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_export_equals_peft_merge_and_unload(tmp_path):
+    base, targets = build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    base.save_pretrained(tmp_path / "model")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                   use_dora=True))
+    perturb(pm, 3)
+    pm.eval().save_pretrained(tmp_path / "adapter")
+    lt.export_merged(tmp_path / "adapter", tmp_path / "model", tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_forward_equals_eager():
+    base, targets = build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    m = copy.deepcopy(base)
+    lt.inject(m, lt.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True))
+    perturb(m, 2)
+    with torch.no_grad():
+        eager = m(ids).logits
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_loraplus_puts_the_magnitude_with_b_as_peft_does():
+    base, targets = build("llama")
+    m = copy.deepcopy(base)
+    lt.inject(m, lt.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True))
+    groups = lt.optimizer_param_groups(m, lr=1e-3, loraplus_lr_ratio=8.0)
+    fast = {id(p) for g in groups if g["lr"] == 8e-3 for p in g["params"]}
+    for layer in lt.adapter_layers(m).values():
+        assert id(layer.lora_magnitude_vector["default"]) in fast
+        assert id(layer.lora_B["default"]) in fast and id(layer.lora_A["default"]) not in fast
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+def peft_dora_dir(tmp_path):
+    base, targets = build("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                   use_dora=True))
+    pm.save_pretrained(tmp_path / "peft")
+    return base, tmp_path / "peft"
+
+
+def test_a_magnitude_of_the_wrong_length_names_the_module_and_both_shapes(tmp_path):
+    base, directory = peft_dora_dir(tmp_path)
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, path)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ShapeError) as err:
+        lt.load_adapter(base, directory)
+    assert key in str(err.value) and "(15,)" in str(err.value) and "(16,)" in str(err.value)
+    assert not lt.adapter_layers(base)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_magnitude_without_use_dora_and_use_dora_without_magnitude_are_refused(tmp_path):
+    base, directory = peft_dora_dir(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["use_dora"] = False
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match="does not say use_dora"):
+        lt.load_adapter(base, directory)
+    config["use_dora"] = True
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    path = directory / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if "magnitude" not in k}, path)
+    with pytest.raises(AdapterFormatError, match="says use_dora but module"):
+        lt.load_adapter(base, directory)
+    assert not lt.adapter_layers(base)
+
+
+def test_dora_over_an_nf4_base_is_refused_and_the_model_left_as_it_was():
+    base, targets = build("llama")
+    lt.quantize_nf4(base, target_modules=["q_proj"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(AdapterStateError, match="DoRA adapter needs a dense base weight"):
+        lt.inject(base, lt.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert not lt.adapter_layers(base)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    other, _ = build("llama")
+    lt.inject(other, lt.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(AdapterStateError, match="DoRA"):
+        lt.quantize_nf4(other, target_modules=["q_proj"])
+
+
+def test_the_optimizer_refuses_dora_checkpoints_by_name(tmp_path):
+    _, directory = peft_dora_dir(tmp_path)
+    with pytest.raises(AdapterFormatError, match="use_dora"):
+        open_checkpoint("c1", directory)
+
+
+def test_the_training_config_takes_use_dora(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: [{tmp_path}]\noutput_dir: {tmp_path / 'out'}\nlora: {{use_dora: true, rank: 4}}\n")
+    assert TrainConfig.from_yaml(path).lora.adapter_config().use_dora is True
+    path.write_text(f"data: [{tmp_path}]\noutput_dir: {tmp_path / 'out'}\nlora: {{use_dora: 'yes'}}\n")
+    with pytest.raises(ValueError, match="use_dora"):
+        TrainConfig.from_yaml(path)
