@@ -9,12 +9,18 @@
 //
 // Backward needs dL/dm = Σₙ Gₙᵢ zₙᵢ / nᵢ with z = x Wᵀ + s·hr Bᵀ; it reads z off the output, z = (y − b) / g, so it
 // keeps the output (which the next layer often keeps too), not a copy of z: dL/dm = Σₙ Gₙᵢ (yₙᵢ − bᵢ) / mᵢ. The
-// rows where m is 0 (there y − b is 0 and z is lost) recompute their columns of z. The other gradients are
-// LoRA's with the output gradient scaled by g (g is a constant to them), so the LoRA backward kernel computes them.
+// rows where m is 0 (there y − b is 0 and z is lost) recompute their columns of z. (The alternative to keeping
+// (N, out) values is a product as large as the base layer's own, (Gᵀ x) ⊙ W, at every step.) g is a constant to
+// the other gradients, so folding it into the rows of W and B makes them LoRA's, computed by LoRA's kernels.
 // Dropout applies to the low-rank branch's input, as in LoRA, and costs no memory.
 #include "lispetorch.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 namespace lispetorch {
 
@@ -59,29 +65,67 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
   return w2.clamp_min_(0).sqrt_();                                                // (out)
 }
 
+namespace {
+// Column sums Σₙ Gₙᵢ yₙᵢ and Σₙ Gₙᵢ of two (N, out) tensors in one pass, in the accumulation dtype. On CPU a loop
+// over row blocks with a partial sum per block; elsewhere ATen.
+std::pair<at::Tensor, at::Tensor> column_dots(const at::Tensor& g2, const at::Tensor& y2, c10::ScalarType acc) {
+  if (!g2.device().is_cpu() || g2.scalar_type() != y2.scalar_type()) {
+    return {at::sum(g2 * y2, 0, false, acc), at::sum(g2, 0, false, acc)};
+  }
+  const at::Tensor G = g2.contiguous(), Y = y2.contiguous();
+  const int64_t n = G.size(0), out = G.size(1);
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = std::max<int64_t>(1, (n + kRows - 1) / kRows);
+  at::Tensor partial = at::zeros({blocks, 2, out}, G.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, G.scalar_type(), "lispetorch_dora_column_dots", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(c10::CppTypeToScalarType<acc_t>::value == acc, "accumulation dtype mismatch");
+    const scalar_t* gp = G.const_data_ptr<scalar_t>();
+    const scalar_t* yp = Y.const_data_ptr<scalar_t>();
+    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t* dot = pp + b * 2 * out;
+        acc_t* sum = dot + out;
+        for (int64_t row = b * kRows; row < std::min(n, (b + 1) * kRows); ++row) {
+          const scalar_t* gr = gp + row * out;
+          const scalar_t* yr = yp + row * out;
+          for (int64_t i = 0; i < out; ++i) {
+            const acc_t gv = static_cast<acc_t>(gr[i]);
+            dot[i] += gv * static_cast<acc_t>(yr[i]);
+            sum[i] += gv;
+          }
+        }
+      }
+    });
+  });
+  const at::Tensor total = partial.sum(0);  // (2, out)
+  return {total.select(0, 0), total.select(0, 1)};
+}
+
+// The rows of t (out, k) scaled by g (out).
+at::Tensor scale_rows(const at::Tensor& t, const at::Tensor& g) { return t * g.to(t.scalar_type()).unsqueeze(1); }
+}  // namespace
+
 namespace detail {
 
+// With g folded into the rows of W and B, DoRA's forward is LoRA's: y = x (g⊙W)ᵀ + s·hr (g⊙B)ᵀ + b. Forming g⊙W is
+// one pass over the (out, in) weight, cheaper than a pass over the (N, out) output.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
     double dropout, int64_t seed) {
   check_lora_inputs(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout);
   check_magnitude(weight, magnitude);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, in});                                      // (N, in)
-  at::Tensor y = at::mm(x2, weight.t());                                          // (N, out)
-  const at::Tensor xd = dropout > 0.0 ? lispetorch::dropout(x2, dropout, seed) : x2;
-  at::Tensor hr = at::mm(xd, lora_A.t());                                         // (N, r)
-  if (has(lora_R)) hr = at::mm(hr, lora_R->t());
-  y.addmm_(hr, lora_B.t(), /*beta=*/1.0, /*alpha=*/scale);                        // z = x Wᵀ + s·hr Bᵀ
   const at::Tensor norm = dora_norm(weight, lora_A, lora_B, lora_R, scale);       // (out), accumulation dtype
-  y.mul_(dora_scale(magnitude, norm).to(y.scalar_type()));                        // g ⊙ z
-  if (has(bias)) y.add_(*bias);
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = out;
-  return {y.view(sizes), hr, norm};
+  const at::Tensor g = dora_scale(magnitude, norm);
+  auto [y, hr] = lora_linear_forward(x, scale_rows(weight, g), bias, lora_A, scale_rows(lora_B, g), lora_R, scale,
+                                     dropout, seed);
+  return {y, hr, norm};
 }
 
+// Backward: LoRA's with g⊙W and g⊙B, whose gradients of x, A and R are DoRA's; those of W and B are DoRA's once
+// their rows are scaled by g. dL/dm from one pass over the output gradient and the output.
 std::vector<at::Tensor> dora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -95,33 +139,29 @@ std::vector<at::Tensor> dora_linear_backward(
               ") but weight has ", out, " outputs");
   TORCH_CHECK(norm.dim() == 1 && norm.size(0) == out, "saved norm has shape ", norm.sizes(), " but weight has ", out,
               " outputs");
+  const c10::ScalarType acc = norm.scalar_type();
+  const at::Tensor g = dora_scale(magnitude, norm);                               // (out), accumulation dtype
   const at::Tensor g2 = grad.reshape({-1, out});                                  // (N, out)
-  const at::Tensor g = dora_scale(magnitude, norm).to(g2.scalar_type());          // (out)
+  at::Tensor col_dot, col_sum;
+  if (need_m || need_b) std::tie(col_dot, col_sum) = column_dots(g2, y.reshape({-1, out}), acc);
   std::vector<at::Tensor> grads;
-  const bool lora_part = need_x || need_w || need_A || need_B || need_R;
-  if (lora_part) {
-    const at::Tensor gs = g2 * g;                                                 // dL/dz (N, out)
-    const auto inner = lora_linear_backward(gs, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed,
-                                            {need_x, need_w, false, need_A, need_B, need_R});
+  if (need_x || need_w || need_A || need_B || need_R) {
+    const at::Tensor Wg = need_x ? scale_rows(weight, g) : weight;                // only dL/dx reads it
+    const auto inner = lora_linear_backward(grad, x, Wg, lora_A, scale_rows(lora_B, g), lora_R, hr, scale, dropout,
+                                            seed, {need_x, need_w, false, need_A, need_B, need_R});
     size_t k = 0;
-    if (need_x) {
-      std::vector<int64_t> sizes = grad.sizes().vec();
-      sizes.back() = in;
-      grads.push_back(inner.at(k++).view(sizes));
-    }
-    if (need_w) grads.push_back(inner.at(k++));
-    if (need_b) grads.push_back(g2.sum(0));
-    for (const bool wanted : {need_A, need_B, need_R}) {
-      if (wanted) grads.push_back(inner.at(k++));
-    }
+    if (need_x) grads.push_back(inner.at(k++));
+    if (need_w) grads.push_back(scale_rows(inner.at(k++), g));
+    if (need_b) grads.push_back(col_sum.to(grad.scalar_type()));
+    if (need_A) grads.push_back(inner.at(k++));
+    if (need_B) grads.push_back(scale_rows(inner.at(k++), g));
+    if (need_R) grads.push_back(inner.at(k++));
   } else if (need_b) {
-    grads.push_back(g2.sum(0));
+    grads.push_back(col_sum.to(grad.scalar_type()));
   }
   if (need_m) {
-    const c10::ScalarType acc = norm.scalar_type();
-    const at::Tensor y2 = y.reshape({-1, out});                                   // (N, out)
-    at::Tensor t = at::sum(g2 * y2, 0, false, acc);                               // Σₙ Gₙᵢ yₙᵢ
-    if (has(bias)) t.sub_(at::sum(g2, 0, false, acc) * bias->to(acc));            // − bᵢ Σₙ Gₙᵢ
+    at::Tensor t = col_dot;                                                       // Σₙ Gₙᵢ yₙᵢ
+    if (has(bias)) t = t - col_sum * bias->to(acc);                               // − bᵢ Σₙ Gₙᵢ
     const at::Tensor m = magnitude.to(acc);
     const at::Tensor zero = m.eq(0);
     at::Tensor grad_m = at::where(zero, at::zeros_like(m), t / at::where(zero, at::ones_like(m), m));
