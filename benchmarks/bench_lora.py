@@ -84,10 +84,10 @@ def make_frozen(base: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def make_lispetorch(base: torch.nn.Module, targets, seed: int) -> torch.nn.Module:
+def make_lispetorch(base: torch.nn.Module, targets, seed: int, dora: bool = False) -> torch.nn.Module:
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
-    lt.inject(model, lt.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=targets))
+    lt.inject(model, lt.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=targets, use_dora=dora))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in lt.adapter_layers(model).values():
@@ -96,11 +96,13 @@ def make_lispetorch(base: torch.nn.Module, targets, seed: int) -> torch.nn.Modul
     return model
 
 
-def make_peft(base: torch.nn.Module, targets, dropout: float, source: torch.nn.Module) -> peft.PeftModel:
-    """A PEFT copy of ``base`` whose adapters hold the factors of the lispetorch model ``source``."""
+def make_peft(base: torch.nn.Module, targets, dropout: float, source: torch.nn.Module,
+              dora: bool = False) -> peft.PeftModel:
+    """A PEFT copy of ``base`` whose adapters hold the factors (and DoRA magnitudes) of the lispetorch model
+    ``source``."""
     model = peft.get_peft_model(
         copy.deepcopy(base),
-        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=targets),
+        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=targets, use_dora=dora),
     )
     inner = model.get_base_model()
     ours = lt.adapter_layers(source)
@@ -115,6 +117,8 @@ def make_peft(base: torch.nn.Module, targets, dropout: float, source: torch.nn.M
                 raise RuntimeError(f"{name}: PEFT scaling {theirs_s} != lispetorch scaling {ours_s}")
             target.lora_A["default"].weight.copy_(layer.lora_A["default"])
             target.lora_B["default"].weight.copy_(layer.lora_B["default"])
+            if dora:
+                target.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector["default"])
     return model
 
 
@@ -198,6 +202,11 @@ def medians(ta: list[float], tb: list[float], tf: list[float]) -> tuple[tuple[fl
     difference of two medians keeps."""
     above = tuple(statistics.median(a - f for a, f in zip(t, tf, strict=True)) for t in (ta, tb))
     return (statistics.median(ta), statistics.median(tb), statistics.median(tf)), above
+
+
+def above(times: list[float], floor: list[float]) -> float:
+    """The median over turns of each turn's time above the floor's."""
+    return statistics.median(a - f for a, f in zip(times, floor, strict=True))
 
 
 def spread(times: list[float]) -> str:
@@ -309,6 +318,57 @@ def bench_targets(label: str, targets, base, frozen, base_state, ids, args, rows
     ]
 
 
+def bench_dora(label: str, targets, base, frozen, ids, args, rows, mem_rows) -> None:
+    """DoRA, whole model: our DoRA against our LoRA (its cost: training step above the frozen model, adapter
+    activations) and against PEFT's DoRA (unmerged inference above the base model), all with dropout 0.05."""
+    log(f"\n## DoRA, targets {label}")
+    lora = make_lispetorch(base, targets, args.seed)
+    dora = make_lispetorch(base, targets, args.seed, dora=True)
+    pd = make_peft(base, targets, DROPOUT, dora, dora=True)
+    log(f"max |logits lispetorch DoRA - PEFT DoRA| = {max_logit_diff(dora, pd, ids):.2e}")
+    torch.manual_seed(args.seed)
+    saved = {name: saved_bytes(m, ids) for name, m in (("frozen", frozen), ("lora", lora), ("dora", dora),
+                                                          ("peft", pd))}
+    adapter = {k: saved[k] - saved["frozen"] for k in ("lora", "dora", "peft")}
+    log("saved for backward (MiB): " + ", ".join(f"{k} {v / MIB:.2f}" for k, v in saved.items()))
+    mem_rows.append([f"{label}, DoRA"] + [f"{saved[k] / MIB:.2f} ({adapter[k] / MIB:+.2f})" if k != "frozen"
+                                          else f"{saved[k] / MIB:.2f}" for k in ("frozen", "dora", "peft")] + ["—"])
+    gc.collect()
+    frozen.train()
+    floor_step = train_step(frozen, [], ids)
+    tl, td, tp, tf = alternate(train_step(lora, lt.trainable_parameters(lora), ids),
+                               train_step(dora, lt.trainable_parameters(dora), ids),
+                               train_step(pd, lt.trainable_parameters(pd), ids), floor_step,
+                               warmup=args.warmup, reps=args.reps)
+    floor_step.handle.remove()
+    log(f"train step   LoRA {spread(tl)}   DoRA {spread(td)}   PEFT DoRA {spread(tp)}   frozen {spread(tf)}")
+    t_lora, t_dora, t_peft = (above(t, tf) for t in (tl, td, tp))
+    for m in (dora, pd, frozen):
+        m.eval()
+    ia, ib, ifl = alternate(forward_only(dora, ids), forward_only(pd, ids), forward_only(frozen, ids),
+                            warmup=args.warmup, reps=3 * args.reps)
+    log(f"inference    DoRA {spread(ia)}   PEFT DoRA {spread(ib)}   base {spread(ifl)}")
+    i_dora, i_peft = above(ia, ifl), above(ib, ifl)
+    del lora, dora, pd
+    gc.collect()
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1e3:.1f}"
+
+    rows += [
+        ["DoRA train step above the frozen model's (ms); PEFT column: our LoRA", label, ms(t_dora), ms(t_lora),
+         f"{ratio(t_dora, t_lora):.3f}", "≤ 1.2"],
+        ["DoRA train step above the frozen model's (ms); PEFT DoRA", label, ms(t_dora), ms(t_peft),
+         f"{ratio(t_dora, t_peft):.3f}", "—"],
+        ["DoRA adapter activations (MiB); PEFT column: our LoRA", label, f"{adapter['dora'] / MIB:.2f}",
+         f"{adapter['lora'] / MIB:.2f}", f"{ratio(adapter['dora'], adapter['lora']):.3f}", "≤ 1.1"],
+        ["DoRA adapter activations (MiB); PEFT DoRA", label, f"{adapter['dora'] / MIB:.2f}",
+         f"{adapter['peft'] / MIB:.2f}", f"{ratio(adapter['dora'], adapter['peft']):.3f}", "—"],
+        ["DoRA unmerged inference above the base model's (ms); PEFT DoRA", label, ms(i_dora), ms(i_peft),
+         f"{ratio(i_dora, i_peft):.3f}", "≤ 0.5"],
+    ]
+
+
 class OneLayer(torch.nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -318,19 +378,36 @@ class OneLayer(torch.nn.Module):
         return self.q_proj(x)
 
 
-def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]]) -> None:
+def adapter_flops(tokens: int, width: int, dora: bool) -> tuple[int, int]:
+    """FLOPs of the adapter's own products in one training step (forward x Aᵀ and h Bᵀ; backward G B, dL/dh A,
+    dL/dhᵀ x and Gᵀ h: six products of 2·N·d·r) and in one inference forward (the first two); DoRA adds W Aᵀ for the
+    row norms (2·out·in·r) to each."""
+    product = 2 * tokens * width * RANK
+    norms = 2 * width * width * RANK if dora else 0
+    return 6 * product + norms, 2 * product + norms
+
+
+def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]], shape: tuple[int, ...]) -> None:
     """One adapted layer alone (512 → 512, r 16, dropout 0.05): the adapters' own cost, which in the whole model
     is a few percent of a step and below the machine's noise, measured without the model around it. Train:
     forward + backward with the input requiring grad (as inside a model), against the frozen layer's; eval:
-    forward under no_grad, against the plain layer's. Turns alternate, medians of the per-turn differences."""
+    forward under no_grad, against the plain layer's. Turns alternate, medians of the per-turn differences.
+
+    The floor: the FLOPs of the adapter's own products (:func:`adapter_flops`) at the rate the frozen layer
+    reaches in the same turns (its forward and input gradient, 4·N·in·out FLOPs; in eval 2·N·in·out)."""
     torch.manual_seed(seed)
     base = OneLayer(512)
-    ours = copy.deepcopy(base)
-    lt.inject(ours, lt.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=["q_proj"]))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                                      lora_dropout=DROPOUT, target_modules=["q_proj"]))
+    models = {}
+    for dora in (False, True):
+        ours = copy.deepcopy(base)
+        lt.inject(ours, lt.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=["q_proj"],
+                                      use_dora=dora))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["q_proj"], use_dora=dora))
+        models["DoRA" if dora else "LoRA"] = (ours, theirs)
     frozen = make_frozen(base)
-    x = torch.randn(tokens, 512)
+    x = torch.randn(*shape)
+    label = "×".join(map(str, shape))
 
     def train(m):
         def run() -> None:
@@ -345,26 +422,41 @@ def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]]) -> Non
                 m(x)
         return run
 
-    for m in (ours, theirs):
+    fns = [m for pair in models.values() for m in pair]
+    for m in fns:
         m.train()
-    ta, tb, tf = alternate(train(ours), train(theirs), train(frozen), warmup=10, reps=reps)
-    for m in (ours, theirs, frozen):
+    times = alternate(*map(train, fns), train(frozen), warmup=10, reps=reps)
+    t_floor = times[-1]
+    for m in (*fns, frozen):
         m.eval()
-    ia, ib, ifl = alternate(infer(ours), infer(theirs), infer(frozen), warmup=10, reps=reps)
-    (_, _, t_floor), t_above = medians(ta, tb, tf)
-    (_, _, i_floor), i_above = medians(ia, ib, ifl)
-    log(f"one layer: train lispetorch {spread(ta)}   PEFT {spread(tb)}   frozen {spread(tf)}")
-    log(f"one layer: eval  lispetorch {spread(ia)}   PEFT {spread(ib)}   base {spread(ifl)}")
+    itimes = alternate(*map(infer, fns), infer(frozen), warmup=10, reps=reps)
+    i_floor = itimes[-1]
+    rate_train = 4 * tokens * 512 * 512 / statistics.median(t_floor)  # FLOP/s of the frozen layer
+    rate_infer = 2 * tokens * 512 * 512 / statistics.median(i_floor)
+    log(f"one layer {label}: frozen train {spread(t_floor)} ({rate_train / 1e9:.0f} GFLOP/s), "
+        f"eval {spread(i_floor)} ({rate_infer / 1e9:.0f} GFLOP/s)")
 
     def us(seconds: float) -> str:
         return f"{seconds * 1e6:.0f}"
 
-    rows += [
-        [f"one layer, train step above the frozen layer's {us(t_floor)} µs (µs)", "q_proj", *map(us, t_above),
-         f"{ratio(*t_above):.3f}", "—"],
-        [f"one layer, eval forward above the plain layer's {us(i_floor)} µs (µs)", "q_proj", *map(us, i_above),
-         f"{ratio(*i_above):.3f}", "—"],
-    ]
+    for k, kind in enumerate(models):
+        flops_train, flops_infer = adapter_flops(tokens, 512, kind == "DoRA")
+        floor_train, floor_infer = flops_train / rate_train, flops_infer / rate_infer
+        ours_t, theirs_t = above(times[2 * k], t_floor), above(times[2 * k + 1], t_floor)
+        ours_i, theirs_i = above(itimes[2 * k], i_floor), above(itimes[2 * k + 1], i_floor)
+        log(f"one layer {label} {kind}: train above frozen ours {us(ours_t)} µs, PEFT {us(theirs_t)} µs, floor "
+            f"{us(floor_train)} µs ({flops_train / 1e6:.0f} MFLOP); eval above ours {us(ours_i)} µs, PEFT "
+            f"{us(theirs_i)} µs, floor {us(floor_infer)} µs")
+        rows += [
+            [f"one layer {label}, {kind} train step above the frozen layer's {us(statistics.median(t_floor))} µs "
+             "(µs)", "q_proj", us(ours_t), us(theirs_t), f"{ratio(ours_t, theirs_t):.3f}", "—"],
+            [f"one layer {label}, {kind} train: ours / floor {us(floor_train)} µs", "q_proj", us(ours_t),
+             us(floor_train), f"{ratio(ours_t, floor_train):.2f}", "≤ 1.5" if kind == "LoRA" else "—"],
+            [f"one layer {label}, {kind} eval forward above the plain layer's {us(statistics.median(i_floor))} µs "
+             "(µs)", "q_proj", us(ours_i), us(theirs_i), f"{ratio(ours_i, theirs_i):.3f}", "—"],
+            [f"one layer {label}, {kind} eval: ours / floor {us(floor_infer)} µs", "q_proj", us(ours_i),
+             us(floor_infer), f"{ratio(ours_i, floor_infer):.2f}", "—"],
+        ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the Markdown tables to this file")
+    parser.add_argument("--parts", choices=["model", "dora", "layer"], nargs="+", default=["model", "dora", "layer"],
+                        help="what to measure: the whole model with LoRA, with DoRA, one layer (default all)")
     args = parser.parse_args(argv)
     layers, batch, seq = (2, 2, 64) if args.quick else (8, 4, 256)
     if args.reps is None:
@@ -406,9 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[str]] = []
     mem_rows: list[list[str]] = []
     for label in args.targets:
-        bench_targets(label, TARGETS[label], base, frozen, base_state, ids, args, rows, mem_rows)
-    log("\n## one adapted layer")
-    bench_layer(batch * seq, 20 if args.quick else 300, args.seed, rows)
+        if "model" in args.parts:
+            bench_targets(label, TARGETS[label], base, frozen, base_state, ids, args, rows, mem_rows)
+        if "dora" in args.parts:
+            bench_dora(label, TARGETS[label], base, frozen, ids, args, rows, mem_rows)
+    if "layer" in args.parts:
+        log("\n## one adapted layer")
+        for shape in ((batch * seq, 512), (batch, seq, 512)):  # as the benchmark fed it, and as inside a model
+            bench_layer(batch * seq, 20 if args.quick else 300, args.seed, rows, shape)
 
     table = markdown(["metric", "targets", "lispetorch", "PEFT", "ratio", "goal"], rows)
     mem_table = markdown(

@@ -338,3 +338,12 @@ def test_the_training_config_takes_use_dora(tmp_path):
     path.write_text(f"data: [{tmp_path}]\noutput_dir: {tmp_path / 'out'}\nlora: {{use_dora: 'yes'}}\n")
     with pytest.raises(ValueError, match="use_dora"):
         TrainConfig.from_yaml(path)
+
+
+def test_lora_config_converts_use_dora_both_ways():
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    ours = lt.LoraConfig.from_peft(theirs)
+    assert ours.use_dora is True
+    assert ours.to_peft().use_dora is True
+    with pytest.raises(lt.ConfigError, match="use_dora"):
+        lt.LoraConfig(target_modules=["q_proj"], use_dora="true")

@@ -259,3 +259,38 @@ def test_opcheck_nf4_lora_linear(p):
     op = torch.ops.lispetorch.nf4_lora_linear.default
     torch.library.opcheck(op, (x, packed, absmax, 48, 64, b, A, B, R, 0.5, p, 7))
     torch.library.opcheck(op, (x, packed, absmax, 48, 64, None, A, B, None, 2.0, p, 7))
+
+
+@pytest.mark.parametrize("with_R", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lora_linear_over_several_row_blocks_matches_the_plain_composition(with_R, p, dtype):
+    # 512 features make blocks of 128 rows on CPU: 300 rows are three blocks, the last one partial; every gradient
+    # (W and b included) against the same sum written with torch ops and the operator's own mask
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
+
+    x, W, b = rnd(3, 100, 512), rnd(512, 512, std=0.05), rnd(512)
+    A, B = rnd(16, 512, std=0.05), rnd(512, 16, std=0.05)
+    R = rnd(16, 16, std=0.3) if with_R else None
+    y = ops.lora_linear(x, W, b, A, B, R, 0.5, p, 77)
+    mask = ops.dropout_mask(x.detach().reshape(-1, 512), p, 77).view(x.shape) if p > 0 else torch.ones_like(x)
+    xd = x * mask / (1 - p)
+    h = xd @ A.T
+    if R is not None:
+        h = h @ R.T
+    y_ref = x @ W.T + b + 0.5 * h @ B.T
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(y, y_ref, **tol)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    inputs = [t for t in (x, W, b, A, B, R) if t is not None]
+    for ours, ref in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(y_ref, inputs, gy, retain_graph=True),
+                         strict=True):
+        torch.testing.assert_close(ours, ref, **(tol if dtype == torch.float64 else dict(rtol=0.05, atol=0.5)))
+    # only some gradients asked for: each path through the blocks
+    for wanted in ([x], [A], [B], [x, B], [A, B]):
+        for ours, ref in zip(torch.autograd.grad(ops.lora_linear(x, W, b, A, B, R, 0.5, p, 77), wanted, gy),
+                             torch.autograd.grad(y_ref, wanted, gy, retain_graph=True), strict=True):
+            torch.testing.assert_close(ours, ref, **(tol if dtype == torch.float64 else dict(rtol=0.05, atol=0.5)))

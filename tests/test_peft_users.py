@@ -139,7 +139,7 @@ def test_lora_config_from_and_to_peft(model_dirs, fields):
 
 
 @pytest.mark.parametrize(("fields", "word"), [
-    (dict(target_modules=["q_proj"], use_dora=True), "use_dora"),
+    (dict(target_modules=["q_proj"], lora_bias=True), "lora_bias"),  # use_dora converts now: tests/test_dora.py
     (dict(target_modules=["q_proj"], bias="all"), "bias"),
     (dict(target_modules=["q_proj"], init_lora_weights="olora"), "olora"),
     (dict(target_modules=["q_proj"], init_lora_weights=False), "False"),
