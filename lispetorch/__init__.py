@@ -27,6 +27,7 @@ from .adapters import (
     merge,
     set_adapter,
     set_enabled,
+    set_trainable_adapters,
     trainable_parameters,
     unmerge,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "save_as_lora",
     "save_tinylora",
     "set_adapter",
+    "set_trainable_adapters",
     "set_enabled",
     "tasks",
     "train",

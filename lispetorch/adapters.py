@@ -145,6 +145,7 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
             replace_module(model, name, layer)
         layers[name] = layer
     set_adapter(model, adapter_name)
+    accept_adapter_names(model)
     return layers
 
 
@@ -249,6 +250,69 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         wrapper.active_adapter = adapter_name if adapter_name in wrapper.modules_to_save else None
         for name in wrapper.modules_to_save:
             wrapper.set_trainable(name, name == adapter_name)
+
+
+def set_trainable_adapters(model: nn.Module, adapter_names: list[str]) -> None:
+    """Makes the adapters ``adapter_names`` train together (their factors that are not frozen), and every other
+    adapter frozen: for a mixed-adapter batch that trains several adapters at once, each from its own samples.
+
+    Raises:
+        AdapterStateError: a name no layer holds (the message lists the adapters present).
+    """
+    layers = layers_or_raise(model)
+    known = adapter_names_of(layers)
+    unknown = [n for n in adapter_names if n not in known]
+    if unknown:
+        raise AdapterStateError(f"no adapter named {unknown[0]!r}; the model has {sorted(known)}")
+    for layer in layers.values():
+        for name in layer.lora_A:
+            layer.set_trainable(name, name in adapter_names)
+
+
+def adapter_names_of(layers: dict[str, LoraLinear]) -> set[str]:
+    return {n for layer in layers.values() for n in layer.lora_A}
+
+
+# --- mixed-adapter batches ---------------------------------------------------------------------------------------
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+def _take_adapter_names(model: nn.Module, args, kwargs):
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return args, kwargs
+    layers = adapter_layers(model)
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or \
+            not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"adapter_names must be a list of adapter names (one per sample, {BASE!r} for none), got "
+                          f"{names!r}")
+    known = adapter_names_of(layers)
+    for n in names:
+        if n != BASE and n not in known:
+            raise ConfigError(f"adapter_names names {n!r}, which is not loaded; the model has {sorted(known)}")
+    first = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if isinstance(first, torch.Tensor) and first.dim() >= 1 and first.shape[0] != len(names):
+        raise ConfigError(f"adapter_names has {len(names)} names for a batch of {first.shape[0]} samples")
+    per_sample = tuple(None if n == BASE else n for n in names)
+    for layer in layers.values():
+        layer.batch_adapters = per_sample
+    return args, kwargs
+
+
+def _forget_adapter_names(model: nn.Module, args, kwargs, output):
+    for layer in adapter_layers(model).values():
+        layer.batch_adapters = None
+
+
+def accept_adapter_names(model: nn.Module) -> None:
+    """Lets ``model(..., adapter_names=[...])`` (PEFT's keyword) run each sample through its own adapter
+    (``"__base__"``: none) in one forward, which trains too: the names are checked before any compute (length,
+    loaded adapters) and hold for that one forward. Called by every injection and load; idempotent."""
+    if getattr(model, "_lispetorch_adapter_names", False):
+        return
+    model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True)
+    model.register_forward_hook(_forget_adapter_names, with_kwargs=True, always_call=True)
+    model._lispetorch_adapter_names = True
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

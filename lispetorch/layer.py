@@ -219,6 +219,9 @@ class LoraLinear(nn.Module):
         self._merge_versions: tuple[int, ...] | None = None
         self.register_load_state_dict_post_hook(refresh_after_load)
         self._merge_fingerprint: tuple[torch.Tensor, torch.Tensor] | None = None
+        # A mixed-adapter batch: the adapter of each sample (None: the base alone), set for one forward of the
+        # model (see lispetorch.adapters.accept_adapter_names).
+        self.batch_adapters: tuple[str | None, ...] | None = None
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
@@ -538,6 +541,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._compiled_forward(x)
+        if self.batch_adapters is not None and self.enabled:
+            return self._mixed_forward(x, self.batch_adapters)
         name = self.active_adapter
         if not self.enabled or name is None or self.merged_adapter is not None:
             return self.base_layer(x)
@@ -554,6 +559,45 @@ class LoraLinear(nn.Module):
             m = self.lora_magnitude_vector[name]
             return fused_dora_linear(self.base_layer, x, A, B, R, m.to(dtype), settings.scaling, p, seed)
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
+
+    def _mixed_forward(self, x: torch.Tensor, names: tuple[str | None, ...]) -> torch.Tensor:
+        """Each sample (first dimension of ``x``) through its own adapter, in one call of the grouped operator;
+        a sample whose adapter this layer does not hold gets the base layer's output, as in PEFT."""
+        if x.shape[0] != len(names):
+            raise ShapeError(f"a mixed-adapter batch names {len(names)} adapters but this layer's input has "
+                             f"{x.shape[0]} samples (shape {tuple(x.shape)})")
+        present = [n for n in dict.fromkeys(names) if n is not None and n in self.lora_A]
+        if not present:
+            return self.base_layer(x)
+        if self.merged_adapter is not None:
+            raise merged_error(self.merged_adapter, then="unmerge before running a mixed-adapter batch")
+        if isinstance(self.base_layer, NF4Linear):
+            raise AdapterStateError("a mixed-adapter batch needs a dense base weight; this layer's is NF4")
+        for n in present:
+            if (n in self.lora_R or n in self.lora_R_fn or n in self.base_offset or n in self.lora_nf4
+                    or n in self.lora_magnitude_vector):
+                raise AdapterStateError(f"adapter {n!r} is not a plain LoRA (it has an r×r core, an SVD init's "
+                                        "residual base, NF4 factors or a DoRA magnitude): mixed-adapter batches "
+                                        "take plain LoRA adapters")
+        dropouts = {self.settings[n].dropout for n in present} if self.training else {0.0}
+        if len(dropouts) > 1:
+            raise ConfigError(f"adapters {present} have different dropouts {sorted(dropouts)}: a mixed-adapter batch "
+                              "trains with one")
+        dtype = compute_dtype(self.base_layer)
+        rank = max(self.settings[n].r for n in present)
+        As, Bs = [], []
+        for n in present:
+            A, B = self.lora_A[n].to(dtype), self.lora_B[n].to(dtype)
+            As.append(F.pad(A, (0, 0, 0, rank - A.shape[0])))  # (rank, in): zero rows add nothing
+            Bs.append(F.pad(B, (0, rank - B.shape[1])))  # (out, rank)
+        index = {n: i for i, n in enumerate(present)}
+        per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.long, device=x.device)
+        group = per_sample.repeat_interleave(x[0].numel() // x.shape[-1] if x.dim() > 1 else 1)
+        p = dropouts.pop()
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        return ops.lora_linear_grouped(x.to(dtype), weight_out_in(self.base_layer), self.base_layer.bias,
+                                       torch.stack(As), torch.stack(Bs), group,
+                                       [self.settings[n].scaling for n in present], p, seed)
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward ``torch.compile`` traces: one code for every adapter state, reading only

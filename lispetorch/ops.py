@@ -25,6 +25,7 @@ def native_library() -> str:
 
 __all__ = [
     "lora_linear",
+    "lora_linear_grouped",
     "dora_linear",
     "dora_norm",
     "dora_merge_",
@@ -76,6 +77,35 @@ def lora_linear(
         RuntimeError: shapes, dtypes or devices that do not fit, named in the message.
     """
     return _ops.lora_linear(x, weight, bias, lora_A, lora_B, lora_R, float(scale), float(dropout), int(seed))
+
+
+def lora_linear_grouped(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    group: torch.Tensor,
+    scales: list[float],
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """One adapter per group of rows, in one call: ``y = x Wᵀ + b + s_g · ((drop(x) A_gᵀ) B_gᵀ)`` on the rows of
+    ``x`` (viewed as ``(N, in)``) whose group is ``g``, differentiable; each adapter's gradient comes from its
+    own rows only.
+
+    Args:
+        x, weight, bias, dropout, seed: as :func:`lora_linear` (one dropout probability for every group).
+        lora_A (Tensor): ``(G, r, in)``, the adapters' A stacked (a smaller rank padded with zero rows).
+        lora_B (Tensor): ``(G, out, r)``.
+        group (Tensor): ``(N,)`` int64, the adapter of each row, ``-1`` for the base layer alone.
+        scales (list[float]): ``G`` scalings.
+
+    Returns:
+        Tensor: ``(..., out)``.
+    """
+    return _ops.lora_linear_grouped(x, weight, bias, lora_A, lora_B, group, [float(s) for s in scales],
+                                    float(dropout), int(seed))
 
 
 def dora_linear(
@@ -448,6 +478,23 @@ def _(grad, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed, output_
         tuple(lora_B.shape),
         tuple(lora_R.shape) if lora_R is not None else (),
     ]
+    return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask, strict=True) if wanted]
+
+
+@torch.library.register_fake("lispetorch::lora_linear_grouped")
+def _(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("lispetorch::lora_linear_grouped_forward")
+def _(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed):
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((_rows(x), lora_A.shape[1]))
+
+
+@torch.library.register_fake("lispetorch::lora_linear_grouped_backward")
+def _(grad, x, weight, lora_A, lora_B, group, hr, scales, dropout, seed, output_mask):
+    shapes = [(*grad.shape[:-1], weight.shape[1]), tuple(weight.shape), (weight.shape[0],), tuple(lora_A.shape),
+              tuple(lora_B.shape)]
     return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask, strict=True) if wanted]
 
 

@@ -186,6 +186,82 @@ at::Tensor dora_linear_no_grad(const at::Tensor& x, const at::Tensor& weight, co
   return std::get<0>(dora_forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed));
 }
 
+const auto& grouped_forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_linear_grouped_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double, int64_t)>();
+  return op;
+}
+
+const auto& grouped_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_linear_grouped_backward", "")
+                       .typed<std::vector<at::Tensor>(
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double,
+                           int64_t, std::array<bool, 5>)>();
+  return op;
+}
+
+// Mixed-adapter batches: inputs x, weight, bias (optional), A, B, group (not differentiable), then scales, dropout,
+// seed. Saved: x (when a gradient needs it), the factors, the group index and hr (N, r).
+class GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& group, std::vector<double> scales,
+                            double dropout, int64_t seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, hr] = grouped_forward_op().call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed);
+    const bool keep_x = lora_A.requires_grad() || weight.requires_grad();
+    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, lora_A, lora_B, group, hr});
+    ctx->saved_data["scales"] = c10::IValue(scales);
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &group = saved[4],
+                     &hr = saved[5];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t b = has_bias ? 1 : 0;
+    std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(2 + b),
+                                ctx->needs_input_grad(3 + b)};
+    variable_list out(9);
+    if (!std::any_of(mask.begin(), mask.end(), [](bool v) { return v; })) return out;
+    at::Tensor grad = grad_outputs[0];
+    if (!grad.defined()) return out;
+    const std::vector<double> scales = ctx->saved_data["scales"].toDoubleVector();
+    const auto grads = grouped_backward_op().call(grad, opt(x), weight, lora_A, lora_B, group, hr, scales,
+                                                  ctx->saved_data["dropout"].toDouble(),
+                                                  ctx->saved_data["seed"].toInt(), mask);
+    size_t k = 0;
+    for (size_t i = 0; i < mask.size(); ++i) {
+      if (mask[i]) out[i] = grads.at(k++);
+    }
+    return out;
+  }
+};
+
+at::Tensor grouped_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
+                            at::ArrayRef<double> scales, double dropout, int64_t seed) {
+  return GroupedLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B, group,
+                                      scales.vec(), dropout, seed);
+}
+
+at::Tensor grouped_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
+                           at::ArrayRef<double> scales, double dropout, int64_t seed) {
+  return std::get<0>(grouped_forward_op().call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed));
+}
+
 }  // namespace
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -210,14 +286,27 @@ at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   return op.call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed);
 }
 
+at::Tensor lora_linear_grouped(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
+                               at::ArrayRef<double> scales, double dropout, int64_t seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_linear_grouped", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         at::ArrayRef<double>, double, int64_t)>();
+  return op.call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed);
+}
+
 }  // namespace lispetorch
 
 TORCH_LIBRARY_IMPL(lispetorch, Autograd, m) {
   m.impl("lora_linear", &lispetorch::lora_linear_autograd);
   m.impl("dora_linear", &lispetorch::dora_linear_autograd);
+  m.impl("lora_linear_grouped", &lispetorch::grouped_autograd);
 }
 
 TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lispetorch::lora_linear_no_grad);
   m.impl("dora_linear", &lispetorch::dora_linear_no_grad);
+  m.impl("lora_linear_grouped", &lispetorch::grouped_no_grad);
 }

@@ -51,6 +51,13 @@ void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tenso
                    const std::optional<at::Tensor>& lora_R, double scale, const std::optional<at::Tensor>& distance,
                    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& values);
 
+// Mixed-adapter batches, differentiable: y = x Wᵀ + b + s_g · ((drop(x) A_gᵀ) B_gᵀ) on the rows of x (viewed as
+// (N, in)) whose group is g; A (G, r, in), B (G, out, r) stacked, group (N,) int64 (−1: the base alone), one scale
+// per group. Each adapter's gradient comes from its own rows. See grouped.cpp.
+at::Tensor lora_linear_grouped(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
+                               at::ArrayRef<double> scales, double dropout, int64_t seed);
+
 // DoRA (Liu et al. 2024), differentiable: y = g ⊙ (x Wᵀ + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b with g = m / n and
 // n = ‖W + s·B R A‖ per output row, a constant in backward (gradients for x, A, B, R, m and, if they require it,
 // W and b). magnitude m: (out). See dora.cpp.
@@ -143,6 +150,16 @@ std::vector<at::Tensor> lora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr,
     double scale, double dropout, int64_t seed, std::array<bool, 6> output_mask);
+
+// The grouped kernels: forward returns (y, hr); backward the gradients whose mask entry is true, in the order
+// (x, weight, bias, A, B).
+std::tuple<at::Tensor, at::Tensor> lora_linear_grouped_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& group, at::ArrayRef<double> scales, double dropout, int64_t seed);
+std::vector<at::Tensor> lora_linear_grouped_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& group, const at::Tensor& hr, at::ArrayRef<double> scales,
+    double dropout, int64_t seed, std::array<bool, 5> output_mask);
 
 // A magnitude vector that fits weight: (out,), floating point, on its device.
 void check_magnitude(const at::Tensor& weight, const at::Tensor& magnitude);
