@@ -94,8 +94,10 @@ def lora_linear_grouped(
     ``x`` (viewed as ``(N, in)``) whose group is ``g``, differentiable; each adapter's gradient comes from its
     own rows only.
 
+    ``x``, ``weight``, ``bias``, ``dropout`` and ``seed`` are as in :func:`lora_linear` (one dropout probability
+    for every group).
+
     Args:
-        x, weight, bias, dropout, seed: as :func:`lora_linear` (one dropout probability for every group).
         lora_A (Tensor): ``(G, r, in)``, the adapters' A stacked (a smaller rank padded with zero rows).
         lora_B (Tensor): ``(G, out, r)``.
         group (Tensor): ``(N,)`` int64, the adapter of each row, ``-1`` for the base layer alone.
@@ -127,8 +129,9 @@ def dora_linear(
     in backward, as the paper proposes and PEFT does. Dropout applies to the low-rank branch's input, as in
     :func:`lora_linear`; evaluated without dropout the layer is PEFT's DoRA layer.
 
+    The other arguments are as in :func:`lora_linear`.
+
     Args:
-        x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed: as :func:`lora_linear`.
         magnitude (Tensor): ``m`` ``(out,)``.
 
     Returns:
