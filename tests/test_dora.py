@@ -4,6 +4,7 @@ training gradients, merged export), exact merge/unmerge, and bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -17,6 +18,7 @@ import lispetorch as lt
 from lispetorch import ops
 from lispetorch.combine.reader import open_checkpoint
 from lispetorch.errors import AdapterFormatError, AdapterStateError, ShapeError
+from lispetorch.train import engine
 from lispetorch.train.config import TrainConfig
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -347,3 +349,66 @@ def test_lora_config_converts_use_dora_both_ways():
     assert ours.to_peft().use_dora is True
     with pytest.raises(lt.ConfigError, match="use_dora"):
         lt.LoraConfig(target_modules=["q_proj"], use_dora="true")
+
+
+def test_the_engine_trains_resumes_and_writes_a_peft_dora_adapter(tiny_default_model, corpus, tmp_path):
+    def cfg(out):
+        return {"model": str(tiny_default_model), "data": str(corpus), "output_dir": str(out), "max_steps": 6,
+                "batch_size": 2, "max_seq_length": 32, "logging_steps": 2, "save_steps": 3, "eval_steps": 3,
+                "learning_rate": 5e-3, "seed": 7, "plot": False,
+                "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                         "use_dora": True}}
+
+    full = lt.train.train(cfg(tmp_path / "full"), progress=False)
+
+    def stop_at_4(trainer):
+        if trainer.global_step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.Trainer(cfg(tmp_path / "cut"), progress=False, on_step=stop_at_4).train()
+    resumed = lt.train.train(cfg(tmp_path / "cut"), resume=True, progress=False)
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and sum(k.endswith("lora_magnitude_vector") for k in a) == 4
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_default_model).eval()
+    norms = {k: v for k, v in a.items() if k.endswith("lora_magnitude_vector")}
+    initial = {f"base_model.model.{n}.lora_magnitude_vector": base.get_submodule(n).weight.norm(dim=1)
+               for n in (k[len("base_model.model."):-len(".lora_magnitude_vector")] for k in norms)}
+    assert any(not torch.allclose(norms[k], initial[k], atol=1e-6) for k in norms)  # the magnitudes trained
+    ids = torch.randint(0, 500, (1, 16))
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tiny_default_model)
+    lt.load_adapter(ours, full.adapter_dir)
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_default_model),
+                                            full.adapter_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_with_dropout_matches_eager_without():
+    base, targets = build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    m = copy.deepcopy(base)
+    lt.inject(m, lt.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=targets, use_dora=True))
+    perturb(m, 2)
+    m.train()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any("magnitude" in n for n in grads)
+    # without dropout the compiled gradients are the eager ones
+    for layer in lt.adapter_layers(m).values():
+        layer.settings["default"] = dataclasses.replace(layer.settings["default"], dropout=0.0)
+        layer.compiled_view()
+    m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    torch.compile(m, fullgraph=True, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad(set_to_none=True)
+    m(input_ids=ids, labels=ids).loss.backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-5, atol=1e-6)

@@ -27,7 +27,7 @@ from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..hf import DTYPES, max_positions
 from ..methods import orthogonality_loss, save_tinylora
 from ..optim import optimizer_param_groups
-from ..peft_format import PREFIX, finite_or_raise, write_files
+from ..peft_format import MAGNITUDE, PREFIX, finite_or_raise, peft_key, write_files
 from ..peft_io import export, saved_module_tensors
 from ..schedule import make_scheduler
 from ..targets import quantize_nf4
@@ -526,8 +526,10 @@ class Trainer:
         if state["factors"] and not all(k.startswith(PREFIX) for k in weights):
             params = dict(self._trained())  # the trained parameters by their names in the model
         else:  # PEFT keys: a plain LoRA's adapter, or factors saved so by earlier versions
-            params = {f"{PREFIX}{name}.{which}.weight": getattr(layer, which)[layer.active_adapter]
-                      for name, layer in adapter_layers(self.model).items() for which in ("lora_A", "lora_B")}
+            params = {peft_key(name, which): getattr(layer, which)[layer.active_adapter]
+                      for name, layer in adapter_layers(self.model).items()
+                      for which in ("lora_A", "lora_B", MAGNITUDE)
+                      if which != MAGNITUDE or layer.active_adapter in layer.lora_magnitude_vector}
             params.update(saved_module_tensors(self.model, active_adapter(self.model)))  # modules_to_save
         if set(params) != set(weights):
             raise ConfigError(f"{path}: the checkpoint adapts other modules than this config "
