@@ -539,10 +539,10 @@ class LoraLinear(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_adapters is not None and self.enabled:  # compiled too: traced per pattern of names
+            return self._mixed_forward(x, self.batch_adapters)
         if torch.compiler.is_compiling():
             return self._compiled_forward(x)
-        if self.batch_adapters is not None and self.enabled:
-            return self._mixed_forward(x, self.batch_adapters)
         name = self.active_adapter
         if not self.enabled or name is None or self.merged_adapter is not None:
             return self.base_layer(x)

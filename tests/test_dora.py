@@ -412,3 +412,24 @@ def test_compiled_training_with_dropout_matches_eager_without():
     for n, p in m.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_hotswap_of_a_dora_adapter_takes_its_magnitudes(tmp_path):
+    base, targets = build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for seed, name in ((2, "one"), (3, "two")):
+        m = copy.deepcopy(base)
+        lt.inject(m, lt.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True))
+        perturb(m, seed)
+        lt.save_adapter(m, tmp_path / name)
+    expected = copy.deepcopy(base)
+    lt.load_adapter(expected, tmp_path / "two")
+    model = copy.deepcopy(base)
+    lt.load_adapter(model, tmp_path / "one")
+    lt.hotswap_adapter(model, tmp_path / "two")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected(ids).logits, rtol=1e-6, atol=1e-6)
+    plain = copy.deepcopy(base)
+    lt.inject(plain, lt.LoraConfig(r=4, alpha=8, target_modules=targets))
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        lt.hotswap_adapter(plain, tmp_path / "two")

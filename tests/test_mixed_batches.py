@@ -116,3 +116,16 @@ def test_bad_adapter_names_are_refused_before_any_compute(tmp_path, names, word)
     assert not calls
     # the names held for one forward only: the next plain forward runs the active adapter
     assert all(layer.batch_adapters is None for layer in lt.adapter_layers(model).values())
+
+
+def test_a_compiled_model_runs_mixed_batches_too(tmp_path):
+    _, model = with_adapters(tmp_path)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for names in (["a", "b", "c"], ["c", "__base__", "a"]):
+            expected = model(input_ids=ids, adapter_names=names).logits
+            torch.testing.assert_close(compiled(input_ids=ids, adapter_names=names).logits, expected, rtol=1e-6,
+                                       atol=1e-6)
+        lt.set_adapter(model, "b")
+        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
