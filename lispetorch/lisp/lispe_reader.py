@@ -109,6 +109,8 @@ class _Reader:
         self.skip()
         if self.pos >= len(self.text):
             self.error("unexpected end of text")
+        if self.text[self.pos] not in "({'":
+            return self._read()
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
