@@ -137,9 +137,10 @@ def task_records(d: Path) -> None:
     of the verbalizers', its answers where ``answer_start`` says in the context."""
     spec = json.loads((d / "task.json").read_text())
     task = tasks.load_task(spec, base=d)
-    for records in (task.train, task.eval):
-        if not records:
-            raise Wrong("a task with no records")
+    for records, name in ((task.train, "train.jsonl"), (task.eval, "eval.jsonl")):
+        lines = [line for line in (d / name).read_text(encoding="utf-8").split("\n") if line.strip()]
+        if len(records) != len(lines):  # every non-blank line is one record
+            raise Wrong(f"{name}: {len(records)} records from {len(lines)} non-blank lines")
         for rec in records:
             if not all(isinstance(v, str) for v in rec.fields.values()):
                 raise Wrong(f"{rec.where}: a field that is not a string: {rec.fields!r:.200}")
