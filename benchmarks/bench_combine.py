@@ -129,13 +129,14 @@ def reader_at(rev: str):
     text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:lispetorch/combine/reader.py"], check=True,
                           capture_output=True, text=True).stdout
     name = f"lispetorch.combine.reader_{rev.replace('-', '_').replace('.', '_')}"
-    tmp = Path(tempfile.mkdtemp(prefix="bench_reader.")) / "reader.py"
-    tmp.write_text(text)
-    spec = importlib.util.spec_from_file_location(name, tmp)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "lispetorch.combine"
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="bench_reader.") as tmp:
+        path = Path(tmp) / "reader.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = "lispetorch.combine"
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     return module
 
 
