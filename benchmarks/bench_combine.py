@@ -25,20 +25,29 @@ three adapters of rank 8) and combines the three adapters with weights (0.2, 0.5
    repetitions. Both results are compared with the exact truncated SVD of the dense weighted sum (relative
    Frobenius error over all modules; Eckart–Young says no rank-8 adapter does better).
 
+With ``--against REV``, part 1 also runs optimize with the checkpoint reader of the git revision ``REV``
+(``lispetorch/combine/reader.py`` as it was there, loaded beside the current one) on the same files, the two
+alternating run by run, warm and cold, and prints each one's median and the ratio current / REV: one command
+compares two readers on one machine at one time (``b75d751``: the reader whose factors were views of the mapped
+files, before reads into buffers of the process).
+
 Times are medians over ``--reps`` repetitions (the dense reference and PEFT: fewer, see the output), with
 ``time.perf_counter``. Ratios are printed as Markdown; ``--out`` also writes them to a file.
 
     python benchmarks/bench_combine.py            # full benchmark
     python benchmarks/bench_combine.py --quick    # smoke test: 2 layers, a small svd model, 2 repetitions
+    python benchmarks/bench_combine.py --against b75d751 --reps 15 --only-readers   # the readers side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,6 +122,51 @@ def cold(fn, paths):
     return run
 
 
+def reader_at(rev: str):
+    """``lispetorch/combine/reader.py`` as it was at the git revision ``rev``, loaded as a module of its own beside
+    the current one (its relative imports resolve in the current package)."""
+    root = Path(__file__).resolve().parent.parent
+    text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:lispetorch/combine/reader.py"], check=True,
+                          capture_output=True, text=True).stdout
+    name = f"lispetorch.combine.reader_{rev.replace('-', '_').replace('.', '_')}"
+    with tempfile.TemporaryDirectory(prefix="bench_reader.") as tmp:
+        path = Path(tmp) / "reader.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = "lispetorch.combine"
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def readers_side_by_side(cfg: dict, paths: list[Path], rev: str, reps: int) -> list[tuple]:
+    """optimize with the current reader and with the one at ``rev``, alternating run by run on the same files (in
+    the page cache, then evicted before each run): medians and the ratio current / ``rev``."""
+    optimize_module = sys.modules["lispetorch.combine.optimize"]
+    readers = {"current": optimize_module.stream, rev: reader_at(rev).stream}
+    rows = []
+    for where, prepare in (("in page cache", lambda: None), ("evicted first", lambda: evict(paths))):
+        times: dict[str, list[float]] = {k: [] for k in readers}
+        read_all(paths)
+        try:
+            for i in range(reps):
+                for name in (list(readers) if i % 2 == 0 else list(readers)[::-1]):
+                    optimize_module.stream = readers[name]
+                    prepare()
+                    t0 = time.perf_counter()
+                    combine.optimize(cfg, NAMES[-1])
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            optimize_module.stream = readers["current"]
+        now, then = statistics.median(times["current"]), statistics.median(times[rev])
+        print(f"  optimize, files {where}: current reader {now:.4f} s, reader at {rev} {then:.4f} s (medians of "
+              f"{reps}, alternating), current / {rev} {now / then:.3f}")
+        rows += [(f"optimize, files {where}, reader at {rev} (s)", then, None, None),
+                 (f"optimize, files {where}, current reader (s)", now, now / then, f"current / {rev} ≈ 1")]
+    return rows
+
+
 def dense_gram(paths: list[Path], modules: list[str], scale: float) -> torch.Tensor:
     from safetensors import safe_open
 
@@ -128,7 +182,8 @@ def dense_gram(paths: list[Path], modules: list[str], scale: float) -> torch.Ten
     return G
 
 
-def part1(root: Path, layers: int, reps: int, dense_reps: int) -> list[tuple]:
+def part1(root: Path, layers: int, reps: int, dense_reps: int, against: str | None = None,
+          only_readers: bool = False) -> list[tuple]:
     shapes = attention_shapes(layers, 4608, 512)
     paths = [root / n for n in NAMES]
     for i, p in enumerate(paths):
@@ -138,6 +193,9 @@ def part1(root: Path, layers: int, reps: int, dense_reps: int) -> list[tuple]:
     elements = sum(o * i for o, i in shapes.values())
     print(f"part 1: {len(NAMES)} checkpoints x {len(shapes)} modules ({layers} layers x q,k,v,o), "
           f"{size / 2**20:.1f} MiB of safetensors, {elements:,} ΔW elements per checkpoint")
+    readers = readers_side_by_side(cfg, paths, against, reps) if against else []
+    if only_readers:
+        return readers
     # cold: the files evicted from the page cache before each run (timing includes the eviction's few µs)
     t_read_cold, _ = timed(cold(lambda: read_all(paths), paths), reps)
     t_opt_cold, _ = timed(cold(lambda: combine.optimize(cfg, NAMES[-1]), paths), reps)
@@ -161,7 +219,7 @@ def part1(root: Path, layers: int, reps: int, dense_reps: int) -> list[tuple]:
         ("optimize, files evicted from the page cache first (s)", t_opt_cold, None, None),
         ("read the files' bytes, evicted first (s)", t_read_cold, t_opt_cold / t_read_cold, "optimize / read ≤ 2"),
         ("fused vs dense Gram, largest relative difference", rel, None, "≤ 1e-10"),
-    ]
+    ] + readers
 
 
 def part2(root: Path, hidden: int, layers: int, reps: int, peft_reps: int) -> list[tuple]:
@@ -239,6 +297,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, 2 repetitions")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of the fast measurements (default 7)")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--against", metavar="REV", help="also run optimize with the checkpoint reader of this git "
+                        "revision, alternating with the current one (b75d751: views of the mapped files)")
+    parser.add_argument("--only-readers", action="store_true", help="with --against: only the readers side by side")
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 7)
     layers, svd_hidden, svd_layers = (2, 256, 2) if args.quick else (32, 2048, 2)
@@ -247,8 +308,9 @@ def main(argv=None) -> int:
               f"lispetorch {lt.__version__}; threads {torch.get_num_threads()}")
     print(header)
     with tempfile.TemporaryDirectory(prefix="bench_combine.") as tmp:
-        rows = part1(Path(tmp), layers, reps, dense_reps) + part2(Path(tmp), svd_hidden, svd_layers, reps,
-                                                                      peft_reps)
+        rows = part1(Path(tmp), layers, reps, dense_reps, args.against, args.only_readers)
+        if not args.only_readers:
+            rows += part2(Path(tmp), svd_hidden, svd_layers, reps, peft_reps)
     lines = [header, "", "| measurement | value | ratio | goal |", "|---|---|---|---|"]
     for name, value, ratio, goal in rows:
         v = f"{value:.2e}" if value < 1e-3 else f"{value:.4f}" if value < 10 else f"{value:.1f}"

@@ -40,6 +40,7 @@ from .errors import ConfigError
 from .train import data as data_mod
 from .train.config import FULL, LoraSection, TrainConfig
 from .train.engine import Trainer, checkpoints
+from .validate import show
 
 MODES = ("single", "sweep", "ablation")
 ABLATIONS: dict[str, list[dict]] = {
@@ -49,6 +50,7 @@ ABLATIONS: dict[str, list[dict]] = {
 }
 SWEEP = {"learning_rate": [1e-4, 3e-4], "seed": [42, 1337, 2024]}
 KEYS = ("output_dir", "base", "grid", "mode", "ablation", "full_baseline", "metric", "name")
+MAX_RUNS = 10_000  # an experiment of more runs is a mistake in its grid (or a few bytes of YAML aliases)
 RUN_NAME = "run.json"
 RESULTS = ("results.json", "results.csv", "results.md")
 
@@ -109,6 +111,8 @@ def plan(config: Mapping | str | os.PathLike) -> Plan:
                                                                    f"; the keys are {', '.join(KEYS)}"))
     if "output_dir" not in config:
         raise ConfigError(f"{source}: missing required key 'output_dir'")
+    if not isinstance(config["output_dir"], str) or not config["output_dir"].strip():
+        raise ConfigError(f"{source}: 'output_dir' must be a directory's path, got {show(config['output_dir'])}")
     base = config.get("base") or {}
     if not isinstance(base, Mapping):
         raise ConfigError(f"{source}: 'base' must be a training config (a mapping), got {base!r}")
@@ -147,6 +151,10 @@ def plan(config: Mapping | str | os.PathLike) -> Plan:
             raise ConfigError(f"{source}: grid axis {key!r} has an empty list of values")
         axes.append([{key: v} for v in values])
         names.append(key)
+    runs = math.prod(len(a) for a in axes)
+    if runs > MAX_RUNS:
+        sizes = " × ".join(f"{'/'.join(a[0])} ({len(a)})" for a in axes)
+        raise ConfigError(f"{source}: the grid makes {runs} runs ({sizes}); an experiment has at most {MAX_RUNS}")
     settings = [dict(itertools.chain.from_iterable(p.items() for p in point)) for point in itertools.product(*axes)]
     if config.get("full_baseline"):
         others = [n for n in names if not n.startswith("lora.")]

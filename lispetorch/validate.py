@@ -209,20 +209,43 @@ def open_regular(path: str | os.PathLike, why: str = "data is read from regular 
     return open(fd, encoding="utf-8")
 
 
+def _not_utf8(path: Path) -> str:
+    """``path:line: not UTF-8 text (…)`` for a file that failed to decode, the line of its first bad byte."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})"
+    return f"{path}: not UTF-8 text"
+
+
 def jsonl(path: str | os.PathLike, why: str = "data is read from regular files only") -> Iterator[tuple[str, object]]:
     """``(where, value)`` for each non-blank line of the JSON Lines file ``path`` (a regular file, see
     :func:`open_regular`); ``where`` is ``path:line`` for messages.
 
     Raises:
-        DataError: not a regular file, or a line that is not JSON (its ``path:line``).
+        DataError: not a regular file, text that is not UTF-8, or a line that is not JSON or cannot be read as
+            such (an integer of more digits than Python reads, arrays nested too deep) (its ``path:line``).
     """
     path = Path(path)
     with open_regular(path, why) as fh:
-        for lineno, line in enumerate(fh, 1):
+        lineno = 0
+        while True:
+            lineno += 1
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError:
+                raise DataError(_not_utf8(path)) from None
+            if not line:
+                break
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an integer of too many digits; arrays nested too deep
+                raise DataError(f"{path}:{lineno}: JSON that cannot be read ({show(str(e) or type(e).__name__)})") \
+                    from None
             yield f"{path}:{lineno}", value

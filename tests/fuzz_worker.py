@@ -10,8 +10,10 @@ whose result does not hold).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -23,8 +25,11 @@ import transformers
 from safetensors.torch import load_file
 
 import lispetorch as lt
+from lispetorch import experiment, tasks
 from lispetorch.combine.config import load_config
 from lispetorch.combine.reader import open_checkpoint, stream
+from lispetorch.lisp import lispe_eval
+from lispetorch.methods.tinylora import restore_tinylora, tinylora_cores
 from lispetorch.peft_format import parse_key
 from lispetorch.train.config import TrainConfig
 
@@ -104,8 +109,82 @@ def combine_config(path: Path) -> None:
         raise Wrong("a setting is not a boolean")
 
 
+def experiment_plan(path: Path) -> None:
+    """``lispetorch experiment``'s plan: every run's config of its types, one run per point of the grid (and of
+    the full baseline), each in a directory of its own under the experiment's."""
+    raw = json.loads(path.with_name("grid.json").read_text())  # what the YAML says, as the test wrote it
+    p = experiment.plan(path)
+    for cfg in p.configs:
+        _check_values(TrainConfig.from_dict(cfg), "run")
+    dirs = [Path(c["output_dir"]) for c in p.configs]
+    if len(set(dirs)) != len(dirs) or not all(d.parent == p.output_dir / "runs" for d in dirs):
+        raise Wrong(f"run directories not distinct or not under {p.output_dir}: {dirs[:4]}")
+    if raw is not None:  # the grid's own axes multiply the runs (a sweep or ablation adds axes)
+        points = math.prod(len(v) for v in raw.values())
+        if len(p.settings) < points or len(p.settings) % points:
+            raise Wrong(f"{len(p.settings)} runs for a grid of {points} points")
+        for s, cfg in zip(p.settings, p.configs, strict=True):
+            for key, value in s.items():
+                got = cfg
+                for part in key.split("."):
+                    got = got.get(part) if isinstance(got, dict) else None
+                if key != "lora.method" and got != value:
+                    raise Wrong(f"run {cfg['output_dir']}: {key} is {got!r}, its setting says {value!r}")
+
+
+def task_records(d: Path) -> None:
+    """A task's JSONL files read by ``load_task``: every record of its layout, its fields strings, its label one
+    of the verbalizers', its answers where ``answer_start`` says in the context."""
+    spec = json.loads((d / "task.json").read_text())
+    task = tasks.load_task(spec, base=d)
+    for records, name in ((task.train, "train.jsonl"), (task.eval, "eval.jsonl")):
+        lines = [line for line in (d / name).read_text(encoding="utf-8").split("\n") if line.strip()]
+        if len(records) != len(lines):  # every non-blank line is one record
+            raise Wrong(f"{name}: {len(records)} records from {len(lines)} non-blank lines")
+        for rec in records:
+            if not all(isinstance(v, str) for v in rec.fields.values()):
+                raise Wrong(f"{rec.where}: a field that is not a string: {rec.fields!r:.200}")
+            if spec["kind"] == "classification" and rec.label not in task.verbalizers:
+                raise Wrong(f"{rec.where}: label {rec.label!r} is not a verbalizer's")
+            if spec["kind"] == "qa":
+                file, line = rec.where.rsplit(":", 1)
+                raw = json.loads(Path(file).read_text(encoding="utf-8").split("\n")[int(line) - 1])
+                for text, start in zip(raw["answers"]["text"], raw["answers"]["answer_start"], strict=True):
+                    if not (0 <= start and rec.fields["context"][start:start + len(text)] == text):
+                        raise Wrong(f"{rec.where}: answer {text!r:.50} at {start} accepted")
+
+
+def tinylora_restore(d: Path) -> None:
+    """``restore_tinylora`` on a fresh model: the adapter's vector is the file's, the model's output finite."""
+    model = copy.deepcopy(BASE)
+    restore_tinylora(model, d / "tiny_lora_v.pt")
+    state = torch.load(d / "tiny_lora_v.pt", weights_only=True)
+    v = state["global_v"]
+    vectors = {id(c.v): c.v for c in tinylora_cores(model).values()}.values()
+    want = v.reshape(-1, v.shape[-1])
+    if len(vectors) != want.shape[0] or not all(torch.equal(p.detach(), w.to(p.dtype))
+                                                 for p, w in zip(vectors, want, strict=True)):
+        raise Wrong("the adapter's vector is not the file's")
+    with torch.no_grad():
+        if float(v.abs().max()) < 1e3 and not torch.isfinite(model(IDS).logits).all():
+            raise Wrong("the adapted model's output is not finite")
+
+
+def lispe_run(path: Path) -> None:
+    """A LispE script run as ``lispetorch run`` does; where the test knows the value of ``result``, it is
+    checked."""
+    expected = path.with_name("expected.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        found = lispe_eval.run(path)
+    if expected.is_file():
+        want = json.loads(expected.read_text())
+        if found.get("result") != want or type(found.get("result")) is not type(want):
+            raise Wrong(f"result is {found.get('result')!r:.100}, expected {want!r:.100}")
+
+
 TARGETS = {"load_adapter": load_adapter, "combine": combine_read, "train_config": train_config,
-           "combine_config": combine_config}
+           "combine_config": combine_config, "experiment_plan": experiment_plan, "task_records": task_records,
+           "tinylora_restore": tinylora_restore, "lispe_run": lispe_run}
 
 
 def run(target: str, path: Path) -> dict:

@@ -498,3 +498,66 @@ def test_a_combination_that_overflows_its_dtype_is_not_written(tmp_path):
                                              r"\S+ holds \d+ NaN/Inf"):
         combine.build(cfg, {"a": 1.0, "b": 1.0}, tmp_path / "out", mode="cat")
     assert not (tmp_path / "out").exists()
+
+
+# --- the checked reader: reads grouped, each file checked once per group -------------------------------------
+def test_stream_reads_a_group_of_modules_with_one_call_and_two_checks_per_file(tmp_path, monkeypatch):
+    d1 = _write_adapter_dir(tmp_path / "a", modules=12, seed=1)
+    d2 = _write_adapter_dir(tmp_path / "b", modules=12, seed=2)
+    cs = [open_checkpoint("a", d1), open_checkpoint("b", d2)]
+    refs = [load_file(str(c.weights_file)) for c in cs]
+    order = sorted(cs[0].modules, key=lambda m: cs[0].entries[cs[0].modules[m].key_A].begin)
+    calls = {"preadv": 0, "fstat": 0}
+    real_preadv, real_fstat = os.preadv, os.fstat
+
+    def preadv(*args):
+        calls["preadv"] += 1
+        return real_preadv(*args)
+
+    def fstat(*args):
+        calls["fstat"] += 1
+        return real_fstat(*args)
+
+    for background in (False, True):
+        calls.update(preadv=0, fstat=0)
+        with monkeypatch.context() as mp:
+            mp.setattr(os, "preadv", preadv)
+            mp.setattr(os, "fstat", fstat)
+            with stream(cs, order, group=64 << 10, background=background) as it:
+                got = list(it)
+        assert [m for m, _, _ in got] == order
+        for m, As, Bs in got:
+            for c, ref, A, B in zip(cs, refs, As, Bs, strict=True):
+                assert torch.equal(A, ref[c.modules[m].key_A]) and torch.equal(B, ref[c.modules[m].key_B])
+        # 12 modules of 16 KiB per file: a group of 1 module, then groups of 64 KiB of both files (2 modules): 7
+        assert calls["preadv"] == 7 * 2, calls
+        assert calls["fstat"] == 7 * 2 * 2 + 2, calls  # before and after each group, and one per file opened
+
+
+def test_the_reader_keeps_tensors_aligned_when_the_file_does_not(tmp_path):
+    # a hand-written file: a float16 tensor of 3 values (6 bytes) right before a float32 one
+    h = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    header = json.dumps({"h": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+                         "x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [6, 30]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + h.numpy().tobytes() + x.numpy().tobytes())
+    f = MappedFile(path)
+    size, spans, places = f.layout("h", "x")
+    assert len(spans) == 2 and places == [0, 64] and size == 64 + 24  # x moved to the next 64 bytes
+    a, b = f.read("h", "x")
+    assert torch.equal(a, h) and torch.equal(b, x)
+    assert b.data_ptr() % 4 == 0
+    f.close()
+
+
+def test_a_checkpoint_whose_header_bytes_changed_after_it_was_opened_is_parsed_again(tmp_path):
+    d = _write_adapter_dir(tmp_path / "c", modules=2)
+    c = open_checkpoint("c", d)
+    assert c.header == c.weights_file.read_bytes()[:len(c.header)] and len(c.header) > 8
+    data = bytearray(c.weights_file.read_bytes())
+    data[8:8 + len(c.header) - 8] = data[8:8 + len(c.header) - 8].replace(b'"F32"', b'"F16"', 1)
+    c.weights_file.write_bytes(bytes(data))  # same size, another header: not the tensors it was opened with
+    with pytest.raises(lt.AdapterFormatError, match="not a readable safetensors file|changed since it was opened"):
+        MappedFile(c.weights_file, c.entries, c.file_size, c.header)

@@ -13,8 +13,10 @@ without stopping at the first failure, for the figures).
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import select
@@ -343,6 +345,258 @@ def combine_yaml(draw) -> bytes:
 @given(combine_yaml())
 def test_fuzz_combine_config(text):
     check("combine YAML", {"checkpoints.yml": text, "__target__": b"checkpoints.yml"}, ["combine_config"])
+
+
+# --- experiment grids, task files, tiny_lora_v.pt, LispE scripts ----------------------------------------------
+GRID_AXES = {
+    "learning_rate": st.one_of(st.sampled_from([1e-4, 3e-4]), st.floats(allow_nan=True, allow_infinity=True)),
+    "seed": st.one_of(st.integers(0, 3000), hostile_scalars), "max_steps": st.one_of(st.integers(1, 50),
+                                                                                      hostile_scalars),
+    "batch_size": hostile_scalars, "warmup_steps": hostile_scalars, "weight_decay": hostile_scalars,
+    "lora.rank": st.one_of(st.sampled_from([4, 8]), hostile_scalars), "lora.alpha": hostile_scalars,
+    "lora.target_modules": st.one_of(st.sampled_from(["standard", "all-linear"]), json_values),
+    "lora.method": hostile_scalars, "scheduler_type": hostile_scalars, "nonsense": hostile_scalars,
+}
+
+
+@st.composite
+def experiment_yaml(draw) -> tuple[bytes, object]:
+    """An experiment config and its grid as written (None where the test cannot say how many runs it makes)."""
+    form = draw(st.sampled_from(["edit", "edit", "edit", "aliases", "bytes"]))
+    if form == "bytes":
+        return draw(st.binary(max_size=200)), None
+    if form == "aliases":  # a few bytes of YAML whose axes share one list: the runs multiply
+        n, axes = draw(st.integers(1, 12)), draw(st.integers(1, 9))
+        names = ["seed", "max_steps", "warmup_steps", "save_steps", "eval_steps", "logging_steps", "batch_size",
+                 "lora.rank", "lora.alpha"][:axes]
+        values = ", ".join(str(i + 1) for i in range(n))
+        lines = ["output_dir: exp", "base: {data: corpus}", "grid:", f"  {names[0]}: &v [{values}]"]
+        lines += [f"  {k}: *v" for k in names[1:]]
+        return ("\n".join(lines) + "\n").encode(), None
+    cfg: dict = {"output_dir": "exp", "base": {"data": "corpus", "max_steps": 2}}
+    grid = {}
+    for key in draw(st.lists(st.sampled_from(sorted(GRID_AXES)), max_size=3, unique=True)):
+        grid[key] = draw(st.one_of(st.lists(GRID_AXES[key], min_size=1, max_size=4),
+                                   st.lists(GRID_AXES[key], max_size=4), hostile_scalars))
+    cfg["grid"] = grid
+    optional = {"mode": st.one_of(st.sampled_from(["single", "sweep", "ablation"]), hostile_scalars),
+                "ablation": st.one_of(st.sampled_from(["rank", "alpha", "modules"]), hostile_scalars),
+                "full_baseline": hostile_scalars, "metric": hostile_scalars, "name": hostile_scalars,
+                "base": json_values, "output_dir": hostile_scalars, "nonsense": hostile_scalars}
+    for key in draw(st.lists(st.sampled_from(sorted(optional)), max_size=3, unique=True)):
+        cfg[key] = draw(optional[key])
+    plain = all(isinstance(v, list) and v for v in grid.values())
+    return _yaml(cfg), grid if plain else None
+
+
+@SETTINGS
+@given(experiment_yaml())
+def test_fuzz_experiment_grid(case):
+    text, grid = case
+    check("experiment grid", {"experiment.yaml": text, "grid.json": json.dumps(grid).encode(),
+                              "__target__": b"experiment.yaml"}, ["experiment_plan"])
+
+
+CONTEXT = "the cat sat on the mat"
+TASK_RECORDS = {
+    "single": {"sentence": "a good film", "label": 1},
+    "pair": {"sentence1": "a cat", "sentence2": "a dog", "label": "0"},
+    "qa": {"question": "who sat?", "context": CONTEXT, "answers": {"text": ["cat"], "answer_start": [4]}},
+}
+TASK_FIELDS = {
+    "sentence": hostile_scalars, "sentence1": hostile_scalars, "sentence2": hostile_scalars,
+    "label": st.one_of(st.sampled_from([0, 1, "0", "1", 2, "yes", 1.0, True]), hostile_scalars),
+    "question": hostile_scalars, "context": st.one_of(st.just(CONTEXT), hostile_scalars),
+    "answers": st.one_of(st.fixed_dictionaries({"text": st.lists(st.sampled_from(["cat", "mat", "the", "", "dog"]),
+                                                                 max_size=2),
+                                                "answer_start": st.lists(st.integers(-30, 40), max_size=2)}),
+                         json_values),
+}
+
+
+@st.composite
+def task_lines(draw, layout: str) -> bytes:
+    lines = []
+    for _ in range(draw(st.integers(0, 4))):
+        form = draw(st.sampled_from(["valid", "valid", "edit", "edit", "json", "bytes", "blank", "number"]))
+        if form == "bytes":
+            lines.append(draw(st.binary(max_size=40)).replace(b"\n", b" "))
+        elif form == "blank":
+            lines.append(draw(st.sampled_from([b"", b"  ", b"\t", b"\r", b"\x0c"])))
+        elif form == "json":
+            lines.append(json.dumps(draw(json_values)).encode())
+        elif form == "number":  # numbers JSON allows but Python reads with limits or as non-finite
+            value = draw(st.sampled_from(["1" * 5000, "NaN", "Infinity", "-0", "1e999", "2.0"]))
+            rec = json.dumps({**TASK_RECORDS[layout], "label": "@"}).replace('"@"', value)
+            lines.append(rec.encode())
+        else:
+            rec = copy.deepcopy(TASK_RECORDS[draw(st.sampled_from(sorted(TASK_RECORDS))) if form == "edit" and
+                                              draw(st.booleans()) else layout])
+            if form == "edit":
+                for key in draw(st.lists(st.sampled_from(sorted(TASK_FIELDS)), min_size=1, max_size=3,
+                                         unique=True)):
+                    if draw(st.booleans()) and key in rec:
+                        del rec[key]
+                    else:
+                        rec[key] = draw(TASK_FIELDS[key])
+            lines.append(json.dumps(rec).encode())
+    return b"\n".join(lines) + draw(st.sampled_from([b"", b"\n"]))
+
+
+@SETTINGS
+@given(st.sampled_from(["single", "pair", "qa"]), st.data())
+def test_fuzz_task_files(layout, data):
+    kind = "qa" if layout == "qa" else "classification"
+    spec = {"kind": kind, "train_file": "train.jsonl", "eval_file": "eval.jsonl"}
+    if kind == "classification":
+        spec["verbalizers"] = {"0": "no", "1": "yes"}
+    valid = (json.dumps(TASK_RECORDS[layout]) + "\n").encode()
+    train = data.draw(task_lines(layout), label="train")
+    ev = data.draw(st.one_of(st.just(valid), task_lines(layout)), label="eval")
+    check("task JSONL", {"task.json": json.dumps(spec).encode(), "train.jsonl": train, "eval.jsonl": ev},
+          ["task_records"])
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+TINY_U = 4
+tiny_vectors = st.one_of(
+    st.sampled_from(["ok", "ok", "groups", "nan", "inf", "huge", "int", "bool", "3d", "empty", "f64", "bf16",
+                     "f16", "wide", "list", "none"]).map(lambda k: {
+                         "ok": torch.linspace(-0.1, 0.1, TINY_U), "groups": torch.full((2, TINY_U), 0.01),
+                         "nan": torch.tensor([0.1, float("nan"), 0.0, 0.0]),
+                         "inf": torch.tensor([0.1, float("inf"), 0.0, 0.0]), "huge": torch.full((TINY_U,), 1e30),
+                         "int": torch.arange(TINY_U), "bool": torch.ones(TINY_U, dtype=torch.bool),
+                         "3d": torch.zeros(1, 1, TINY_U), "empty": torch.zeros(0), "f64": torch.zeros(TINY_U,
+                                                                                                   dtype=torch.float64),
+                         "bf16": torch.full((TINY_U,), 0.01, dtype=torch.bfloat16),
+                         "f16": torch.full((TINY_U,), 0.01, dtype=torch.float16),
+                         "wide": torch.zeros(TINY_U + 3), "list": [0.1] * TINY_U, "none": None}[k]),
+    hostile_scalars)
+TINY_FIELDS = {"global_v": tiny_vectors, "u_value": st.one_of(st.just(TINY_U), hostile_scalars),
+               "rank": st.one_of(st.integers(1, 40), st.sampled_from([64, 2**31, 2**62]), hostile_scalars),
+               "seed": st.one_of(st.just(0), hostile_scalars), "model_id": st.one_of(st.none(), hostile_scalars),
+               "total_replaced_layers": st.one_of(st.sampled_from([None, 7, 1]), hostile_scalars),
+               "is_quantized": hostile_scalars, "step": hostile_scalars, "validation_score": hostile_scalars,
+               "junk": json_values}
+SIDECAR = {"format": "lispetorch-tinylora", "convention": "paper", "target_modules": ["q_proj", "v_proj"],
+           "groups": 1, "u_value": TINY_U, "rank": 2, "seed": 0, "total_replaced_layers": 2, "dtype": "float32"}
+SIDECAR_VALUES = {"format": hostile_scalars, "convention": st.one_of(st.sampled_from(["paper", "qwen-coder"]),
+                                                                     hostile_scalars),
+                  "target_modules": st.one_of(st.sampled_from([["q_proj"], "all-linear", ["nothing"], []]),
+                                              json_values),
+                  "groups": hostile_scalars, "u_value": hostile_scalars, "rank": hostile_scalars,
+                  "seed": hostile_scalars, "total_replaced_layers": hostile_scalars, "dtype": hostile_scalars}
+
+
+@st.composite
+def tinylora_files(draw) -> dict[str, bytes]:
+    state = {"global_v": torch.linspace(-0.1, 0.1, TINY_U), "u_value": TINY_U, "rank": 2, "seed": 0}
+    sidecar = dict(SIDECAR)
+    form = draw(st.sampled_from(["edit", "edit", "edit", "sidecar", "bytes", "object"]))
+    if form == "object":  # not a dict of fields at all
+        return {"tiny_lora_v.pt": _torch_bytes(draw(st.one_of(json_values, tiny_vectors)))}
+    for key in draw(st.lists(st.sampled_from(sorted(TINY_FIELDS)), max_size=3, unique=True)):
+        if draw(st.integers(0, 4)) == 0 and key in state:
+            del state[key]
+        else:
+            state[key] = draw(TINY_FIELDS[key])
+    if isinstance(state.get("rank"), int):
+        sidecar["rank"] = state["rank"]
+    files = {"tiny_lora_v.pt": _torch_bytes(state)}
+    if form == "sidecar" or draw(st.booleans()):
+        for key in draw(st.lists(st.sampled_from(sorted(SIDECAR_VALUES)), max_size=2, unique=True)):
+            sidecar[key] = draw(SIDECAR_VALUES[key])
+        files["tiny_lora_v.json"] = json.dumps(sidecar).encode()
+    if form == "bytes":
+        raw = bytearray(files["tiny_lora_v.pt"])
+        if draw(st.booleans()):
+            raw = raw[:draw(st.integers(0, len(raw) - 1))]
+        else:
+            for _ in range(draw(st.integers(1, 4))):
+                i = draw(st.integers(0, len(raw) - 1))
+                raw[i] ^= draw(st.integers(1, 255))
+        files["tiny_lora_v.pt"] = bytes(raw)
+    return files
+
+
+@SETTINGS
+@given(tinylora_files())
+def test_fuzz_tinylora_files(files):
+    check("tiny_lora_v.pt", files, ["tinylora_restore"])
+
+
+LISPE_CALLS = ["+", "-", "*", "/", "%", "<", ">", "=", "!=", "not", "min", "max", "sum", "abs", "floor", "ceiling",
+               "round", "sqrt", "exp", "log", "list", "car", "cdr", "@", "@@", "reverse", "integers", "floats",
+               "strings", "integer", "float", "string", "in", "nullp", "emptyp", "keys", "values", "iota", "join",
+               "split", "trim", "typeof", "rho", "copy", "pop", "extend", "pushfirst", "set@", "chrbyte", "fill",
+               "irange", "iota0", "nosuchfunction"]
+lispe_leaves = st.sampled_from(["0", "1", "-2", "7", "12", "0.5", "-1.5", '"ab"', '""', "nil", "true", "false",
+                                "'x", "(list 1 2 3)", '(list "a" 2)', "{a:1 b:2}", "x", "1e999", "0x1F"])
+
+
+@st.composite
+def lispe_expressions(draw, depth: int = 0) -> tuple[str, int]:
+    """Integer arithmetic whose value the test knows."""
+    if depth >= 3 or draw(st.integers(0, 2)) == 0:
+        n = draw(st.integers(-5, 20))
+        return str(n), n
+    op = draw(st.sampled_from(["+", "-", "*", "if"]))
+    if op == "if":
+        (a, va), (b, vb) = draw(lispe_expressions(depth + 1)), draw(lispe_expressions(depth + 1))
+        (x, vx), (y, vy) = draw(lispe_expressions(depth + 1)), draw(lispe_expressions(depth + 1))
+        return f"(if (< {a} {b}) {x} {y})", vx if va < vb else vy
+    args = [draw(lispe_expressions(depth + 1)) for _ in range(draw(st.integers(2, 3)))]
+    value = args[0][1]
+    for _, v in args[1:]:
+        value = value + v if op == "+" else value - v if op == "-" else value * v
+    return f"({op} {' '.join(a for a, _ in args)})", value
+
+
+@st.composite
+def lispe_calls(draw, depth: int = 0) -> str:
+    if depth >= 3 or draw(st.integers(0, 2)) == 0:
+        return draw(lispe_leaves)
+    args = [draw(lispe_calls(depth + 1)) for _ in range(draw(st.integers(0, 3)))]
+    return f"({draw(st.sampled_from(LISPE_CALLS))} {' '.join(args)})"
+
+
+@st.composite
+def lispe_scripts(draw) -> dict[str, bytes]:
+    form = draw(st.sampled_from(["value", "value", "calls", "calls", "text", "nesting", "literal", "recursion",
+                                 "bytes"]))
+    if form == "value":
+        text, value = draw(lispe_expressions())
+        return {"script.lisp": f"(setq result {text})\n".encode(), "expected.json": json.dumps(value).encode()}
+    if form == "calls":
+        return {"script.lisp": "\n".join(draw(st.lists(lispe_calls(), min_size=1, max_size=3))).encode()}
+    if form == "text":  # LispE's punctuation and a few letters: never the name of anything that acts outside
+        return {"script.lisp": draw(st.text(alphabet="()'\"`;{}: .0123456789abx+-*\n\\\t", max_size=200)).encode()}
+    if form == "nesting":
+        n = draw(st.sampled_from([10, 500, 5000, 50000]))
+        opening, closing = draw(st.sampled_from([("(", ")"), ("(+ 1 ", ")"), ("{a:", "}"), ("'", ""),
+                                                 ("(list ", ")")]))
+        close = draw(st.sampled_from([n, n - 1, n + 1]))
+        return {"script.lisp": (opening * n + "1" + closing * max(close, 0)).encode()}
+    if form == "literal":
+        digits = draw(st.sampled_from([10, 4300, 4301, 20000]))
+        literal = draw(st.sampled_from(["9" * digits, "-" + "9" * digits, "0x" + "f" * digits,
+                                        "1" * digits + ".5", "1e" + "9" * min(digits, 50)]))
+        return {"script.lisp": f"(setq result {literal})\n(+ result 1)\n".encode()}
+    if form == "recursion":
+        body = draw(st.sampled_from(["(f x)", "(+ 1 (f x))", "(list (f x))"]))
+        return {"script.lisp": f"(defun f (x) {body})\n(f 1)\n".encode()}
+    return {"script.lisp": draw(st.binary(max_size=100))}
+
+
+@SETTINGS
+@given(lispe_scripts())
+def test_fuzz_lispe_scripts(files):
+    check("LispE script", {**files, "__target__": b"script.lisp"}, ["lispe_run"])
 
 
 def table(stats: dict) -> str:

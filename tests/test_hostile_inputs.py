@@ -18,9 +18,12 @@ import torch
 from conftest import load, logits, randomize_adapters
 
 import lispetorch as lt
-from lispetorch import validate, yaml_io
+from lispetorch import experiment, validate, yaml_io
 from lispetorch.combine import config as combine_config
 from lispetorch.combine import reader
+from lispetorch.lisp import lispe_eval
+from lispetorch.lisp.lispe_reader import LispeSyntaxError
+from lispetorch.tasks import read_records
 from lispetorch.train import data as data_mod
 from lispetorch.train import engine
 
@@ -481,3 +484,76 @@ def test_a_fifo_as_a_task_file_is_refused_not_waited_on(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"ERR {tmp_path / 'train.jsonl'}: a FIFO, not a regular file; task files"), \
         done.stdout
+
+
+# --- found by the fuzz suite: experiment grids, task files, LispE scripts ----------------------------------------
+def test_an_experiment_grid_of_shared_alias_lists_is_refused_by_its_size_not_built(tmp_path):
+    # 150 bytes of YAML: nine axes that share one list of twelve values make 12^9 (5 billion) runs
+    lines = ["output_dir: exp", "base: {data: corpus}", "grid:", f"  seed: &v [{', '.join(map(str, range(1, 13)))}]"]
+    lines += [f"  {k}: *v" for k in ("max_steps", "warmup_steps", "save_steps", "eval_steps", "logging_steps",
+                                     "batch_size", "lora.rank", "lora.alpha")]
+    (tmp_path / "experiment.yaml").write_text("\n".join(lines) + "\n")
+    code = """
+        import sys
+        from lispetorch import experiment
+        from lispetorch.errors import ConfigError
+        try:
+            experiment.plan(sys.argv[1])
+        except ConfigError as e:
+            print("ERR", e)
+    """
+    done = run_python(code, 120, str(tmp_path / "experiment.yaml"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"ERR {tmp_path / 'experiment.yaml'}: the grid makes 5159780352 runs (seed (12) × "
+                                  "max_steps (12) × "), done.stdout
+    assert "an experiment has at most 10000" in done.stdout
+
+
+@pytest.mark.parametrize("value", [-3, None, "", ["a"], {"a": 1}])
+def test_an_experiment_output_dir_that_is_not_a_path_is_named(tmp_path, value):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(json.dumps({"output_dir": value, "base": {"data": "corpus"}}))
+    with pytest.raises(lt.ConfigError, match=rf"{path}: 'output_dir' must be a directory's path, got "):
+        experiment.plan(path)
+
+
+@pytest.mark.parametrize("line,says", [
+    (b'{"sentence": "ok", "label": 1}\n{"sentence": "caf\xe9", "label": 0}\n', ":2: not UTF-8 text (invalid "),
+    (b'{"sentence": "ok", "label": ' + b"1" * 5000 + b"}\n", ":1: JSON that cannot be read ("),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: JSON that cannot be read ("),
+])
+def test_task_files_that_are_not_utf8_or_json_python_cannot_read_are_data_errors(tmp_path, line, says):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(line)
+    with pytest.raises(lt.DataError) as info:
+        read_records(path)
+    assert str(info.value).startswith(f"{path}{says}"), str(info.value)
+
+
+@pytest.mark.parametrize("text,says", [
+    ("(" * 5000 + "1" + ")" * 5000, ":1: lists nested more than 200 deep"),
+    ("'" * 5000 + "x", ":1: lists nested more than 200 deep"),
+    ("(setq result " + "9" * 5000 + ")", ":1: the number 99999999999999999999… (5000 characters) cannot be read"),
+    ("(" + "f . " * 3000 + "x)", ":1: more than 200 composition dots in one list"),
+])
+def test_lispe_scripts_nested_too_deep_or_with_unreadable_numbers_are_syntax_errors(tmp_path, text, says):
+    path = tmp_path / "script.lisp"
+    path.write_text(text)
+    with pytest.raises(LispeSyntaxError) as info:
+        lispe_eval.run(path)
+    assert str(info.value).startswith(f"{path}{says}"), str(info.value)[:300]
+
+
+def test_a_lispe_script_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "script.lisp"
+    path.write_bytes(b"(println \"caf\xe9\")\n")
+    with pytest.raises(LispeSyntaxError, match=rf"^{path}: not UTF-8 text \(invalid continuation byte at byte 13\)"):
+        lispe_eval.run(path)
+
+
+def test_an_unknown_bare_name_at_a_lispe_scripts_top_level_is_named_with_its_line(tmp_path):
+    path = tmp_path / "script.lisp"
+    path.write_text("(setq a 1)\n\n  nosuchname\n")
+    with pytest.raises(lispe_eval.LispeError) as info:
+        lispe_eval.run(path)
+    assert str(info.value) == f"{path}:3: nosuchname\n  unknown name 'nosuchname'"

@@ -3,8 +3,7 @@
 For every adapted module, checkpoint i contributes ``ΔWᵢ = sᵢ Bᵢ Aᵢ``. The weights minimise
 ``Σ_modules ‖Σᵢ wᵢ ΔWᵢ − ΔW_target‖²_F``; all the solver needs is the Gram of the deltas, which the native
 :func:`lispetorch.ops.lora_gram_modules` computes from the factors (sources and target of each module together,
-many modules per call), in float64, reading the factors in place from the memory-mapped checkpoint files in the
-order they lie there.
+many modules per call), in float64, from the factors read from the checkpoint files in the order they lie there.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading LoRA checkpoints module by module from memory-mapped safetensors.
+"""Reading LoRA checkpoints module by module from their safetensors files.
 
 A checkpoint is a PEFT adapter directory. Its ``adapter_config.json`` gives each module's scaling
 ``s = lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``; ``rank_pattern``/``alpha_pattern`` per module);
@@ -7,7 +7,8 @@ its ``adapter_model.safetensors`` holds ``<module>.lora_A.weight`` ``(r, in)`` a
 only says that the base layer stores its weight transposed, as GPT-2's ``Conv1D`` does).
 
 Only the headers are read when a checkpoint is opened; :func:`stream` then yields one module's factors of all
-checkpoints at a time, as views of the memory-mapped files, while the next module's pages are read in.
+checkpoints at a time, read in groups of modules into memory of the process (one system call per file and group,
+the file checked before and after), while the disk reads of the next bytes are under way.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import mmap
 import os
 import re
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy
 import torch
 
 from ..errors import AdapterFormatError, ConfigError, ShapeError
@@ -65,6 +68,8 @@ class Checkpoint:
     file_size: int = -1
     # tensors of the weights file that are not LoRA factors (``modules_to_save``: a trained head, embeddings)
     other: list[str] = field(default_factory=list)
+    # the weights file's first bytes (its header's length and the header) when it was opened
+    header: bytes = field(default=b"", repr=False)
 
     @property
     def weights_file(self) -> Path:
@@ -184,7 +189,12 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
             if (path / "adapter_model.bin").is_file() else ""
         raise AdapterFormatError(f"checkpoint {name!r}: {wfile} is missing{legacy}")
     try:
-        entries, size = read_header(wfile)
+        with open(wfile, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = _head(f.fileno(), size)
+        entries, size = read_header(wfile, header, size)
+    except OSError as e:
+        raise AdapterFormatError(f"checkpoint {name!r}: {wfile}: cannot be read ({e.strerror})") from None
     except AdapterFormatError as e:
         raise AdapterFormatError(f"checkpoint {name!r}: {e}") from None
     shapes = {k: e.shape for k, e in entries.items()}
@@ -237,7 +247,7 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     dtype = _DTYPES[widest]
     return Checkpoint(name, path, description, config, modules, dtype,
                       fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), use_rslora=use_rslora,
-                      entries=entries, file_size=size, other=other)
+                      entries=entries, file_size=size, other=other, header=header)
 
 
 def common_modules(checkpoints: list[Checkpoint], on_mismatch: str = "error") -> tuple[list[str], list[str]]:
@@ -308,28 +318,34 @@ class MappedFile:
     A view of a map (:meth:`tensor`) cannot be so guarded: a page of a map cut off by a truncation kills the
     process with ``SIGBUS`` when read, so :func:`stream` reads copies.
 
+    ``entries`` and ``size``: what the file held when its checkpoint was opened, and ``header`` the bytes they
+    were read from (:attr:`Checkpoint.header`): a file whose header bytes and size are still those is not parsed
+    again.
+
     Raises:
         AdapterFormatError: see :func:`read_header`; a header that differs from ``entries`` (the file changed since
             its checkpoint was opened).
     """
 
-    def __init__(self, path: Path, entries: dict[str, TensorEntry] | None = None, size: int = -1) -> None:
+    def __init__(self, path: Path, entries: dict[str, TensorEntry] | None = None, size: int = -1,
+                 header: bytes = b"") -> None:
         self.path = path
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close() or the garbage collector
         try:
             st = os.fstat(self._file.fileno())
             self._stamp = (st.st_size, st.st_mtime_ns)
-            head = os.pread(self._file.fileno(), 8, 0)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            data = head + os.pread(self._file.fileno(), n, 8) if 0 <= n <= st.st_size else head
+            data = _head(self._file.fileno(), st.st_size)
         except OSError as e:
             self._file.close()
             raise AdapterFormatError(f"{path}: cannot be read ({e.strerror})") from None
-        try:
-            self.entries, self._size = read_header(path, data, st.st_size)
-        except AdapterFormatError:
-            self._file.close()
-            raise
+        if entries is not None and header and data == header and size == st.st_size:
+            self.entries, self._size = entries, size  # the very bytes ``entries`` were read from
+        else:
+            try:
+                self.entries, self._size = read_header(path, data, st.st_size)
+            except AdapterFormatError:
+                self._file.close()
+                raise
         if entries is not None and (size != self._size or entries != self.entries):
             self._file.close()
             raise AdapterFormatError(f"{path}: changed since it was opened (its header or size is not the same); "
@@ -350,60 +366,83 @@ class MappedFile:
             return "it was modified"
         return None
 
-    def read_size(self, *keys: str) -> int:
-        """The bytes :meth:`read` needs in a buffer for ``keys`` (each tensor at a multiple of 64 bytes)."""
-        return sum(_aligned(self.entries[k].end - self.entries[k].begin) for k in keys)
-
-    def read(self, *keys: str, buffer: bytearray | None = None, offset: int = 0) -> list[torch.Tensor]:
-        """The tensors ``keys``, read from the file into memory of this process: ``buffer`` from ``offset`` on
-        (:meth:`read_size` bytes), or a new one. Tensors that lie one after the other take one system call.
+    def layout(self, *keys: str) -> tuple[int, list[tuple[int, int, int]], list[int]]:
+        """Where :meth:`read` puts the tensors ``keys`` in a buffer: the bytes it needs, its reads as
+        ``(file offset, buffer offset, length)``, and each tensor's buffer offset. Tensors that lie one after the
+        other in the file lie so in the buffer too, and are read by one system call, as long as each stays aligned
+        for its dtype; any other starts at the next multiple of 64 bytes.
 
         Raises:
-            AdapterFormatError: a dtype that is not floating-point; the file changed since it was opened (named,
-                with what changed), or cannot be read.
+            AdapterFormatError: a dtype that is not floating-point.
         """
-        if buffer is None:
-            buffer = bytearray(self.read_size(*keys))
-        out, spans = [], []  # spans: [file offset, [buffers]] of consecutive byte ranges
+        at, spans, places = 0, [], []
         for key in keys:
             e = self.entries[key]
             dtype = _DTYPES.get(e.dtype)
             if dtype is None:
                 raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
             n = e.end - e.begin
-            if n == 0:
-                out.append(torch.empty(e.shape, dtype=dtype))
-                continue
-            out.append(torch.frombuffer(buffer, dtype=dtype, count=n // dtype.itemsize, offset=offset).view(e.shape))
-            view = memoryview(buffer)[offset:offset + n]
-            offset += _aligned(n)
-            if spans and spans[-1][0] + sum(len(v) for v in spans[-1][1]) == e.begin:
-                spans[-1][1].append(view)
-            else:
-                spans.append([e.begin, [view]])
+            if n and spans and spans[-1][0] + spans[-1][2] == e.begin and at % dtype.itemsize == 0:
+                spans[-1][2] += n
+            elif n:
+                at = _aligned(at)
+                spans.append([e.begin, at, n])
+            places.append(at)
+            at += n
+        return at, [(b, a, n) for b, a, n in spans], places
+
+    def read_size(self, *keys: str) -> int:
+        """The bytes :meth:`read` needs in a buffer for ``keys`` (see :meth:`layout`)."""
+        return self.layout(*keys)[0]
+
+    def read(self, *keys: str, buffer=None, offset: int = 0,
+             layout: tuple[int, list[tuple[int, int, int]], list[int]] | None = None) -> list[torch.Tensor]:
+        """The tensors ``keys``, read from the file into memory of this process: ``buffer`` from ``offset`` on
+        (:meth:`read_size` bytes; any object with a writable buffer), or a new one, placed as :meth:`layout` says
+        (tensors that lie one after the other take one system call; ``layout``: what it said, when the caller has
+        it already). The file's size and modification time are compared with those it had when
+        opened once before the reads and once after them all; the tensors are returned only after that.
+
+        Raises:
+            AdapterFormatError: a dtype that is not floating-point; the file changed since it was opened (named,
+                with what changed), or cannot be read.
+        """
+        size, spans, places = layout or self.layout(*keys)
+        if buffer is None:
+            buffer = bytearray(size)
         fd = self._file.fileno()
+        whole = memoryview(buffer)
         try:
             changed = self._changed()
-            for begin, views in spans if changed is None else ():
-                total, done = sum(len(v) for v in views), 0
-                while done < total:
-                    n = os.preadv(fd, _rest(views, done), begin + done)
-                    if n == 0:
-                        changed = f"it ends at byte {begin + done}, inside the tensors it had there"
-                        break
-                    done += n
+            for begin, at, n in spans if changed is None else ():
+                view, done = whole[offset + at:offset + at + n], 0
+                try:
+                    while done < n:
+                        got = os.preadv(fd, [view[done:]], begin + done)
+                        if got == 0:
+                            changed = f"it ends at byte {begin + done}, inside the tensors it had there"
+                            break
+                        done += got
+                finally:
+                    view.release()
                 if changed is not None:
                     break
             changed = changed or self._changed()
         except OSError as err:
             raise AdapterFormatError(f"{self.path}: cannot be read ({err.strerror})") from None
         finally:
-            for _begin, views in spans:
-                for v in views:
-                    v.release()
+            whole.release()
         if changed is not None:
             raise AdapterFormatError(f"{self.path} changed while it was being read ({changed}); nothing read from "
                                      "it is used")
+        out = []
+        for key, at in zip(keys, places, strict=True):
+            e = self.entries[key]
+            dtype = _DTYPES[e.dtype]
+            count = (e.end - e.begin) // dtype.itemsize
+            t = torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset + at) if count else \
+                torch.empty(0, dtype=dtype)
+            out.append(t.view(e.shape))
         return out
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -440,6 +479,14 @@ class MappedFile:
             os.posix_fadvise(self._file.fileno(), begin, end - begin, os.POSIX_FADV_WILLNEED)
 
 
+def _head(fd: int, size: int) -> bytes:
+    """The first bytes of an open safetensors file of ``size`` bytes: the header's length and as much of the header
+    as that length says and the file holds (:func:`read_header` checks them)."""
+    head = os.pread(fd, 8, 0)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    return head + os.pread(fd, n, 8) if 0 <= n <= size else head
+
+
 def _aligned(n: int) -> int:
     return (n + 63) // 64 * 64
 
@@ -450,28 +497,16 @@ class _Buffers:
     references left are the pool's own (a tensor made by ``torch.frombuffer`` holds one while it lives)."""
 
     def __init__(self) -> None:
-        self._all: list[bytearray] = []
+        self._all: list[numpy.ndarray] = []
 
-    def take(self, n: int) -> bytearray:
+    def take(self, n: int) -> numpy.ndarray:
         for i in range(len(self._all)):
             # references: the list's, and getrefcount's argument
             if n <= len(self._all[i]) <= 4 * n + (1 << 16) and sys.getrefcount(self._all[i]) == 2:
                 return self._all[i]
-        buf = bytearray(n)
+        buf = numpy.empty(n, dtype=numpy.uint8)  # not filled: every byte a tensor uses is read into it
         self._all.append(buf)
         return buf
-
-
-def _rest(views: list[memoryview], skip: int) -> list[memoryview]:
-    """``views`` without their first ``skip`` bytes (what is left to read after a short read)."""
-    out = []
-    for v in views:
-        if skip >= len(v):
-            skip -= len(v)
-            continue
-        out.append(v[skip:])
-        skip = 0
-    return out
 
 
 def file_order(checkpoints: list[Checkpoint], modules: list[str]) -> list[str]:
@@ -485,26 +520,31 @@ def file_order(checkpoints: list[Checkpoint], modules: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None, ahead: int = 64 << 20) \
+def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None, ahead: int = 64 << 20,
+           group: int = 4 << 20, background: bool = False) \
         -> Iterator[Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor]]]]:
     """Opens every checkpoint's safetensors and yields an iterator over ``(module, [Aᵢ], [Bᵢ])``, one module at a
     time, in ``modules`` order. The factors are read into tensors of their own (see :meth:`MappedFile.read`), not
     views of mapped files: a file truncated or rewritten underneath is then an error naming it, never a signal.
 
-    Ahead of the module being yielded, the disk reads of the next ``ahead`` bytes of every file are started
+    The modules are read in groups: the first module alone, then groups of twice the bytes of the one before, up to
+    ``group`` bytes (of all files together). A group takes one :meth:`MappedFile.read` per file, so one system call
+    per file where its factors lie one after the other, as they do in :func:`file_order`, and one check of the file
+    before and one after; no tensor of a group is yielded before the check after it.
+
+    Ahead of the group being read, the disk reads of the next ``ahead`` bytes of every file are started
     (``POSIX_FADV_WILLNEED``), so that reading from the disk overlaps the caller's work on the modules before; the
-    modules should come in :func:`file_order`. The next module is read while the caller works on the one yielded.
-    ``timer["read_s"]`` accumulates the time spent waiting for the reads.
+    modules should come in :func:`file_order`. With ``background``, the next group is read by a second thread
+    while the caller works on this one (only worth it where a processor is free for it: the Gram's threads take
+    them all). ``timer["read_s"]`` accumulates the time spent waiting for the reads.
 
     Raises:
         AdapterFormatError: a file that cannot be read, or changed since its checkpoint was opened.
     """
-    import time
-
     files: list[MappedFile] = []
     try:
         for c in checkpoints:
-            files.append(MappedFile(c.weights_file, c.entries or None, c.file_size))
+            files.append(MappedFile(c.weights_file, c.entries or None, c.file_size, c.header))
     except OSError as e:
         for f in files:
             f.close()
@@ -514,53 +554,68 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
             f.close()
         raise AdapterFormatError(f"checkpoint {c.name!r}: {e}") from None
     step = max(ahead // 4, 1 << 20)
-
     buffers = _Buffers()
 
-    def load(m: str):
-        keys = [(c.modules[m].key_A, c.modules[m].key_B) for c in checkpoints]
-        try:
-            sizes = [f.read_size(*k) for f, k in zip(files, keys, strict=True)]
-        except KeyError as e:
-            raise AdapterFormatError(f"the factors of {m!r} are not where the checkpoint's header said ({e})") from None
-        buffer, offset = buffers.take(sum(sizes)), 0
-        As, Bs = [], []
-        for c, f, k, size in zip(checkpoints, files, keys, sizes, strict=True):
+    def keys_of(m: str) -> list[tuple[str, str]]:
+        return [(c.modules[m].key_A, c.modules[m].key_B) for c in checkpoints]
+
+    def groups() -> Iterator[list[str]]:
+        size, limit, out = 0, 0, []
+        for m in modules:
             try:
-                A, B = f.read(*k, buffer=buffer, offset=offset)
-            except AdapterFormatError as e:
-                raise AdapterFormatError(f"checkpoint {c.name!r}: cannot read the factors of {m!r}: {e}") from None
-            As.append(A)
-            Bs.append(B)
-            offset += size
-        return As, Bs
+                size += sum(f.entries[a].end - f.entries[a].begin + f.entries[b].end - f.entries[b].begin
+                            for f, (a, b) in zip(files, keys_of(m), strict=True))
+            except KeyError as e:
+                raise AdapterFormatError(f"the factors of {m!r} are not where the checkpoint's header said "
+                                         f"({e})") from None
+            out.append(m)
+            if size >= limit:
+                yield out
+                limit = min(max(2 * size, 1), group)
+                size, out = 0, []
+        if out:
+            yield out
 
     started = [0] * len(files)  # per file: reads started up to this byte
 
-    def fetch(m: str):
-        for i, (c, f) in enumerate(zip(checkpoints, files, strict=True)):
-            end = f.entries[c.modules[m].key_B].end
+    def load(ms: list[str]) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor]]]:
+        keys = [[k for m in ms for k in keys_of(m)[i]] for i in range(len(files))]
+        for i, (f, k) in enumerate(zip(files, keys, strict=True)):
+            end = f.entries[k[-1]].end
             if started[i] < end + ahead // 2:
-                begin = max(started[i], f.entries[c.modules[m].key_A].begin)
-                started[i] = max(started[i], end) + ahead
-                started[i] = (started[i] + step - 1) // step * step
+                begin = max(started[i], f.entries[k[0]].begin)
+                started[i] = (max(started[i], end) + ahead + step - 1) // step * step
                 f.readahead(begin, started[i])
-        return load(m)
+        layouts = [f.layout(*k) for f, k in zip(files, keys, strict=True)]
+        buffer, offset = buffers.take(sum(_aligned(lay[0]) for lay in layouts)), 0
+        read = []
+        for c, f, k, lay in zip(checkpoints, files, keys, layouts, strict=True):
+            try:
+                read.append(f.read(*k, buffer=buffer, offset=offset, layout=lay))
+            except AdapterFormatError as e:
+                which = repr(ms[0]) if len(ms) == 1 else f"{ms[0]!r} … {ms[-1]!r} ({len(ms)} modules)"
+                raise AdapterFormatError(f"checkpoint {c.name!r}: cannot read the factors of {which}: {e}") from None
+            offset += _aligned(lay[0])
+        return [(m, [t[2 * j] for t in read], [t[2 * j + 1] for t in read]) for j, m in enumerate(ms)]
 
-    def gen(pool: concurrent.futures.ThreadPoolExecutor):
-        # the next module is read by a second thread (preadv lets go of the GIL) while the caller works on this
-        # one; only that thread reads and takes buffers
-        pending = pool.submit(fetch, modules[0]) if modules else None
-        for k, m in enumerate(modules):
+    def gen(pool: concurrent.futures.ThreadPoolExecutor | None):
+        todo = groups()
+        ms = next(todo, None)
+        pending = pool.submit(load, ms) if pool is not None and ms is not None else None
+        while ms is not None:
             t0 = time.perf_counter()
-            As, Bs = pending.result()
-            pending = pool.submit(fetch, modules[k + 1]) if k + 1 < len(modules) else None
+            got = load(ms) if pending is None else pending.result()
+            ms = next(todo, None)
+            if pending is not None:
+                pending = pool.submit(load, ms) if ms is not None else None
             if timer is not None:
                 timer["read_s"] = timer.get("read_s", 0.0) + time.perf_counter() - t0
-            yield m, As, Bs
+            yield from got
 
     try:
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lispetorch-read") as pool:
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="lispetorch-read")) if background else None
             it = gen(pool)
             try:
                 yield it

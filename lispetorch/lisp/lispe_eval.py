@@ -33,7 +33,7 @@ from .lispe import at as _at_value
 from .lispe import count, integers, string, truthy
 from .lispe import floats as _floats
 from .lispe import strings as _strings
-from .lispe_reader import Form, LispeSyntaxError, Symbol, read_all
+from .lispe_reader import Form, LispeSyntaxError, Symbol, read_lines
 
 LIBRARIES = {"lispe_torch": {}, "lispe_tiktoken": lispe_tiktoken.PRIMITIVES}
 
@@ -525,16 +525,22 @@ class Interpreter:
         saved = self.filename
         self.filename = filename or self.filename
         try:
-            forms = read_all(text, self.filename)
             value = None
-            for form in forms:
-                value = self.eval(form, self.top)
+            for line, form in read_lines(text, self.filename):
+                try:
+                    value = self.eval(form, self.top)
+                except NameError as err:  # a bare name at top level: no form around it to report it
+                    raise LispeError(str(err), f"{self.filename}:{line}", _text(form)) from err
             return value
         finally:
             self.filename = saved
 
     def run_file(self, path: str | os.PathLike):
-        value = self.run_text(Path(path).read_text(encoding="utf-8"), str(path))
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LispeSyntaxError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        value = self.run_text(text, str(path))
         for instance, method in reversed(self.cleanups):
             self.call_method(instance, method, [], None)
         self.cleanups.clear()

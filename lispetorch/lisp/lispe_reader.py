@@ -52,6 +52,7 @@ _INT = re.compile(r"[+-]?\d+\Z")
 _HEX = re.compile(r"[+-]?0x[0-9a-fA-F]+\Z")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?\Z")
 _DELIMITERS = set("()'\";`{}") | set(" \t\r\n")
+MAX_DEPTH = 200  # lists, dictionaries and quotes nested deeper than this are refused (the evaluator recurses too)
 
 
 def atom(token: str):
@@ -68,6 +69,7 @@ def atom(token: str):
 class _Reader:
     def __init__(self, text: str, filename: str):
         self.text, self.filename, self.pos, self.line = text, filename, 0, 1
+        self.depth = 0
 
     def error(self, message: str, line: int | None = None):
         raise LispeSyntaxError(f"{self.filename}:{line or self.line}: {message}")
@@ -107,6 +109,17 @@ class _Reader:
         self.skip()
         if self.pos >= len(self.text):
             self.error("unexpected end of text")
+        if self.text[self.pos] not in "({'":
+            return self._read()
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                self.error(f"lists nested more than {MAX_DEPTH} deep")
+            return self._read()
+        finally:
+            self.depth -= 1
+
+    def _read(self):
         c = self.text[self.pos]
         if c == "(":
             return self.read_list()
@@ -131,7 +144,11 @@ class _Reader:
         start = self.pos
         while self.pos < len(self.text) and self.text[self.pos] not in _DELIMITERS:
             self.pos += 1
-        return atom(self.text[start: self.pos])
+        token = self.text[start: self.pos]
+        try:
+            return atom(token)
+        except ValueError as e:  # an integer of more digits than Python reads
+            self.error(f"the number {token[:20]}… ({len(token)} characters) cannot be read: {e}")
 
     def read_string(self) -> str:
         out, start_line = [], self.line
@@ -192,26 +209,45 @@ class _Reader:
 
 def compose(form: Form, filename: str = "<lispe>") -> Form:
     """``(f . g x)`` → ``(f (g x))``, repeatedly: everything after a lone dot is one call."""
-    dots = [i for i, item in enumerate(form) if isinstance(item, Symbol) and item == DOT]
-    if not dots:
+    parts = []  # the items before each dot, outermost first
+    rest = list(form)
+    while True:
+        dots = [i for i, item in enumerate(rest) if isinstance(item, Symbol) and item == DOT]
+        if not dots:
+            break
+        i = dots[0]
+        if i == 0 or i == len(rest) - 1:
+            raise LispeSyntaxError(f"{filename}:{form.line}: a composition dot needs a function on each side: "
+                                   f"{form.text}")
+        parts.append(rest[:i])
+        rest = rest[i + 1:]
+    if not parts:
         return form
-    i = dots[0]
-    if i == 0 or i == len(form) - 1:
-        raise LispeSyntaxError(f"{filename}:{form.line}: a composition dot needs a function on each side: "
-                               f"{form.text}")
-    inner = compose(Form(form[i + 1:], form.line, form.text), filename)
-    return Form([*form[:i], inner], form.line, form.text)
+    if len(parts) > MAX_DEPTH:
+        raise LispeSyntaxError(f"{filename}:{form.line}: more than {MAX_DEPTH} composition dots in one list (each "
+                               "nests a call)")
+    out = Form(rest, form.line, form.text)
+    for items in reversed(parts):
+        out = Form([*items, out], form.line, form.text)
+    return out
 
 
-def read_all(text: str, filename: str = "<lispe>") -> list:
-    """Every form of ``text``, in order."""
+def read_lines(text: str, filename: str = "<lispe>") -> list[tuple[int, object]]:
+    """Every form of ``text``, in order, each with the line it starts on (a bare name or value has no line of its
+    own)."""
     reader = _Reader(text, filename)
     forms = []
     while True:
         reader.skip()
         if reader.pos >= len(text):
             return forms
-        forms.append(reader.read())
+        line = reader.line
+        forms.append((line, reader.read()))
+
+
+def read_all(text: str, filename: str = "<lispe>") -> list:
+    """Every form of ``text``, in order."""
+    return [form for _, form in read_lines(text, filename)]
 
 
 def read_one(text: str, filename: str = "<lispe>"):
