@@ -171,6 +171,10 @@ class LoraLinear(nn.Module):
         base_layer (nn.Module): the layer to adapt; its parameters are frozen.
     """
 
+    # One dropout seed per sample of the next batches (set by a data-parallel trainer, which keys each on the
+    # sample, so that every process count draws the same masks); None: one seed drawn per call from torch's RNG.
+    dropout_seeds: list[int] | None = None
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         if not is_adaptable(base_layer):
@@ -494,8 +498,19 @@ class LoraLinear(nn.Module):
             x = x.to(dtype)
         settings = self.settings[name]
         p = settings.dropout if self.training else 0.0
+        if p > 0 and self.dropout_seeds is not None:
+            return self._per_sample_forward(x, A, B, R, settings.scaling, p)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
+
+    def _per_sample_forward(self, x, A, B, R, scale: float, p: float) -> torch.Tensor:
+        """The forward with one dropout seed per sample (:attr:`dropout_seeds`): sample j's mask is that of its
+        own seed over its own rows, whatever batch it is in and however long the batch is padded."""
+        seeds = self.dropout_seeds
+        if x.dim() < 2 or x.shape[0] != len(seeds):
+            raise ShapeError(f"per-sample dropout: {len(seeds)} seeds for an input of shape {tuple(x.shape)}")
+        return torch.cat([fused_linear(self.base_layer, x[j:j + 1], A, B, R, scale, p, s)
+                          for j, s in enumerate(seeds)])
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward ``torch.compile`` traces: one code for every adapter state, reading only
