@@ -25,12 +25,12 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import time
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError, LispetorchError
 from .config import TrainConfig
@@ -253,11 +253,17 @@ def shard_base(model: torch.nn.Module, trained: Sequence[torch.nn.Parameter], de
     return len(units) + 1
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # torch.distributed.tensor takes a second or more to import: a plain run, which has no DTensor, never does
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of ``t`` (its shard of a sharded tensor; ``t`` itself otherwise)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """``t`` whole (a sharded or partial tensor gathered, on every process at once; ``t`` itself otherwise)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if _is_dtensor(t) else t
