@@ -46,12 +46,14 @@ class DistributedError(LispetorchError, RuntimeError):
 
 @dataclasses.dataclass
 class World:
-    """This process's place in the job: ``rank`` of ``size`` processes, and the strategy. ``store`` is the job's
-    key-value store (None in a world of one process started without ``torchrun``)."""
+    """This process's place in the job: ``rank`` of ``size`` processes, and the strategy. ``active``: a process
+    group is up (under ``torchrun``; False for a run of one process keyed as one). ``store``: the job's key-value
+    store, where a failing process leaves its message (None where the process group was set up by the caller)."""
 
     rank: int = 0
     size: int = 1
     strategy: str = "ddp"
+    active: bool = False
     store: object | None = None
     owns_group: bool = False
 
@@ -63,10 +65,6 @@ class World:
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp" and self.size > 1
-
-    @property
-    def active(self) -> bool:
-        return self.store is not None and dist.is_initialized()
 
 
 def launched() -> bool:
@@ -112,14 +110,14 @@ def start(config: TrainConfig, device: torch.device, source: str = "config") -> 
     backend = backend_for(device)
     timeout = datetime.timedelta(seconds=section.timeout if section is not None else DEFAULT_TIMEOUT)
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    # torchrun's agent hosts the store at MASTER_ADDR:MASTER_PORT; another launcher leaves it to rank 0
-    hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(host, port, size, is_master=rank == 0 and not hosted, timeout=timeout)
-    owns = not dist.is_initialized()
-    if owns:
+    owns, store = not dist.is_initialized(), None
+    if owns:  # (a process group set up by the caller is used as it is)
+        # torchrun's agent hosts the store at MASTER_ADDR:MASTER_PORT; another launcher leaves it to rank 0
+        hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(host, port, size, is_master=rank == 0 and not hosted, timeout=timeout)
         dist.init_process_group(backend, store=dist.PrefixStore("lispetorch", store), rank=rank, world_size=size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
-    world = World(rank, size, section.strategy if section is not None else "ddp", store, owns)
+    world = World(rank, size, section.strategy if section is not None else "ddp", True, store, owns)
     digests = gather_bytes(config_digest(config), device)
     differing = [r for r, d in enumerate(digests) if d != digests[0]]
     if differing:
@@ -194,7 +192,8 @@ def sample_seed(seed: int, step: int, sample: int, layer: int) -> int:
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter], extra: Sequence[float] = ()) -> list[float]:
     """Sums every parameter's gradient over the processes (one all-reduce per dtype); a gradient that no process
     has stays None, as it would in one process. Returns the sums of ``extra`` (in float64)."""
-    flags = torch.tensor([p.grad is not None for p in params] + list(extra), dtype=torch.float64)
+    device = params[0].device if params else torch.device("cpu")
+    flags = torch.tensor([p.grad is not None for p in params] + list(extra), dtype=torch.float64, device=device)
     dist.all_reduce(flags)
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p, flag in zip(params, flags[:len(params)].tolist(), strict=True):
@@ -227,9 +226,9 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
             dist.broadcast(p.data, 0)
 
 
-def agree(value: int, what: str) -> None:
+def agree(value: int, what: str, device: torch.device) -> None:
     """Raises DistributedError (on every process) unless every process holds the same ``value``."""
-    t = torch.tensor([value, -value], dtype=torch.int64)
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if int(t[0]) != -int(t[1]):
         raise DistributedError(f"the processes disagree on {what}: from {-int(t[1])} to {int(t[0])}")

@@ -739,7 +739,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         start_step = self._resume() if resume else 0
         if self.world is not None and self.world.active:
-            distributed.agree(start_step, "the checkpoint to resume from (its step)")
+            distributed.agree(start_step, "the checkpoint to resume from (its step)", self.device)
         if not resume:
             self._trim_metrics(0)
         self._closers: list[Callable[[], None]] = []
