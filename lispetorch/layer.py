@@ -505,12 +505,14 @@ class LoraLinear(nn.Module):
 
     def _per_sample_forward(self, x, A, B, R, scale: float, p: float) -> torch.Tensor:
         """The forward with one dropout seed per sample (:attr:`dropout_seeds`): sample j's mask is that of its
-        own seed over its own rows, whatever batch it is in and however long the batch is padded."""
+        own seed over its own rows, whatever batch it is in and however long the batch is padded. The input's first
+        dimension is the batch, or the batch's tokens flattened sample after sample."""
         seeds = self.dropout_seeds
-        if x.dim() < 2 or x.shape[0] != len(seeds):
+        if x.dim() < 2 or x.shape[0] % len(seeds):
             raise ShapeError(f"per-sample dropout: {len(seeds)} seeds for an input of shape {tuple(x.shape)}")
-        return torch.cat([fused_linear(self.base_layer, x[j:j + 1], A, B, R, scale, p, s)
-                          for j, s in enumerate(seeds)])
+        rows = x.shape[0] // len(seeds)
+        return torch.cat([fused_linear(self.base_layer, part, A, B, R, scale, p, s)
+                          for part, s in zip(x.split(rows), seeds, strict=True)])
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward ``torch.compile`` traces: one code for every adapter state, reading only

@@ -239,6 +239,28 @@ def test_per_sample_dropout_does_not_depend_on_the_batch():
     torch.testing.assert_close(both[1, :4], alone[0], rtol=0, atol=0)
     layer.dropout_seeds = [23]
     assert not torch.equal(layer(x[1:, :4]), alone)
-    layer.dropout_seeds = [1, 2, 3]
-    with pytest.raises(lt.ShapeError, match="3 seeds for an input of shape"):
+    layer.dropout_seeds = [11, 22]  # the tokens flattened sample after sample: the same masks
+    torch.testing.assert_close(layer(x.reshape(12, 16)), both.reshape(12, 12), rtol=0, atol=0)
+    layer.dropout_seeds = [1, 2, 3, 4]
+    with pytest.raises(lt.ShapeError, match="4 seeds for an input of shape"):
         layer(x)
+
+
+def test_a_run_of_one_keyed_without_dropout_is_the_plain_run_bit_for_bit(setup):
+    """Without dropout, the keyed path (a share of every window, the gradients summed) is the plain loop's
+    arithmetic: the same micro-batches in the same order."""
+    over = {"lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "max_steps": 2, "save_steps": 0, "eval_steps": 0}
+    keyed = train_run(setup["config"]("keyed0", **over), progress=False)
+    plain = train_run(setup["config"]("plain0", distributed=None, **over), progress=False)
+    a, b = adapter(keyed.adapter_dir), adapter(plain.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert keyed.train_loss == plain.train_loss
+
+
+def test_nproc_is_checked(setup, capsys):
+    from lispetorch.cli import main
+
+    cfg = setup["config"]("nproc")
+    assert main(["train", str(cfg), "--nproc", "0"]) == 2
+    assert "--nproc must be a number of processes from 1 to 4096, got 0" in capsys.readouterr().err

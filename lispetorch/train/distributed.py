@@ -35,7 +35,8 @@ import torch.distributed as dist
 from ..errors import ConfigError, LispetorchError
 from .config import TrainConfig
 
-FAILURE_KEY = "lispetorch/failure"
+# (one per attempt: torchrun's agent keeps its store across the restarts of --max-restarts)
+FAILURE_KEY = f"lispetorch/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 DEFAULT_TIMEOUT = 600.0
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
