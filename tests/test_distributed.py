@@ -47,14 +47,12 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_default_model):
     """A corpus, the tiny default model, and the config every job trains (written per output directory)."""
     import sysconfig
 
-    from lispetorch import default_model
-
     root = tmp_path_factory.mktemp("distributed")
-    model = default_model.ensure(default_model.TINY, root=root / "cache", progress=False)
+    model = tiny_default_model
     src = Path(sysconfig.get_paths()["stdlib"])
     corpus = root / "corpus"
     corpus.mkdir()
@@ -137,7 +135,7 @@ def test_killed_rank_stops_the_job_and_resume_with_one_process_ends_the_same(set
     started = time.monotonic()
     proc = run(torchrun(str(WORKER), str(cfg), "--fail", "1", "3", "kill"), setup["root"])
     assert proc.returncode != 0
-    assert time.monotonic() - started < JOB_TIMEOUT
+    assert time.monotonic() - started < 60 + 30  # the collective timeout with room to start
     out = setup["root"] / "killed"
     assert [s for s, _ in checkpoints(out)] == [2]
     assert lt.train.check_checkpoint(out / "checkpoint-2") is None

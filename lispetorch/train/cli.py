@@ -38,6 +38,9 @@ def main(args) -> int:
     trainer = Trainer(args.config, progress=not args.no_progress)
     try:
         result = trainer.train(resume=args.resume)
+    except distributed.DistributedError as e:  # another process failed: its message, without this one's traceback
+        print(f"lispetorch train: rank {trainer.world.rank}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         saved = f"checkpoints in {trainer.output_dir}; continue with --resume" if trainer.config.save_steps else \
             "no checkpoint was written (save_steps is 0)"
