@@ -262,3 +262,11 @@ def test_nproc_is_checked(setup, capsys):
     cfg = setup["config"]("nproc")
     assert main(["train", str(cfg), "--nproc", "0"]) == 2
     assert "--nproc must be a number of processes from 1 to 4096, got 0" in capsys.readouterr().err
+
+
+def test_keyed_masks_are_drawn_again_alike_under_gradient_checkpointing(setup):
+    """Recomputed in backward, each layer runs with the same per-sample seeds: the same adapter as without."""
+    over = {"max_steps": 2, "save_steps": 0, "eval_steps": 0}
+    plain = train_run(setup["config"]("keyed-ckpt0", **over), progress=False)
+    ckpt = train_run(setup["config"]("keyed-ckpt1", gradient_checkpointing=True, **over), progress=False)
+    assert_same_adapter(plain.adapter_dir, ckpt.adapter_dir)
