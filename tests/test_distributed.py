@@ -183,7 +183,7 @@ def test_processes_with_different_configs_are_refused(setup):
     cfg = setup["config"]("mixed")
     proc = run(torchrun(str(WORKER), str(cfg), "--rank1-config", str(other)), setup["root"])
     assert proc.returncode != 0
-    assert "the processes were started with different configs" in proc.stderr
+    assert f"{cfg}: the processes were started with different configs" in proc.stderr
     assert not (setup["root"] / "mixed" / "adapter").exists()
 
 

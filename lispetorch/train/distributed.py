@@ -155,7 +155,8 @@ def on_failure(world: World | None, error: BaseException) -> DistributedError | 
     if other is not None and not other.startswith(f"rank {world.rank}:"):
         return DistributedError(f"stopped because {other}")
     try:
-        world.store.set(FAILURE_KEY, f"rank {world.rank}: {type(error).__name__}: {error}")
+        # the first failure stays: a process that fails later, because of it, does not overwrite it
+        world.store.compare_set(FAILURE_KEY, "", f"rank {world.rank}: {type(error).__name__}: {error}")
     except Exception:  # the store's host is gone: the launcher stops the job anyway
         pass
     return None

@@ -188,6 +188,7 @@ class Trainer:
     def __init__(self, config: TrainConfig | dict | str | os.PathLike, model=None, tokenizer=None,
                  progress: bool = True, on_step: Callable[[Trainer], None] | None = None):
         self.config = TrainConfig.load(config)
+        self.source = str(config) if isinstance(config, (str, os.PathLike)) else "config"  # for messages
         self.device = resolve_device(self.config.device)
         self.progress = progress
         self.on_step = on_step
@@ -203,7 +204,7 @@ class Trainer:
     # --- setup -----------------------------------------------------------------------------------------------
     def _setup(self, resume: bool = False) -> None:
         cfg = self.config
-        self.world, self.device = distributed.start(cfg, self.device)
+        self.world, self.device = distributed.start(cfg, self.device, self.source)
         # bad files are reported before any model is loaded
         self.task = tasks_mod.load_task(cfg.task) if cfg.task is not None else None
         docs = data_mod.read_documents(cfg.data) if self.task is None or cfg.data else []
