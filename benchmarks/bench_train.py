@@ -18,15 +18,24 @@ between two hooks with the PEFT step taken out. Both process the same batches, s
 input tokens) are the same; tokens/s and the median per-step ratio are printed (ratio = lispetorch / PEFT;
 above 1 means lispetorch trains faster).
 
+A second table gives the engine's tokens/s by world size: the engine alone (no PEFT beside it), run as a plain
+process, then under ``torchrun`` with 1 and 2 processes (``distributed: {strategy: ddp}``; the global batch stays
+``--batch``, each process takes its share of it), each in its own processes one after the other. Its step times
+are the intervals between optimizer steps on rank 0, the first step not counted.
+
     python benchmarks/bench_train.py            # 40 steps
     python benchmarks/bench_train.py --quick    # smoke test: 4 steps
+    python benchmarks/bench_train.py --world-sizes 1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -132,6 +141,60 @@ class Interleave:
         self.last = time.perf_counter()
 
 
+class StepClock:
+    """The engine's ``on_step`` hook timing its steps (the first is warm-up) and counting their input tokens."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.last: float | None = None
+
+    def __call__(self, trainer) -> None:
+        now = time.perf_counter()
+        cfg = trainer.config
+        micro = trainer.dataset.micro_batches(cfg.seed, trainer.epoch, cfg.batch_size)
+        idx = micro[(trainer.global_step - 1) % len(micro)]
+        if self.last is not None:
+            self.times.append(now - self.last)
+            self.tokens.append(sum(trainer.dataset.train[j].input_ids.numel() for j in idx))
+        self.last = time.perf_counter()
+
+
+def worker(args) -> int:
+    """One process of a world-size run in the directory ``args.worker`` (its corpus made there, every process
+    training the same config): trains, and rank 0 writes its step times to ``times.json`` there."""
+    model_dir = Path(args.model) if args.model else default_model.ensure()
+    work = Path(args.worker)
+    cfg = engine_config(model_dir, work / "corpus", work / "run", args)
+    if "WORLD_SIZE" in os.environ:
+        cfg["distributed"] = {"strategy": "ddp"}
+    clock = StepClock()
+    lt.train.Trainer(cfg, progress=False, on_step=clock).train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        (work / "times.json").write_text(json.dumps({"tokens": sum(clock.tokens), "seconds": sum(clock.times),
+                                                 "median": statistics.median(clock.times)}))
+    return 0
+
+
+def world_size_rows(args, model_dir: Path) -> list[str]:
+    """The engine's tokens/s as a plain process and under torchrun at each of ``args.world_sizes``."""
+    rows = []
+    common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--model",
+              str(model_dir)]
+    runs = [("1 (plain process)", [])] + [(f"{n} (torchrun, ddp)", ["-m", "torch.distributed.run", "--standalone",
+                                                                    "--nproc-per-node", str(n)])
+                                          for n in args.world_sizes]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for label, launcher in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus_dir(Path(tmp))
+            subprocess.run([sys.executable, *launcher, __file__, "--worker", tmp, *common], check=True, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            r = json.loads((Path(tmp) / "times.json").read_text())
+            rows.append(f"| {label} | {r['tokens'] / r['seconds']:.0f} | {1000 * r['median']:.0f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 steps (smoke test)")
@@ -140,9 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--model", default=None, help="a model directory (default: the embedded default model)")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--world-sizes", default="1,2", help="the torchrun process counts of the world-size table "
+                        "(comma-separated; each must divide --batch; empty: no such table)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one process of a world-size run
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = 4
+    if args.worker:
+        return worker(args)
+    args.world_sizes = [int(n) for n in args.world_sizes.split(",") if n.strip()]
     model_dir = Path(args.model) if args.model else default_model.ensure()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -170,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio lispetorch / PEFT: **{ours / theirs:.2f}x** tokens/s (median of the per-step ratios "
         f"{statistics.median(step_ratios):.2f}x)",
     ])
+    if args.world_sizes:
+        table += "\n\n" + "\n".join([
+            f"The engine alone by world size (global batch {args.batch} x {args.seq}, {args.steps - 1} measured "
+            f"steps, gloo on the CPU)", "",
+            "| processes | tokens/s | median step (ms) |", "| --- | ---: | ---: |", *world_size_rows(args, model_dir)])
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")

@@ -185,6 +185,10 @@ class LoraLinear(nn.Module):
         base_layer (nn.Module): the layer to adapt; its parameters are frozen.
     """
 
+    # One dropout seed per sample of the next batches (set by a data-parallel trainer, which keys each on the
+    # sample, so that every process count draws the same masks); None: one seed drawn per call from torch's RNG.
+    dropout_seeds: list[int] | None = None
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         if not is_adaptable(base_layer):
@@ -554,10 +558,12 @@ class LoraLinear(nn.Module):
             x = x.to(dtype)
         settings = self.settings[name]
         p = settings.dropout if self.training else 0.0
+        m = self.lora_magnitude_vector[name].to(dtype) if name in self.lora_magnitude_vector else None
+        if p > 0 and self.dropout_seeds is not None:
+            return self._per_sample_forward(x, A, B, R, m, settings.scaling, p)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        if name in self.lora_magnitude_vector:
-            m = self.lora_magnitude_vector[name]
-            return fused_dora_linear(self.base_layer, x, A, B, R, m.to(dtype), settings.scaling, p, seed)
+        if m is not None:
+            return fused_dora_linear(self.base_layer, x, A, B, R, m, settings.scaling, p, seed)
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
 
     def _mixed_forward(self, x: torch.Tensor, names: tuple[str | None, ...]) -> torch.Tensor:
@@ -598,6 +604,20 @@ class LoraLinear(nn.Module):
         return ops.lora_linear_grouped(x.to(dtype), weight_out_in(self.base_layer), self.base_layer.bias,
                                        torch.stack(As), torch.stack(Bs), group,
                                        [self.settings[n].scaling for n in present], p, seed)
+
+    def _per_sample_forward(self, x, A, B, R, m, scale: float, p: float) -> torch.Tensor:
+        """The forward with one dropout seed per sample (:attr:`dropout_seeds`): sample j's mask is that of its
+        own seed over its own rows, whatever batch it is in and however long the batch is padded. The input's first
+        dimension is the batch, or the batch's tokens flattened sample after sample."""
+        seeds = self.dropout_seeds
+        if x.dim() < 2 or x.shape[0] % len(seeds):
+            raise ShapeError(f"per-sample dropout: {len(seeds)} seeds for an input of shape {tuple(x.shape)}")
+        rows = x.shape[0] // len(seeds)
+        if m is not None:  # DoRA: the same, with the magnitude
+            return torch.cat([fused_dora_linear(self.base_layer, part, A, B, R, m, scale, p, s)
+                              for part, s in zip(x.split(rows), seeds, strict=True)])
+        return torch.cat([fused_linear(self.base_layer, part, A, B, R, scale, p, s)
+                          for part, s in zip(x.split(rows), seeds, strict=True)])
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward ``torch.compile`` traces: one code for every adapter state, reading only

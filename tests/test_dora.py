@@ -433,3 +433,24 @@ def test_hotswap_of_a_dora_adapter_takes_its_magnitudes(tmp_path):
     lt.inject(plain, lt.LoraConfig(r=4, alpha=8, target_modules=targets))
     with pytest.raises(AdapterFormatError, match="DoRA"):
         lt.hotswap_adapter(plain, tmp_path / "two")
+
+
+def test_per_sample_dropout_seeds_keep_the_magnitude():
+    # distributed training keys each sample's dropout mask on the sample: a DoRA layer stays a DoRA layer there
+    torch.manual_seed(0)
+    layer = lt.LoraLinear(torch.nn.Linear(16, 12))
+    layer.add_adapter("d", r=4, alpha=8, dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B["d"].normal_(std=0.3)
+    layer.set_magnitude("d")
+    with torch.no_grad():
+        layer.lora_magnitude_vector["d"].mul_(1.5)
+    layer.train()
+    x = torch.randn(3, 5, 16)
+    layer.dropout_seeds = [11, 22, 33]
+    y = layer(x)
+    A, B, _ = layer.factors("d")
+    m = layer.lora_magnitude_vector["d"]
+    expected = torch.cat([ops.dora_linear(x[i:i + 1], layer.base_layer.weight, layer.base_layer.bias, A, B, None, m,
+                                          layer.settings["d"].scaling, 0.3, s) for i, s in enumerate([11, 22, 33])])
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)

@@ -9,8 +9,9 @@
 from ..devices import available_devices, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteError, WriteError
 from ..schedule import SCHEDULER_TYPES, lr_at, make_scheduler
-from .config import LoraSection, TrainConfig
+from .config import DistributedSection, LoraSection, TrainConfig
 from .data import Dataset, load_dataset, read_documents
+from .distributed import DistributedError
 from .engine import Trainer, TrainResult, check_checkpoint, checkpoint_dirs, checkpoints, train
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
+    "DistributedError",
+    "DistributedSection",
     "LoraSection",
     "NonFiniteError",
     "TrainConfig",

@@ -75,6 +75,20 @@ class LoraSection:
         return method_config(name, self.rank, self.alpha, self.target_modules, dropout=self.dropout, **options)
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    """How a run spreads over processes (``torchrun``, or ``lispetorch train --nproc N``): ``ddp`` replicates the
+    model and all-reduces the adapter's gradients; ``fsdp`` also shards the frozen base weights across the processes
+    (FSDP2). ``timeout``: seconds a process waits for the others in one collective before the job stops with a
+    message."""
+
+    strategy: str = "ddp"
+    timeout: float = 600.0
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every key of a training config, with the guide's defaults. ``data`` and ``output_dir`` are required."""
@@ -118,6 +132,10 @@ class TrainConfig:
     # verbalizers, max_eval_examples, max_new_tokens}; it replaces data: training on its train_file, validation
     # (loss and the task metric) on its eval_file
     task: dict | str | None = None
+    # data-parallel or sharded training over processes ({strategy: ddp | fsdp, timeout: seconds}); a run under
+    # torchrun without it is ddp. With it, a run of one process draws its dropout masks per sample as a run of
+    # several does (the same adapter whatever the number of processes)
+    distributed: DistributedSection | None = None
 
     # --- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -134,6 +152,9 @@ class TrainConfig:
         for key, value in raw.items():
             if key == "lora":
                 values["lora"] = _lora_section(value, source)
+                continue
+            if key == "distributed":
+                values["distributed"] = None if value is None else _distributed_section(value, source)
                 continue
             if key == "task":
                 if value is not None and not isinstance(value, (str, Mapping)):
@@ -230,6 +251,8 @@ class TrainConfig:
             lora.adapter_config()
         except ValueError as e:
             raise ConfigError(f"{source}: 'lora.options': {e}") from None
+        if self.distributed is not None:
+            self._validate_distributed(source)
         if self.quantize_base == "nf4" and (lora.method == "rotational_pissa" or lora.init not in ("kaiming",
                                                                                                 "gaussian")):
             what = lora.method if lora.method != "lora" else f"init {lora.init}"
@@ -237,6 +260,30 @@ class TrainConfig:
                               f"with init kaiming or gaussian, tinylora); {what} takes its init out of the base "
                               "weight (Rotational PiSSA: options {quantize_residual: true} stores that residual in "
                               "NF4)")
+
+    def _validate_distributed(self, source: str) -> None:
+        dist = self.distributed
+        if dist.strategy not in STRATEGIES:
+            raise ConfigError(f"{source}: 'distributed.strategy' must be one of {', '.join(STRATEGIES)}, got "
+                              f"{validate.show(dist.strategy)}")
+        validate.number(dist.timeout, "distributed.timeout", source, *DISTRIBUTED_RANGES["timeout"])
+        if dist.strategy == "fsdp":
+            lora = self.lora
+            if lora.method != "lora" or lora.init not in ("kaiming", "gaussian") or self.quantize_base != "none":
+                what = f"method {lora.method}" if lora.method != "lora" else f"init {lora.init}" \
+                    if lora.init not in ("kaiming", "gaussian") else f"quantize_base {self.quantize_base}"
+                raise ConfigError(f"{source}: 'distributed.strategy: fsdp' shards a base that stays as it is loaded "
+                                  f"and trains a plain LoRA (method lora, init kaiming or gaussian, quantize_base "
+                                  f"none); {what} changes or repacks the base: use strategy ddp")
+
+    def check_world_size(self, world_size: int, source: str = "config") -> None:
+        """Raises ConfigError when ``world_size`` processes cannot share every global batch
+        (``batch_size × gradient_accumulation_steps`` samples) evenly."""
+        batch = self.batch_size * self.gradient_accumulation_steps
+        if batch % world_size:
+            raise ConfigError(f"{source}: the global batch (batch_size {self.batch_size} × "
+                              f"gradient_accumulation_steps {self.gradient_accumulation_steps} = {batch} samples) "
+                              f"does not divide among {world_size} processes: make it a multiple of {world_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -273,6 +320,9 @@ RANGES: dict[str, tuple] = {
     "warmup_ratio": (0.0, 1.0, False, True),
     "loraplus_lr_ratio": (0.0, 1e6, True),
 }
+DISTRIBUTED_RANGES: dict[str, tuple] = {
+    "timeout": (1.0, 7 * 86400.0),
+}
 LORA_RANGES: dict[str, tuple] = {
     "rank": (1, 1 << 16),
     "alpha": (0.0, 1e6, True),
@@ -283,7 +333,7 @@ LORA_RANGES: dict[str, tuple] = {
 # key -> expected kind
 _FIELDS: dict[str, str] = {}
 for _f in dataclasses.fields(TrainConfig):
-    if _f.name in ("lora", "task"):
+    if _f.name in ("lora", "task", "distributed"):
         continue
     _FIELDS[_f.name] = {"data": _PATHS, "report_to": "names", "model": "optional str"}.get(_f.name) or {
         float: _NUMBER, int: _INT, bool: _BOOL, str: _STR, "float": _NUMBER, "int": _INT, "bool": _BOOL,
@@ -370,3 +420,19 @@ def _lora_section(value, source: str) -> LoraSection:
             raise ConfigError(f"{source}: unknown key {validate.show(f'lora.{key}')}{_suggest(key, _LORA_FIELDS)}")
         values[key] = _check(f"lora.{key}", v, _LORA_FIELDS[key], source)
     return LoraSection(**values)
+
+
+_DISTRIBUTED_FIELDS = {"strategy": _STR, "timeout": _NUMBER}
+
+
+def _distributed_section(value, source: str) -> DistributedSection:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: 'distributed' must be a mapping (strategy, timeout), got "
+                          f"{validate.show(value)} ({validate.type_name(value)})")
+    values = {}
+    for key, v in value.items():
+        if key not in _DISTRIBUTED_FIELDS:
+            raise ConfigError(f"{source}: unknown key {validate.show(f'distributed.{key}')}"
+                              f"{_suggest(key, _DISTRIBUTED_FIELDS)}")
+        values[key] = _check(f"distributed.{key}", v, _DISTRIBUTED_FIELDS[key], source)
+    return DistributedSection(**values)

@@ -32,6 +32,7 @@ from ..peft_io import export, saved_module_tensors
 from ..schedule import make_scheduler
 from ..targets import quantize_nf4
 from . import data as data_mod
+from . import distributed
 from .config import FULL, TrainConfig
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -187,6 +188,7 @@ class Trainer:
     def __init__(self, config: TrainConfig | dict | str | os.PathLike, model=None, tokenizer=None,
                  progress: bool = True, on_step: Callable[[Trainer], None] | None = None):
         self.config = TrainConfig.load(config)
+        self.source = str(config) if isinstance(config, (str, os.PathLike)) else "config"  # for messages
         self.device = resolve_device(self.config.device)
         self.progress = progress
         self.on_step = on_step
@@ -196,10 +198,13 @@ class Trainer:
         self.epoch = 0
         self.best_loss = math.inf
         self._resumed_loss: float | None = None  # the train loss recorded in the checkpoint resumed from
+        # this process's place in a job of several (or a run of one keyed as one), None for a plain run
+        self.world: distributed.World | None = None
 
     # --- setup -----------------------------------------------------------------------------------------------
     def _setup(self, resume: bool = False) -> None:
         cfg = self.config
+        self.world, self.device = distributed.start(cfg, self.device, self.source)
         # bad files are reported before any model is loaded
         self.task = tasks_mod.load_task(cfg.task) if cfg.task is not None else None
         docs = data_mod.read_documents(cfg.data) if self.task is None or cfg.data else []
@@ -268,11 +273,18 @@ class Trainer:
                 calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
             inject(self.model, self.lora_config, calibration_batches=calibration)
             self.params = trainable_parameters(self.model)
+        if cfg.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        world = self.world
+        if world is not None and world.active:
+            distributed.broadcast_parameters(self.params)
+            if world.sharded:  # the frozen base in shards; the trained parameters whole in every process
+                distributed.shard_base(self.model, self.params, self.device)
+        # (keyed dropout: one seed per sample and adapted layer, see distributed.sample_seed)
+        self._keyed_layers = [] if world is None or self.full else list(adapter_layers(self.model).values())
         trained = {id(p) for p in self.params}
         self.frozen = [p for p in self.model.parameters() if id(p) not in trained]
         self.base_checksum = self._checksum()
-        if cfg.gradient_checkpointing:
-            self._enable_gradient_checkpointing()
         schedule = {"initial_lr": cfg.learning_rate}
         if cfg.loraplus_lr_ratio != 1.0 and not self.full:
             # LoRA+: B at ratio × learning_rate; each group keeps its own rate under the schedule, whose base is the
@@ -327,6 +339,55 @@ class Trainer:
             self.last_ortho_loss = float(ortho.detach())
         return loss_sum / max(total, 1), total
 
+    def _micro_shares(self, samples: list[int]) -> list[tuple[list[int], bool]]:
+        """This process's micro-batches of ``samples`` (its contiguous share, cut into ``batch_size``), each with
+        whether it counts; sharded, a process with fewer than another runs uncounted ones, so that every process
+        takes part in every gather."""
+        world, size = self.world, self.config.batch_size
+        mine = distributed.share(samples, world.rank, world.size)
+        micro = [(mine[i:i + size], True) for i in range(0, len(mine), size)]
+        if world.sharded:
+            rounds = max(math.ceil(len(distributed.share(samples, r, world.size)) / size) for r in range(world.size))
+            micro += [(samples[:1], False)] * (rounds - len(micro))
+        return micro
+
+    def accumulate_share(self, window: list[list[int]]) -> tuple[float, int]:
+        """One optimizer step's backward in a job of several processes (or a run of one keyed as one): over this
+        process's share of the global window, each micro-batch's summed loss divided by the target tokens of the
+        whole window, then the gradients summed over the processes. Returns (the window's mean loss, its tokens).
+        """
+        samples = [j for indices in window for j in indices]
+        train = self.dataset.train
+        total = sum(int((train[j].labels[1:] != data_mod.IGNORE_INDEX).sum()) for j in samples)
+        tokens = sum(train[j].input_ids.numel() for j in samples)
+        loss_sum = 0.0
+        try:
+            for indices, counted in self._micro_shares(samples):
+                self._key_dropout(indices)
+                loss = self._loss_sum(self._collate(indices))
+                if counted:
+                    (loss / max(total, 1)).backward()
+                    loss_sum += loss.item()
+                else:
+                    (loss * 0.0).backward()
+        finally:
+            for layer in self._keyed_layers:
+                layer.dropout_seeds = None
+        if self.world.active:
+            (loss_sum,) = distributed.all_reduce_gradients(self.params, [loss_sum])
+        if self.orthogonality:  # once per optimizer step, in every process alike
+            ortho = orthogonality_loss(self.model)
+            ortho.backward()
+            self.last_ortho_loss = float(ortho.detach())
+        return loss_sum / max(total, 1), tokens
+
+    def _key_dropout(self, indices: list[int]) -> None:
+        """Gives every adapted layer one dropout seed per sample of the next micro-batch, keyed on (seed, step,
+        sample index, layer index)."""
+        seed, step = self.config.seed, self.global_step
+        for k, layer in enumerate(self._keyed_layers):
+            layer.dropout_seeds = [distributed.sample_seed(seed, step, j, k) for j in indices]
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean next-token loss over the whole validation split (None when there is none)."""
@@ -337,10 +398,24 @@ class Trainer:
         size = self.config.eval_batch_size or self.config.batch_size
         total, count = 0.0, 0
         val = self.dataset.validation
-        for i in range(0, len(val), size):
-            batch = data_mod.collate(val[i:i + size], self.pad_id)
-            total += self._loss_sum(batch).item()
-            count += data_mod.target_tokens(batch)
+        world = self.world
+        if world is None or not world.active:
+            for i in range(0, len(val), size):
+                batch = data_mod.collate(val[i:i + size], self.pad_id)
+                total += self._loss_sum(batch).item()
+                count += data_mod.target_tokens(batch)
+        else:  # each process its share, the sums all-reduced (sharded: every process as many forwards)
+            mine = distributed.share(val, world.rank, world.size)
+            rounds = max(math.ceil(len(distributed.share(val, r, world.size)) / size) for r in range(world.size)) \
+                if world.sharded else math.ceil(len(mine) / size)
+            for i in range(rounds):
+                part = mine[i * size:(i + 1) * size]
+                batch = data_mod.collate(part or val[:1], self.pad_id)
+                loss = self._loss_sum(batch).item()
+                if part:
+                    total += loss
+                    count += data_mod.target_tokens(batch)
+            total, count = distributed.all_reduce_sums([total, count], self.device)
         self.model.train(was_training)
         return total / max(count, 1)
 
@@ -398,12 +473,12 @@ class Trainer:
     def _checksum(self) -> float:
         """A checksum of the frozen parameters: the sum of Σw and Σ|w| over them, in float64."""
         total = torch.zeros((), dtype=torch.float64)
-        for p in self.frozen:
+        for p in self.frozen:  # (a sharded weight's sums are gathered: every process computes them at once)
             if p.is_floating_point():
                 d = p.detach().double()
-                total += (d.sum() + d.abs().sum()).cpu()
+                total += distributed.full(d.sum() + d.abs().sum()).cpu()
             else:
-                total += p.detach().double().sum().cpu()
+                total += distributed.full(p.detach().double().sum()).cpu()
         return float(total)
 
     def namespaced_metrics(self, n_train: int, n_total: int) -> dict:
@@ -476,6 +551,8 @@ class Trainer:
             WriteError: the disk is full or the directory cannot be written (names it; nothing is left).
         """
         path = self.output_dir / f"checkpoint-{self.global_step}"
+        if not self.writes:  # rank 0 of a job writes it
+            return path
         with atomic.directory(path) as tmp:
             self._write_adapter(tmp)
             if not self.plain:
@@ -558,6 +635,8 @@ class Trainer:
 
     # --- metrics ---------------------------------------------------------------------------------------------
     def _trim_metrics(self, step: int) -> None:
+        if not self.writes:
+            return
         path = self.output_dir / METRICS_NAME
         if path.exists():
             keep = [line for line in path.read_text(errors="replace").splitlines()
@@ -565,6 +644,8 @@ class Trainer:
             atomic.write_text(path, "".join(line + "\n" for line in keep))
 
     def _log(self, record: dict) -> None:
+        if not self.writes:
+            return
         with open(self.output_dir / METRICS_NAME, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         for writer in self._writers:
@@ -572,6 +653,8 @@ class Trainer:
 
     def _open_writers(self) -> list[Callable[[dict], None]]:
         writers = []
+        if not self.writes:
+            return writers
         if "tensorboard" in self.config.report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -633,13 +716,33 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
         """Runs to ``max_steps`` (or ``num_epochs``); with ``resume`` continues from the newest complete
-        checkpoint in ``output_dir`` and ends with the same adapter as an uninterrupted run."""
+        checkpoint in ``output_dir`` and ends with the same adapter as an uninterrupted run.
+
+        In a job of several processes (``torchrun``), every process calls it; rank 0 alone writes. A process that
+        fails makes the others stop with its message (:class:`~lispetorch.train.distributed.DistributedError`).
+        """
+        try:
+            return self._train(resume)
+        except BaseException as e:
+            other = distributed.on_failure(self.world, e)
+            if other is not None:
+                raise other from e
+            raise
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes logs, checkpoints and the adapter (rank 0 of a job; a run of one)."""
+        return self.world is None or self.world.main
+
+    def _train(self, resume: bool) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.config
         self._setup(resume)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         start_step = self._resume() if resume else 0
+        if self.world is not None and self.world.active:
+            distributed.agree(start_step, "the checkpoint to resume from (its step)", self.device)
         if not resume:
             self._trim_metrics(0)
         self._closers: list[Callable[[], None]] = []
@@ -655,7 +758,8 @@ class Trainer:
                 self._log(self._eval_record(initial_eval))
                 initial_task = self.last_task_metrics
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=start_step, desc="training", disable=not self.progress,
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="training", disable=not (self.progress and
+                                                                                             self.writes),
                    dynamic_ncols=True, unit="step")
         accum = cfg.gradient_accumulation_steps
         tokens_total, started = 0, time.perf_counter()
@@ -669,9 +773,12 @@ class Trainer:
                 windows = [micro[i:i + accum] for i in range(0, len(micro), accum)]
                 done_in_epoch = self.global_step - self.epoch * self.steps_per_epoch
                 for window in windows[done_in_epoch:]:
-                    batches = [self._collate(idx) for idx in window]
-                    step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-                    loss, _ = self.accumulate(batches)
+                    if self.world is None:
+                        batches = [self._collate(idx) for idx in window]
+                        step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                        loss, _ = self.accumulate(batches)
+                    else:
+                        loss, step_tokens = self.accumulate_share(window)
                     self._check_finite_step(loss)
                     if self.orthogonality:
                         window_ortho += self.last_ortho_loss
@@ -738,11 +845,13 @@ class Trainer:
                 self.best_loss = min(self.best_loss, final_eval)
                 self._log(self._eval_record(final_eval))
         adapter_dir = self.output_dir / ("model" if self.full else "adapter")
-        with atomic.directory(adapter_dir) as tmp:
-            self._write_adapter(tmp)
-        atomic.write_text(self.output_dir / INFO_NAME, json.dumps(self._info(last_loss), indent=2) + "\n")
-        if cfg.plot:
-            self.plot()
+        if self.writes:
+            with atomic.directory(adapter_dir) as tmp:
+                self._write_adapter(tmp)
+            atomic.write_text(self.output_dir / INFO_NAME, json.dumps(self._info(last_loss), indent=2) + "\n")
+            if cfg.plot:
+                self.plot()
+        distributed.finish(self.world)
         return TrainResult(self.output_dir, adapter_dir, self.global_step, self.epoch, last_loss, final_eval,
                            initial_eval, self.best_loss, tokens_total, seconds, n_train, n_total,
                            self.last_task_metrics, initial_task)

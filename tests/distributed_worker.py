@@ -1,0 +1,41 @@
+"""One process of a torchrun job started by tests/test_distributed.py: trains a config with lispetorch's Trainer
+and, as its options say, records how much of the base weights it holds, or fails at a step (raises, or is killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+from lispetorch.train import Trainer, distributed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--rank1-config", help="rank 1 reads this config instead")
+    parser.add_argument("--shares", help="a directory: each rank writes shares-RANK.json after its first step")
+    parser.add_argument("--fail", nargs=3, metavar=("RANK", "STEP", "HOW"), help="HOW: raise or kill")
+    args = parser.parse_args()
+    rank = int(os.environ["RANK"])
+
+    def on_step(trainer) -> None:
+        if args.shares and trainer.global_step == 1:
+            held = sum(distributed.local(p).numel() for p in trainer.frozen)
+            whole = sum(p.numel() for p in trainer.frozen)
+            Path(args.shares, f"shares-{rank}.json").write_text(json.dumps({"held": held, "whole": whole}))
+        if args.fail and rank == int(args.fail[0]) and trainer.global_step == int(args.fail[1]):
+            if args.fail[2] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure at step {trainer.global_step}")
+
+    config = args.rank1_config if args.rank1_config and rank == 1 else args.config
+    Trainer(config, progress=False, on_step=on_step).train(resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
