@@ -84,23 +84,22 @@ inline void draw_block(uint32_t* u, int64_t begin, int64_t len, const MaskKey& k
 }
 
 // Calls fn(u, begin, len) on blocks of up to 1024 elements, u holding their draws; blocks shared between threads.
-// The mask's counter of element j is offset + j (a block of rows of a larger tensor starts at its first index).
 template <typename F>
-void for_each_block(int64_t n, const MaskKey& key, const F& fn, int64_t offset = 0) {
+void for_each_block(int64_t n, const MaskKey& key, const F& fn) {
   constexpr int64_t kBlock = 1024;
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t block_begin, int64_t block_end) {
     uint32_t u[kBlock];
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       const int64_t begin = blk * kBlock, len = std::min(kBlock, n - begin);
-      draw_block(u, offset + begin, len, key);
+      draw_block(u, begin, len, key);
       fn(static_cast<const uint32_t*>(u), begin, len);
     }
   });
 }
 
-// One pass: out[i] = keep(offset + i) ? in[i] / (1 - p) : 0.
+// One pass: out[i] = keep(i) ? in[i] / (1 - p) : 0.
 template <typename scalar_t>
-void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey key, double p, int64_t offset = 0) {
+void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey key, double p) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
   for_each_block(n, key, [&](const uint32_t* u, int64_t begin, int64_t len) {
@@ -108,22 +107,7 @@ void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey 
       const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
       out[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(in[begin + j]) * m);
     }
-  }, offset);
-}
-
-// One pass with one mask drawn from offset: xd = drop(x) (when xd is given) and acc += drop(t).
-template <typename scalar_t>
-void dropout_pair_add_kernel(const scalar_t* x, scalar_t* xd, const scalar_t* t, scalar_t* acc, int64_t n,
-                             const MaskKey key, double p, int64_t offset) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
-  for_each_block(n, key, [&](const uint32_t* u, int64_t begin, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
-      if (xd != nullptr) xd[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(x[begin + j]) * m);
-      acc[begin + j] = static_cast<scalar_t>(static_cast<acc_t>(acc[begin + j]) + static_cast<acc_t>(t[begin + j]) * m);
-    }
-  }, offset);
+  });
 }
 
 // One pass for backward, which needs the same mask twice: xd = drop(x) (a new tensor) and g = drop(g) in place.
@@ -200,34 +184,6 @@ at::Tensor dropout_pair_(const at::Tensor& x, at::Tensor& g, double p, int64_t s
                                   g.mutable_data_ptr<scalar_t>(), in.numel(), key, p);
   });
   return out;
-}
-
-void dropout_block_(const at::Tensor& in, at::Tensor& out, double p, int64_t seed, int64_t offset) {
-  TORCH_CHECK(in.device().is_cpu() && in.is_contiguous() && out.is_contiguous() && in.sizes() == out.sizes() &&
-                  in.scalar_type() == out.scalar_type(),
-              "dropout_block_ needs contiguous CPU tensors of one shape and dtype");
-  const MaskKey key = make_key(p, seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "lispetorch_dropout_block", [&] {
-    dropout_kernel<scalar_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), in.numel(), key, p,
-                             offset);
-  });
-}
-
-void dropout_pair_add_(const at::Tensor& x, at::Tensor* xd, const at::Tensor& t, at::Tensor& acc, double p,
-                       int64_t seed, int64_t offset) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && acc.is_contiguous() && t.sizes() == acc.sizes() &&
-                  t.scalar_type() == acc.scalar_type(),
-              "dropout_pair_add_ needs contiguous CPU tensors of one shape and dtype");
-  TORCH_CHECK(xd == nullptr || (x.is_contiguous() && xd->is_contiguous() && x.sizes() == t.sizes() &&
-                                xd->sizes() == t.sizes() && x.scalar_type() == t.scalar_type() &&
-                                xd->scalar_type() == t.scalar_type()),
-              "dropout_pair_add_ needs x and xd shaped like t");
-  const MaskKey key = make_key(p, seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "lispetorch_dropout_pair_add", [&] {
-    dropout_pair_add_kernel<scalar_t>(xd ? x.const_data_ptr<scalar_t>() : nullptr,
-                                      xd ? xd->mutable_data_ptr<scalar_t>() : nullptr, t.const_data_ptr<scalar_t>(),
-                                      acc.mutable_data_ptr<scalar_t>(), t.numel(), key, p, offset);
-  });
 }
 
 void dropout_inplace_(at::Tensor& t, double p, int64_t seed) {

@@ -176,11 +176,6 @@ std::vector<at::Tensor> dora_linear_backward(
     const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const at::Tensor& y, const at::Tensor& hr,
     const at::Tensor& norm, double scale, double dropout, int64_t seed, std::array<bool, 7> output_mask);
 
-// CPU, contiguous, one dtype: out = drop(in) for a block of a larger tensor whose first element has mask counter
-// `offset`; and, with one mask drawn from `offset`, xd = drop(x) (when xd is not null) and acc += drop(t).
-void dropout_block_(const at::Tensor& in, at::Tensor& out, double p, int64_t seed, int64_t offset);
-void dropout_pair_add_(const at::Tensor& x, at::Tensor* xd, const at::Tensor& t, at::Tensor& acc, double p,
-                       int64_t seed, int64_t offset);
 // In-place dropout on a contiguous tensor whose flattened index is the mask's counter.
 void dropout_inplace_(at::Tensor& t, double p, int64_t seed);
 // The same mask drawn once for two tensors shaped alike: returns drop(x) and applies it to g in place.
