@@ -16,6 +16,7 @@ the results gathered in one table (mean ± std over seeds) and plotted against e
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import csv
 import dataclasses
@@ -24,6 +25,7 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import statistics
@@ -425,18 +427,33 @@ def plot(p: Plan, summary: list[dict], metric: str) -> list[Path]:
     return paths
 
 
-def run(config: Mapping | str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+def _worker_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run(config: Mapping | str | os.PathLike, resume: bool = False, progress: bool = True, workers: int = 1) -> dict:
     """Runs every point of an experiment (see the module's docstring) and writes its results; with ``resume``
     finished runs are read back, not rerun, and an interrupted one continues from its newest checkpoint.
 
+    Args:
+        workers (int): grid points trained at once, each in a process of its own (started fresh, ``spawn``),
+            the machine's cores shared out between them; 1 trains them one after the other in this process.
+            The results are the same files, in the grid's order.
+
     Returns:
         dict: what ``results.json`` holds (``runs``, ``summary``, ``metric``, ``plots``).
+
+    Raises:
+        ConfigError: a bad experiment config, or ``workers`` not a positive integer.
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     p = plan(config)
     if not resume and (p.output_dir / "runs").is_dir() and any((p.output_dir / "runs").iterdir()):
         raise ConfigError(f"output_dir {p.output_dir} holds runs of an earlier experiment: resume it (--resume) or "
                           "choose another output_dir")
-    runs = []
+    runs: dict[int, dict] = {}
+    todo = []
     for i, (setting, cfg) in enumerate(zip(p.settings, p.configs, strict=True), 1):
         done = Path(cfg["output_dir"]) / RUN_NAME
         if resume and done.is_file():
@@ -444,15 +461,33 @@ def run(config: Mapping | str | os.PathLike, resume: bool = False, progress: boo
             if previous.get("status") == "done":
                 if progress:
                     print(f"run {i}/{len(p.settings)}: {_describe(setting)}: finished already")
-                runs.append(previous)
+                runs[i] = previous
                 continue
-        if progress:
-            print(f"run {i}/{len(p.settings)}: {_describe(setting)}", flush=True)
-        record = run_one(i, setting, cfg, progress)
+        todo.append((i, setting, cfg))
+
+    def report(i: int, record: dict) -> None:
         if progress and record["status"] == "failed":
             print(f"run {i}/{len(p.settings)} failed: {record['error']}", flush=True)
-        runs.append(record)
-    return write_results(p, runs)
+        runs[i] = record
+
+    if workers == 1 or len(todo) <= 1:
+        for i, setting, cfg in todo:
+            if progress:
+                print(f"run {i}/{len(p.settings)}: {_describe(setting)}", flush=True)
+            report(i, run_one(i, setting, cfg, progress))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                                    mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_worker_threads, initargs=(threads,)) as pool:
+            futures = {}
+            for i, setting, cfg in todo:
+                if progress:
+                    print(f"run {i}/{len(p.settings)}: {_describe(setting)} (in a process of its own)", flush=True)
+                futures[pool.submit(run_one, i, setting, cfg, False)] = i
+            for future in concurrent.futures.as_completed(futures):
+                report(futures[future], future.result())
+    return write_results(p, [runs[i] for i in sorted(runs)])
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -461,10 +496,12 @@ def configure(parser) -> None:
                                        "ablation, full_baseline, metric (see docs/experiments.md)")
     parser.add_argument("--resume", action="store_true", help="skip finished runs, continue the interrupted one")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="grid points trained at once, each in its own process (default 1)")
 
 
 def main(args) -> int:
-    result = run(args.config, resume=args.resume, progress=not args.no_progress)
+    result = run(args.config, resume=args.resume, progress=not args.no_progress, workers=args.workers)
     out = Path(plan(args.config).output_dir)
     failed = [r for r in result["runs"] if r["status"] != "done"]
     print((out / "results.md").read_text())

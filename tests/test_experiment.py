@@ -144,3 +144,21 @@ def test_the_example_experiment_plans():
     assert len(p.settings) == 2 * 2 * 2 + 2  # rank × preset × seed, and full fine-tuning per seed
     assert {c["lora"].get("target_modules") for c in p.configs} == {"standard", "all-linear", None}
     assert p.metric == "accuracy" and p.output_dir.name == "rank-presets"
+
+
+def test_grid_points_spread_over_processes_give_the_same_results(tiny_default_model, tiny_task, tmp_path):
+    def cfg(name):
+        return {"output_dir": str(tmp_path / name), "base": _base(tiny_default_model, tiny_task),
+                "grid": {"lora.rank": [2, 4], "seed": [1, 2]}}
+
+    one = experiment.run(cfg("one"), progress=False)
+    two = experiment.run(cfg("two"), progress=False, workers=2)
+    assert [r["setting"] for r in two["runs"]] == [r["setting"] for r in one["runs"]]
+    assert all(r["status"] == "done" for r in two["runs"])
+    for a, b in zip(one["runs"], two["runs"], strict=True):
+        # each point trains the same steps from the same seed; only the threads per process differ
+        assert b["metrics"]["eval_loss"] == pytest.approx(a["metrics"]["eval_loss"], rel=1e-4)
+    assert (tmp_path / "two" / "results.csv").read_text().count("\n") == (tmp_path / "one" / "results.csv"
+                                                                           ).read_text().count("\n")
+    with pytest.raises(lt.ConfigError, match="workers"):
+        experiment.run(cfg("three"), progress=False, workers=0)
