@@ -8,8 +8,10 @@ each adapter's factors are ``A (r, in)``, ``B (out, r)`` and optionally ``R (r, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -103,6 +105,31 @@ def weight_fingerprint(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     changes both; so do changes of several values in a row, but for changes built to cancel in both."""
     bits = w.detach().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()])
     return torch.hash_tensor(w.detach(), dim=1), bits.sum(dim=1, dtype=torch.int64)  # (out,), (out,)
+
+
+def _sharded(w: torch.Tensor) -> bool:
+    # torch.distributed.tensor takes a second or more to import: a model that holds none of its tensors never does
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(w, module.DTensor)
+
+
+def local_part(w: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``w``: its shard of a sharded tensor (FSDP2's ``DTensor``), else ``w``."""
+    return w.to_local() if _sharded(w) else w
+
+
+@contextlib.contextmanager
+def whole_weight(w: torch.Tensor):
+    """``w`` to merge into: ``w`` itself, or a sharded ``w`` (FSDP2) gathered whole on every process at once, each
+    process's shard written back from it when the block ends without an error (so a refused merge changes
+    nothing). Every process must enter it, in the same order, as for any collective."""
+    if not _sharded(w):
+        yield w
+        return
+    module = sys.modules["torch.distributed.tensor"]
+    whole = w.full_tensor()
+    yield whole
+    local_part(w).copy_(module.distribute_tensor(whole, w.device_mesh, w.placements).to_local())
 
 
 # --- one adapter -----------------------------------------------------------------------------------------------
@@ -674,7 +701,7 @@ class LoraLinear(nn.Module):
             return True
         if now[1:] != then[1:] or self._merge_fingerprint is None:
             return False
-        return all(torch.equal(a, b) for a, b in zip(weight_fingerprint(self.base_weight()),
+        return all(torch.equal(a, b) for a, b in zip(weight_fingerprint(local_part(self.base_weight())),
                                                      self._merge_fingerprint, strict=True))
 
     @torch.no_grad()
@@ -694,20 +721,20 @@ class LoraLinear(nn.Module):
                                     "or dequantise the base first")
         name = self.active_adapter
         A, B, R = self.factors(name)
-        if name in self.lora_magnitude_vector:
-            distance, index, values, norm = ops.dora_merge_(self.base_weight(), A, B, R,
-                                                            self.lora_magnitude_vector[name],
-                                                            self.settings[name].scaling, safe)
-            self.register_buffer("merge_norm", norm, persistent=False)
-        else:
-            distance, index, values = ops.lora_merge_(self.base_weight(), A, B, R, self.settings[name].scaling, safe)
+        with whole_weight(self.base_weight()) as w:  # under FSDP2: gathered, and each shard written back
+            if name in self.lora_magnitude_vector:
+                distance, index, values, norm = ops.dora_merge_(w, A, B, R, self.lora_magnitude_vector[name],
+                                                                self.settings[name].scaling, safe)
+                self.register_buffer("merge_norm", norm, persistent=False)
+            else:
+                distance, index, values = ops.lora_merge_(w, A, B, R, self.settings[name].scaling, safe)
         self.register_buffer("merge_distance", distance, persistent=False)
         self.register_buffer("merge_index", index, persistent=False)
         self.register_buffer("merge_values", values, persistent=False)
         self.merged_adapter = name
         self._merge_versions = self._versions(name)
         self.compiled_view()
-        self._merge_fingerprint = weight_fingerprint(self.base_weight())
+        self._merge_fingerprint = weight_fingerprint(local_part(self.base_weight()))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -723,12 +750,13 @@ class LoraLinear(nn.Module):
                 stacklevel=2,
             )
             state = None
-        if name in self.lora_magnitude_vector:
-            ops.dora_unmerge_(self.base_weight(), A, B, R, self.lora_magnitude_vector[name], self.merge_norm,
-                              self.settings[name].scaling, state)
-            delattr(self, "merge_norm")
-        else:
-            ops.lora_unmerge_(self.base_weight(), A, B, R, self.settings[name].scaling, state)
+        with whole_weight(self.base_weight()) as w:
+            if name in self.lora_magnitude_vector:
+                ops.dora_unmerge_(w, A, B, R, self.lora_magnitude_vector[name], self.merge_norm,
+                                  self.settings[name].scaling, state)
+                delattr(self, "merge_norm")
+            else:
+                ops.lora_unmerge_(w, A, B, R, self.settings[name].scaling, state)
         for buf in ("merge_distance", "merge_index", "merge_values"):
             delattr(self, buf)
         self.merged_adapter = None

@@ -270,3 +270,16 @@ def test_keyed_masks_are_drawn_again_alike_under_gradient_checkpointing(setup):
     plain = train_run(setup["config"]("keyed-ckpt0", **over), progress=False)
     ckpt = train_run(setup["config"]("keyed-ckpt1", gradient_checkpointing=True, **over), progress=False)
     assert_same_adapter(plain.adapter_dir, ckpt.adapter_dir)
+
+
+
+def test_merge_and_unmerge_under_fsdp_gather_what_they_need(setup):
+    cfg = setup["config"]("fsdp_merge", distributed={"strategy": "fsdp", "timeout": 60}, max_steps=2, save_steps=0)
+    out = setup["root"] / "merge"
+    proc = run(torchrun(str(WORKER), str(cfg), "--merge", str(out)), setup["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads(Path(f"{out}-{r}.json").read_text()) for r in range(2)]
+    for s in seen:  # merged logits equal the adapter's; unmerge gives every shard back bit for bit
+        assert s["merged_vs_adapted"] <= 1e-5 * s["scale"] and s["unmerged_vs_adapted"] == 0.0 and s["exact"], s
+        assert s["adapted_vs_base"] > 100 * s["merged_vs_adapted"] and s["adapted_vs_base"] > 1e-4, s
+    assert seen[0]["logits"] == seen[1]["logits"]
