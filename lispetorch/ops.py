@@ -471,17 +471,21 @@ def _(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed):
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((_rows(x), lora_A.shape[0]))
 
 
+def _fake_grads(grad, weight, factors, output_mask, last=None):
+    """The gradients a backward kernel returns, as fakes: those of x, weight, bias, then of each factor given
+    (None: an absent one), then of ``last`` (a DoRA magnitude, in its own dtype), the wanted ones."""
+    shapes = [(*grad.shape[:-1], weight.shape[1]), tuple(weight.shape), (weight.shape[0],),
+              *(tuple(f.shape) if f is not None else () for f in factors)]
+    dtypes = [grad.dtype] * len(shapes)
+    if last is not None:
+        shapes.append(tuple(last.shape))
+        dtypes.append(last.dtype)
+    return [grad.new_empty(s, dtype=d) for s, d, wanted in zip(shapes, dtypes, output_mask, strict=True) if wanted]
+
+
 @torch.library.register_fake("lispetorch::lora_linear_backward")
 def _(grad, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed, output_mask):
-    shapes = [
-        (*grad.shape[:-1], weight.shape[1]),
-        tuple(weight.shape),
-        (weight.shape[0],),
-        tuple(lora_A.shape),
-        tuple(lora_B.shape),
-        tuple(lora_R.shape) if lora_R is not None else (),
-    ]
-    return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask, strict=True) if wanted]
+    return _fake_grads(grad, weight, (lora_A, lora_B, lora_R), output_mask)
 
 
 @torch.library.register_fake("lispetorch::lora_linear_grouped")
@@ -496,9 +500,7 @@ def _(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed):
 
 @torch.library.register_fake("lispetorch::lora_linear_grouped_backward")
 def _(grad, x, weight, lora_A, lora_B, group, hr, scales, dropout, seed, output_mask):
-    shapes = [(*grad.shape[:-1], weight.shape[1]), tuple(weight.shape), (weight.shape[0],), tuple(lora_A.shape),
-              tuple(lora_B.shape)]
-    return [grad.new_empty(s) for s, wanted in zip(shapes, output_mask, strict=True) if wanted]
+    return _fake_grads(grad, weight, (lora_A, lora_B), output_mask)
 
 
 @torch.library.register_fake("lispetorch::dora_linear")
@@ -518,17 +520,7 @@ def _(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed):
 
 @torch.library.register_fake("lispetorch::dora_linear_backward")
 def _(grad, x, weight, bias, lora_A, lora_B, lora_R, magnitude, y, hr, norm, scale, dropout, seed, output_mask):
-    shapes = [
-        (*grad.shape[:-1], weight.shape[1]),
-        tuple(weight.shape),
-        (weight.shape[0],),
-        tuple(lora_A.shape),
-        tuple(lora_B.shape),
-        tuple(lora_R.shape) if lora_R is not None else (),
-        tuple(magnitude.shape),
-    ]
-    dtypes = [grad.dtype] * 6 + [magnitude.dtype]
-    return [grad.new_empty(s, dtype=d) for s, d, wanted in zip(shapes, dtypes, output_mask, strict=True) if wanted]
+    return _fake_grads(grad, weight, (lora_A, lora_B, lora_R), output_mask, last=magnitude)
 
 
 @torch.library.register_fake("lispetorch::dora_norm")

@@ -38,6 +38,23 @@ inline std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+template <size_t N>
+bool any_wanted(const std::array<bool, N>& mask) {
+  return std::any_of(mask.begin(), mask.end(), [](bool wanted) { return wanted; });
+}
+
+// A kernel's gradients (the wanted ones, in order) put at their inputs' places among `slots` (one per argument of
+// forward, undefined where there is no gradient).
+template <size_t N>
+variable_list place(const std::array<bool, N>& mask, const std::vector<at::Tensor>& grads, size_t slots) {
+  variable_list out(slots);
+  size_t k = 0;
+  for (size_t i = 0; i < N; ++i) {
+    if (mask[i]) out[i] = grads.at(k++);
+  }
+  return out;
+}
+
 // Inputs, in order: x, weight, bias, A, B, R (bias and R optional), then scale, dropout, seed. backward returns
 // one entry per argument, undefined where there is no gradient.
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -68,18 +85,12 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     std::array<bool, 6> mask = {ctx->needs_input_grad(0),         ctx->needs_input_grad(1),
                                 has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(2 + b),
                                 ctx->needs_input_grad(3 + b),     has_R && ctx->needs_input_grad(4 + b)};
-    variable_list out(9);
-    if (!std::any_of(mask.begin(), mask.end(), [](bool b) { return b; })) return out;
-    at::Tensor grad = grad_outputs[0];
-    if (!grad.defined()) return out;
+    const at::Tensor& grad = grad_outputs[0];
+    if (!any_wanted(mask) || !grad.defined()) return variable_list(9);
     const auto grads = backward_op().call(grad, opt(x), weight, lora_A, lora_B, opt(lora_R), hr,
                                           ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout"].toDouble(),
                                           ctx->saved_data["seed"].toInt(), mask);
-    size_t k = 0;
-    for (size_t i = 0; i < mask.size(); ++i) {
-      if (mask[i]) out[i] = grads.at(k++);
-    }
-    return out;
+    return place(mask, grads, 9);
   }
 };
 
@@ -155,19 +166,13 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
                                 ctx->needs_input_grad(3 + b),
                                 has_R && ctx->needs_input_grad(4 + b),
                                 ctx->needs_input_grad(4 + b + r)};
-    variable_list out(10);
-    if (!std::any_of(mask.begin(), mask.end(), [](bool b) { return b; })) return out;
-    at::Tensor grad = grad_outputs[0];
-    if (!grad.defined()) return out;
+    const at::Tensor& grad = grad_outputs[0];
+    if (!any_wanted(mask) || !grad.defined()) return variable_list(10);
     const auto grads = dora_backward_op().call(grad, opt(x), weight, opt(bias), lora_A, lora_B, opt(lora_R),
                                                magnitude, y, hr, norm, ctx->saved_data["scale"].toDouble(),
                                                ctx->saved_data["dropout"].toDouble(), ctx->saved_data["seed"].toInt(),
                                                mask);
-    size_t k = 0;
-    for (size_t i = 0; i < mask.size(); ++i) {
-      if (mask[i]) out[i] = grads.at(k++);
-    }
-    return out;
+    return place(mask, grads, 10);
   }
 };
 
@@ -233,19 +238,13 @@ class GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFunc
     std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                 has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(2 + b),
                                 ctx->needs_input_grad(3 + b)};
-    variable_list out(9);
-    if (!std::any_of(mask.begin(), mask.end(), [](bool v) { return v; })) return out;
-    at::Tensor grad = grad_outputs[0];
-    if (!grad.defined()) return out;
+    const at::Tensor& grad = grad_outputs[0];
+    if (!any_wanted(mask) || !grad.defined()) return variable_list(9);
     const std::vector<double> scales = ctx->saved_data["scales"].toDoubleVector();
     const auto grads = grouped_backward_op().call(grad, opt(x), weight, lora_A, lora_B, group, hr, scales,
                                                   ctx->saved_data["dropout"].toDouble(),
                                                   ctx->saved_data["seed"].toInt(), mask);
-    size_t k = 0;
-    for (size_t i = 0; i < mask.size(); ++i) {
-      if (mask[i]) out[i] = grads.at(k++);
-    }
-    return out;
+    return place(mask, grads, 9);
   }
 };
 
