@@ -640,11 +640,12 @@ class LoraLinear(nn.Module):
         if x.dim() < 2 or x.shape[0] % len(seeds):
             raise ShapeError(f"per-sample dropout: {len(seeds)} seeds for an input of shape {tuple(x.shape)}")
         rows = x.shape[0] // len(seeds)
-        if m is not None:  # DoRA: the same, with the magnitude
-            return torch.cat([fused_dora_linear(self.base_layer, part, A, B, R, m, scale, p, s)
-                              for part, s in zip(x.split(rows), seeds, strict=True)])
-        return torch.cat([fused_linear(self.base_layer, part, A, B, R, scale, p, s)
-                          for part, s in zip(x.split(rows), seeds, strict=True)])
+        def run(part: torch.Tensor, seed: int) -> torch.Tensor:
+            if m is not None:  # DoRA: the same, with the magnitude
+                return fused_dora_linear(self.base_layer, part, A, B, R, m, scale, p, seed)
+            return fused_linear(self.base_layer, part, A, B, R, scale, p, seed)
+
+        return torch.cat([run(part, s) for part, s in zip(x.split(rows), seeds, strict=True)])
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward ``torch.compile`` traces: one code for every adapter state, reading only

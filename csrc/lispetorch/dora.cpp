@@ -26,17 +26,14 @@ namespace lispetorch {
 
 namespace {
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+}  // namespace
 
-c10::ScalarType accumulate_type(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// g = m / n in the accumulation dtype, 0 where n is 0.
+namespace detail {
 at::Tensor dora_scale(const at::Tensor& magnitude, const at::Tensor& norm) {
   const at::Tensor m = magnitude.to(norm.scalar_type());
   return at::where(norm.gt(0), m / norm, at::zeros_like(norm));
 }
-}  // namespace
 
-namespace detail {
 void check_magnitude(const at::Tensor& weight, const at::Tensor& magnitude) {
   TORCH_CHECK(magnitude.defined(), "magnitude is undefined");
   TORCH_CHECK(at::isFloatingType(magnitude.scalar_type()), "magnitude must be a floating-point tensor, got ",
@@ -51,7 +48,7 @@ void check_magnitude(const at::Tensor& weight, const at::Tensor& magnitude) {
 at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                      const std::optional<at::Tensor>& lora_R, double scale) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
-  const c10::ScalarType acc = accumulate_type(weight.scalar_type());
+  const c10::ScalarType acc = detail::accumulate_type(weight.scalar_type());
   const at::Tensor A = lora_A.to(acc);                                            // (r, in)
   at::Tensor C = lora_B.to(acc);                                                  // (out, r)
   if (has(lora_R)) C = at::mm(C, lora_R->to(acc));                                // B R

@@ -161,6 +161,11 @@ std::vector<at::Tensor> lora_linear_grouped_backward(
     const at::Tensor& lora_B, const at::Tensor& group, const at::Tensor& hr, at::ArrayRef<double> scales,
     double dropout, int64_t seed, std::array<bool, 5> output_mask);
 
+// The dtype merges and DoRA's norms accumulate in: float64 for float64, float32 otherwise.
+c10::ScalarType accumulate_type(c10::ScalarType t);
+// DoRA's row factor g = m / n in n's dtype, 0 where n is 0: the one formula the operator, merge and unmerge use.
+at::Tensor dora_scale(const at::Tensor& magnitude, const at::Tensor& norm);
+
 // A magnitude vector that fits weight: (out,), floating point, on its device.
 void check_magnitude(const at::Tensor& weight, const at::Tensor& magnitude);
 

@@ -20,7 +20,6 @@ namespace {
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-c10::ScalarType accumulate_type(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 c10::ScalarType bits_type(c10::ScalarType t) {
   switch (t) {
@@ -54,6 +53,10 @@ at::Tensor ordered(const at::Tensor& bits) {
 }
 
 }  // namespace
+
+namespace detail {
+c10::ScalarType accumulate_type(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+}  // namespace detail
 
 at::Tensor lora_delta(const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
                       double scale, c10::ScalarType dtype) {
@@ -106,11 +109,6 @@ void refuse_non_finite(const at::Tensor& merged, const at::Tensor& weight) {
               " elements of the weight (shape ", weight.sizes(), "); the weight was left unchanged");
 }
 
-// DoRA's row factor g = m / n (0 where n is 0) as a column (out, 1) in the accumulation dtype.
-at::Tensor dora_column(const at::Tensor& magnitude, const at::Tensor& norm) {
-  const at::Tensor m = magnitude.to(norm.scalar_type());
-  return at::where(norm.gt(0), m / norm, at::zeros_like(norm)).unsqueeze(1);
-}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_(at::Tensor& weight, const at::Tensor& lora_A,
@@ -118,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_(at::Tensor& weight, c
                                                            const std::optional<at::Tensor>& lora_R, double scale,
                                                            bool safe) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
-  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  const c10::ScalarType wt = weight.scalar_type(), acc = detail::accumulate_type(wt);
   const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);     // (out, in)
   const at::Tensor merged = at::add(weight.to(acc), delta).to(wt);
   if (safe) refuse_non_finite(merged, weight);
@@ -132,7 +130,7 @@ void lora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tenso
                    const std::optional<at::Tensor>& lora_R, double scale, const std::optional<at::Tensor>& distance,
                    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& values) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
-  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  const c10::ScalarType wt = weight.scalar_type(), acc = detail::accumulate_type(wt);
   const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);
   restore(weight, at::sub(weight.to(acc), delta).to(wt), distance, index, values);
 }
@@ -142,10 +140,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_merge_(
     const at::Tensor& magnitude, double scale, bool safe) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
   detail::check_magnitude(weight, magnitude);
-  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  const c10::ScalarType wt = weight.scalar_type(), acc = detail::accumulate_type(wt);
   const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);     // (out, in)
   const at::Tensor norm = dora_norm(weight, lora_A, lora_B, lora_R, scale);     // of the unmerged weight (out)
-  const at::Tensor g = dora_column(magnitude, norm);                            // (out, 1)
+  const at::Tensor g = detail::dora_scale(magnitude, norm).unsqueeze(1);       // (out, 1)
   const at::Tensor merged = at::add(weight.to(acc), delta).mul_(g).to(wt);       // g ⊙ (W + Δ)
   if (safe) refuse_non_finite(merged, weight);
   const at::Tensor round_trip = at::div(merged.to(acc), g).sub_(delta).to(wt);
@@ -160,11 +158,11 @@ void dora_unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tenso
                    const std::optional<at::Tensor>& values) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
   detail::check_magnitude(weight, magnitude);
-  const c10::ScalarType wt = weight.scalar_type(), acc = accumulate_type(wt);
+  const c10::ScalarType wt = weight.scalar_type(), acc = detail::accumulate_type(wt);
   TORCH_CHECK(norm.dim() == 1 && norm.size(0) == weight.size(0) && norm.scalar_type() == acc, "the merge's norm "
               "must be (out,) = (", weight.size(0), ",) in ", acc, ", got ", norm.scalar_type(), " ", norm.sizes());
   const at::Tensor delta = lora_delta(lora_A, lora_B, lora_R, scale, acc);
-  const at::Tensor g = dora_column(magnitude, norm);
+  const at::Tensor g = detail::dora_scale(magnitude, norm).unsqueeze(1);
   at::Tensor round_trip = at::div(weight.to(acc), g).sub_(delta);
   if (!has(distance)) {  // rows merged with g = 0 hold nothing to divide: they come back as the plain difference
     round_trip = at::where(g.eq(0), at::sub(weight.to(acc), delta), round_trip);
