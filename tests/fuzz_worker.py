@@ -30,7 +30,7 @@ from lispetorch.combine.config import load_config
 from lispetorch.combine.reader import open_checkpoint, stream
 from lispetorch.lisp import lispe_eval
 from lispetorch.methods.tinylora import restore_tinylora, tinylora_cores
-from lispetorch.peft_format import parse_key
+from lispetorch.peft_format import MAGNITUDE, parse_key
 from lispetorch.train.config import TrainConfig
 
 torch.manual_seed(0)
@@ -60,6 +60,10 @@ def load_adapter(d: Path) -> None:
             want = weights.get((name, which), [None])[0]
             if want is None or not torch.equal(t.detach(), want.to(t.dtype)):
                 raise Wrong(f"{name}.{which} is not the file's tensor")
+        want = weights.get((name, MAGNITUDE), [None])[0]
+        got = layer.lora_magnitude_vector["default"].detach() if "default" in layer.lora_magnitude_vector else None
+        if (got is None) != (want is None) or (got is not None and not torch.equal(got, want.to(got.dtype))):
+            raise Wrong(f"{name}: the DoRA magnitude is not the file's")
         s = layer.settings["default"].scaling
         if not (isinstance(s, float) and math.isfinite(s) and s > 0):
             raise Wrong(f"{name}: scaling {s!r}")

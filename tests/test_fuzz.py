@@ -275,6 +275,26 @@ def test_fuzz_key_sets(dropped, added, start_full):
     check("key set", files, ["load_adapter", "combine"])
 
 
+@SETTINGS
+@given(st.booleans(), st.lists(st.tuples(st.sampled_from(MODULES), st.sampled_from([0, -1, 1, -16]),
+                                         st.sampled_from(["norms", "nan", "zero", "huge"])), max_size=3),
+       st.sampled_from(["{p}{m}.lora_magnitude_vector", "{p}{m}.lora_magnitude_vector.default.weight",
+                        "{m}.lora_magnitude_vector"]))
+def test_fuzz_dora_magnitudes(use_dora, magnitudes, form):
+    """DoRA files: ``use_dora`` true or false, magnitude keys for some modules (or none), of the right length or
+    not, holding row norms, NaN, zeros or huge values."""
+    tensors = valid_tensors()
+    for m, off, kind in magnitudes:
+        n = max(SHAPES[m][0] + off, 0)
+        value = {"norms": torch.rand(n) + 0.5, "nan": torch.full((n,), float("nan")), "zero": torch.zeros(n),
+                 "huge": torch.full((n,), 1e38)}[kind]
+        tensors[form.format(p=PREFIX, m=m)] = value
+    files = valid_adapter()
+    files["adapter_config.json"] = json.dumps({**VALID_CONFIG, "use_dora": use_dora}).encode()
+    files["adapter_model.safetensors"] = save(tensors)
+    check("DoRA magnitudes", files, ["load_adapter", "combine"])
+
+
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                    if f.default is not dataclasses.MISSING}
 TRAIN_KEYS = {
