@@ -46,6 +46,7 @@ from .errors import (
     TinyLoraFormatError,
     WriteError,
 )
+from .experts import LoraExperts
 from .layer import LoraLinear
 from .merged_export import export_merged
 from .methods import orthogonality_loss, restore_tinylora, save_tinylora
@@ -67,6 +68,7 @@ __all__ = [
     "DataError",
     "LispetorchError",
     "LoraConfig",
+    "LoraExperts",
     "LoraLinear",
     "ModulesToSave",
     "NF4Linear",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterStateError, ConfigError, merged_error
+from .experts import LoraExperts, match_parameters
 from .hf import weight_out_in
 from .layer import LoraLinear, base_of
 from .nf4 import NF4Linear
@@ -42,8 +43,52 @@ class AdapterPlan:
     magnitude: torch.Tensor | None = None  # (out,)
 
 
+@dataclass
+class ExpertsPlan:
+    """The factors and settings of one adapter on one experts module: ``factors`` maps each adapted expert weight
+    to ``(A (E, r, in), B (E, out, r))``."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+
+AdapterLayer = LoraLinear | LoraExperts  # what holds adapters: a linear layer, or an experts module's weights
+
+
+def select_experts(model: nn.Module, target_parameters: list[str] | None,
+                   adapter_name: str | None = None) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+    """The experts modules and weights ``target_parameters`` selects (``{}`` for None), as ``{module name:
+    (module, weight names)}``.
+
+    Raises:
+        ConfigError: a target that matches no expert weight (the message lists the candidates), or weights other
+            than those an earlier adapter adapts on the same experts (one set per module, as in PEFT).
+        AdapterStateError: a selected module already holds an adapter named ``adapter_name`` (when given).
+    """
+    if not target_parameters:
+        return {}
+    chosen = {}
+    for name, params in match_parameters(model, target_parameters).items():
+        module = model.get_submodule(name)
+        if isinstance(module, LoraExperts):
+            if module.parameter_names != params:
+                raise ConfigError(f"target_parameters {target_parameters!r} selects {list(params)} on {name!r}, "
+                                  f"whose adapters {list(module.lora_A)} adapt {list(module.parameter_names)}: every "
+                                  "adapter of an experts module adapts the same weights")
+            if adapter_name is not None and adapter_name in module.lora_A:
+                raise AdapterStateError(f"adapter {adapter_name!r} is already injected into {name!r}; use another "
+                                        "adapter name, or delete_adapter first")
+        chosen[name] = (module, params)
+    return chosen
+
+
 def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[str, nn.Module]:
-    """The modules ``config`` targets; an error if any of them already holds an adapter named ``adapter_name``."""
+    """The modules ``config`` targets; an error if any of them already holds an adapter named ``adapter_name``.
+    ``target_modules=[]`` (with ``target_parameters``, see :func:`select_experts`) selects none."""
+    if isinstance(config.target_modules, list) and not config.target_modules:
+        return {}
     chosen = match_modules(model, config.target_modules, config.exclude_modules,
                            getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None))
     for field in ("rank_pattern", "alpha_pattern"):
@@ -105,7 +150,8 @@ def check_layers(chosen: dict[str, nn.Module], r: int, what: str, rank_factor: i
 
 
 def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, AdapterPlan], adapter_name: str,
-            replace: bool = False) -> dict[str, LoraLinear]:
+            replace: bool = False, experts: dict[str, tuple[nn.Module, tuple[str, ...]]] | None = None,
+            expert_plans: dict[str, ExpertsPlan] | None = None) -> dict[str, AdapterLayer]:
     """Changes the model: wraps the chosen layers, installs each plan's factors as adapter ``adapter_name``,
     takes the base offsets out, freezes everything else and activates the adapter. Every method and every
     loader ends here; call it only once every plan is computed and checked.
@@ -115,10 +161,13 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
         plans (dict[str, AdapterPlan]): a plan for each of them.
         replace (bool): an adapter of that name already in the model is replaced, and removed from the layers
             not chosen. Default False.
+        experts (dict | None): experts modules and the weights to adapt on them (:func:`select_experts`), with a
+            plan for each in ``expert_plans``.
 
     Returns:
-        dict[str, LoraLinear]: the layers holding the adapter, by module name.
+        dict[str, LoraLinear | LoraExperts]: the layers holding the adapter, by module name.
     """
+    experts, expert_plans = experts or {}, expert_plans or {}
     for name, module in chosen.items():
         if plans[name].use_dora and isinstance(base_of(module), NF4Linear):
             raise AdapterStateError(f"{name!r}: a DoRA adapter needs a dense base weight, and this layer's is NF4 "
@@ -126,10 +175,21 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
                                     "is unchanged")
     if replace:
         for name, layer in adapter_layers(model).items():
-            if adapter_name in layer.lora_A and name not in chosen:
+            if adapter_name in layer.lora_A and name not in chosen and name not in experts:
                 layer.delete_adapter(adapter_name)
+                if not layer.lora_A and isinstance(layer, LoraExperts):
+                    replace_module(model, name, layer.base_layer)
     freeze_all_but_adapters(model)
-    layers: dict[str, LoraLinear] = {}
+    layers: dict[str, AdapterLayer] = {}
+    for name, (module, params) in experts.items():
+        plan = expert_plans[name]
+        wrapper = module if isinstance(module, LoraExperts) else LoraExperts(module, params)
+        if replace and adapter_name in wrapper.lora_A:
+            wrapper.delete_adapter(adapter_name)
+        wrapper.set_factors(adapter_name, plan.factors, plan.alpha, plan.dropout, plan.use_rslora)
+        if wrapper is not module:
+            replace_module(model, name, wrapper)
+        layers[name] = wrapper
     for name, module in chosen.items():
         plan = plans[name]
         layer = module if isinstance(module, LoraLinear) else LoraLinear(module)
@@ -153,7 +213,8 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
     """Freezes every parameter of ``model`` outside the adapters' factor containers (which :func:`set_adapter`
     sets), so that the cost does not grow with the number of adapters loaded."""
     factors = {id(d) for layer in adapter_layers(model).values()
-               for d in (layer.lora_A, layer.lora_B, layer.lora_R, layer.lora_magnitude_vector)}
+               for d in (layer.factor_containers() if isinstance(layer, LoraExperts) else
+                         (layer.lora_A, layer.lora_B, layer.lora_R, layer.lora_magnitude_vector))}
     for module in model.modules():
         if id(module) not in factors:
             for p in module.parameters(recurse=False):
@@ -182,9 +243,10 @@ def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
 
 
-def adapter_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """The adapted layers of ``model`` by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """The adapted layers of ``model`` by module name: :class:`~lispetorch.LoraLinear` layers and
+    :class:`~lispetorch.experts.LoraExperts` experts modules."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraExperts))}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -195,7 +257,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def layers_or_raise(model: nn.Module) -> dict[str, LoraLinear]:
+def layers_or_raise(model: nn.Module) -> dict[str, AdapterLayer]:
     """:func:`adapter_layers`, or an :class:`~lispetorch.AdapterStateError` when there are none."""
     layers = adapter_layers(model)
     if not layers:
@@ -203,7 +265,7 @@ def layers_or_raise(model: nn.Module) -> dict[str, LoraLinear]:
     return layers
 
 
-def layers_holding(model: nn.Module, adapter_name: str | None = None) -> tuple[str, dict[str, LoraLinear]]:
+def layers_holding(model: nn.Module, adapter_name: str | None = None) -> tuple[str, dict[str, AdapterLayer]]:
     """``(name, layers)``: the adapter ``adapter_name`` (the active one when None) and the layers holding it.
 
     Raises:
@@ -269,7 +331,7 @@ def set_trainable_adapters(model: nn.Module, adapter_names: list[str]) -> None:
             layer.set_trainable(name, name in adapter_names)
 
 
-def adapter_names_of(layers: dict[str, LoraLinear]) -> set[str]:
+def adapter_names_of(layers: dict[str, AdapterLayer]) -> set[str]:
     return {n for layer in layers.values() for n in layer.lora_A}
 
 
@@ -396,7 +458,7 @@ def set_layer_enabled(layer: LoraLinear, enabled: bool) -> None:
     """One layer's part of :func:`set_enabled`: a merged adapter is unmerged when disabled and recorded in
     ``layer.merged_when_disabled``, then merged back when enabled (if it is still the layer's active adapter). A
     module trained whole (:class:`~lispetorch.saved_modules.ModulesToSave`) just switches copies."""
-    if not isinstance(layer, LoraLinear):
+    if not isinstance(layer, (LoraLinear, LoraExperts)):
         layer.enabled = enabled
         return
     if not enabled and layer.merged:

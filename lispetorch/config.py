@@ -139,7 +139,12 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         prefix = type(self).__name__
         positive_int(self.r, f"{prefix}.r")
-        self.target_modules = module_selection(self.target_modules, f"{prefix}.target_modules")
+        experts_only = getattr(self, "target_parameters", None) and isinstance(self.target_modules,
+                                                                               (list, tuple, set))
+        if experts_only and not self.target_modules:  # PEFT's target_modules=[] with target_parameters
+            self.target_modules = []
+        else:
+            self.target_modules = module_selection(self.target_modules, f"{prefix}.target_modules")
         if self.exclude_modules is not None:
             self.exclude_modules = module_selection(self.exclude_modules, f"{prefix}.exclude_modules")
 
@@ -192,6 +197,12 @@ class LoraConfig(AdapterConfig):
             output row, with a trained magnitude ``m`` started at the row norms (so the layer starts as the base
             layer); the norm is a constant in backward, as in the paper and PEFT. Works with every ``init``;
             not over an NF4 base. Default False.
+        target_parameters (list[str] | None): expert weights of mixture-of-experts models to adapt, one adapter
+            per expert (PEFT's field): parameter names or dotted suffixes of them (``["gate_up_proj",
+            "down_proj"]``, ``["mlp.experts.down_proj"]``), each matching 3-D expert stacks of experts modules
+            that declare their layout (transformers' fused experts: Mixtral, Qwen3-MoE, OLMoE, DeepSeek, …).
+            Each expert's adapter applies only to the tokens routed to it. With ``target_modules=[]``, only
+            the experts are adapted. Takes the ``kaiming`` and ``gaussian`` inits, not DoRA. Default None.
 
     Raises:
         ConfigError: a field out of range, named with its value (a ``ValueError``); ``layers_to_transform`` or
@@ -213,10 +224,22 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     use_dora: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_number(self.alpha, "LoraConfig.alpha")
+        if self.target_parameters is not None:
+            self.target_parameters = sorted(module_names(self.target_parameters, "LoraConfig.target_parameters"))
+            if self.use_dora:
+                raise ConfigError(f"LoraConfig.target_parameters ({self.target_parameters!r}) does not take DoRA "
+                                  "(use_dora=True), as in PEFT: adapt the experts with plain LoRA")
+            if self.init not in ("kaiming", "gaussian"):
+                raise ConfigError(f"LoraConfig.target_parameters ({self.target_parameters!r}) takes the inits "
+                                  f"'kaiming' and 'gaussian', got {self.init!r}")
+        elif isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("LoraConfig.target_modules is empty and there are no target_parameters: nothing to "
+                              "adapt")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         probability(self.dropout, "LoraConfig.dropout")
@@ -245,8 +268,8 @@ class LoraConfig(AdapterConfig):
         Raises:
             ConfigError: not a ``peft.LoraConfig``; no ``target_modules`` (PEFT then picks them by model type);
                 an ``init_lora_weights`` without a counterpart here (``False``, ``"olora"``, ``"loftq"``, …);
-                a field set to something this package does not do (``bias``,
-                ``target_parameters``, …), named with its value.
+                a field set to something this package does not do (``bias``, ``lora_bias``, …), named with its
+                value.
         """
         import peft
 
@@ -259,7 +282,7 @@ class LoraConfig(AdapterConfig):
         if unsupported:
             raise ConfigError(f"peft.LoraConfig fields without a counterpart here: {unsupported}; the fields "
                               f"converted are {sorted(_PEFT_FIELDS)}")
-        if peft_config.target_modules is None:
+        if peft_config.target_modules is None and not peft_config.target_parameters:
             raise ConfigError("peft.LoraConfig.target_modules is None (PEFT then picks them by model type): give "
                               "the module names")
         init = peft_config.init_lora_weights
@@ -267,7 +290,7 @@ class LoraConfig(AdapterConfig):
         if not (isinstance(init, str) and pissa_niter(init) is not None) and init not in inits:
             raise ConfigError(f"peft.LoraConfig.init_lora_weights {init!r} has no counterpart here; the inits are "
                               f"True, 'gaussian', 'pissa', 'pissa_niter_K' and 'lora_ga'")
-        targets = peft_config.target_modules
+        targets = peft_config.target_modules if peft_config.target_modules is not None else []
         return cls(
             r=peft_config.r, alpha=peft_config.lora_alpha, dropout=peft_config.lora_dropout,
             target_modules=targets if isinstance(targets, str) else sorted(targets),
@@ -278,6 +301,7 @@ class LoraConfig(AdapterConfig):
             rank_pattern=dict(peft_config.rank_pattern or {}), alpha_pattern=dict(peft_config.alpha_pattern or {}),
             modules_to_save=None if peft_config.modules_to_save is None else list(peft_config.modules_to_save),
             use_dora=bool(peft_config.use_dora),
+            target_parameters=sorted(peft_config.target_parameters) if peft_config.target_parameters else None,
         )
 
     def to_peft(self, **fields):
@@ -293,7 +317,8 @@ class LoraConfig(AdapterConfig):
             layers_to_transform=self.layers_to_transform, layers_pattern=self.layers_pattern,
             rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
             modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save),
-            use_dora=self.use_dora, **fields,
+            use_dora=self.use_dora,
+            target_parameters=None if self.target_parameters is None else list(self.target_parameters), **fields,
         )
 
     def rank_of(self, module: str) -> int:
@@ -312,7 +337,7 @@ class LoraConfig(AdapterConfig):
 # peft.LoraConfig fields that LoraConfig.from_peft converts, and those that only describe PEFT's bookkeeping.
 _PEFT_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
                           "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-                          "alpha_pattern", "modules_to_save", "use_dora"})
+                          "alpha_pattern", "modules_to_save", "use_dora", "target_parameters"})
 _PEFT_BOOKKEEPING = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                                "revision", "inference_mode", "fan_in_fan_out", "runtime_config", "megatron_core"})
 

@@ -26,6 +26,7 @@ def native_library() -> str:
 __all__ = [
     "lora_linear",
     "lora_linear_grouped",
+    "lora_experts_linear",
     "dora_linear",
     "dora_norm",
     "dora_merge_",
@@ -108,6 +109,43 @@ def lora_linear_grouped(
     """
     return _ops.lora_linear_grouped(x, weight, bias, lora_A, lora_B, group, [float(s) for s in scales],
                                     float(dropout), int(seed))
+
+
+def lora_experts_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """LoRA on a mixture of experts, in one call: ``y = x W_eᵀ + b_e + s · ((drop(x) A_eᵀ) B_eᵀ)`` on the rows
+    of ``x`` routed to expert ``e``, differentiable; each expert's adapter meets only its own rows, and no
+    per-expert delta is formed.
+
+    Args:
+        x (Tensor): ``(S, in)``, the routed rows sorted by expert (a token routed to k experts is k rows).
+        weight (Tensor): ``(E, out, in)``, the experts' weights (a stack stored ``(E, in, out)`` passed as its
+            transposed view).
+        bias (Tensor | None): ``(E, out)``.
+        lora_A (Tensor): ``(E, r, in)``, one ``A`` per expert (``r = 0``: the experts alone).
+        lora_B (Tensor): ``(E, out, r)``.
+        offsets (Tensor): ``(E,)`` int32 or int64, the cumulative end of each expert's rows (the last is ``S``).
+        scale (float): the scaling ``s``.
+        dropout (float): dropout probability on the adapter's input, in ``[0, 1)``. Default 0.
+        seed (int): the dropout mask's seed, as in :func:`lora_linear`. Default 0.
+
+    Returns:
+        Tensor: ``(S, out)``.
+
+    Raises:
+        RuntimeError: shapes, dtypes or offsets that do not fit, named in the message.
+    """
+    return _ops.lora_experts_linear(x, weight, bias, lora_A, lora_B, offsets, float(scale), float(dropout),
+                                    int(seed))
 
 
 def dora_linear(
@@ -501,6 +539,24 @@ def _(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed):
 @torch.library.register_fake("lispetorch::lora_linear_grouped_backward")
 def _(grad, x, weight, lora_A, lora_B, group, hr, scales, dropout, seed, output_mask):
     return _fake_grads(grad, weight, (lora_A, lora_B), output_mask)
+
+
+@torch.library.register_fake("lispetorch::lora_experts_linear")
+def _(x, weight, bias, lora_A, lora_B, offsets, scale, dropout, seed):
+    return x.new_empty((x.shape[0], weight.shape[1]))
+
+
+@torch.library.register_fake("lispetorch::lora_experts_linear_forward")
+def _(x, weight, bias, lora_A, lora_B, offsets, scale, dropout, seed):
+    return x.new_empty((x.shape[0], weight.shape[1])), x.new_empty((x.shape[0], lora_A.shape[1]))
+
+
+@torch.library.register_fake("lispetorch::lora_experts_linear_backward")
+def _(grad, x, weight, lora_A, lora_B, offsets, hr, scale, dropout, seed, output_mask):
+    shapes = [((grad.shape[0], weight.shape[2]), grad.dtype), (tuple(weight.shape), weight.dtype),
+              ((weight.shape[0], weight.shape[1]), grad.dtype), (tuple(lora_A.shape), lora_A.dtype),
+              (tuple(lora_B.shape), lora_B.dtype)]
+    return [grad.new_empty(s, dtype=d) for (s, d), wanted in zip(shapes, output_mask, strict=True) if wanted]
 
 
 @torch.library.register_fake("lispetorch::dora_linear")

@@ -16,13 +16,16 @@ from torch import nn
 
 from .adapters import (
     AdapterPlan,
+    ExpertsPlan,
     add_saved_modules,
     install,
     layers_holding,
     saved_modules,
+    select_experts,
     set_adapter,
 )
 from .errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeError, merged_error
+from .experts import LoraExperts, expert_parameters, from_peft, match_parameters, peft_module_names, to_peft, unnest
 from .hf import model_id, task_type, weight_out_in
 from .layer import LoraLinear, base_of
 from .peft_format import (
@@ -47,7 +50,7 @@ from .validate import show
 
 def _base_module_names(model: nn.Module) -> list[str]:
     """The module names of ``model`` as its base model has them: an adapter's own submodules left out."""
-    adapted = [n + "." for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    adapted = [n + "." for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraExperts))]
     return [n for n, _ in model.named_modules() if not any(n.startswith(a) for a in adapted)]
 
 
@@ -65,6 +68,14 @@ def _targets_for(names: list[str], model: nn.Module) -> tuple[list[str] | str, l
     if None not in layers and {n for n in selected if layer_index(n) in layers} == set(names):
         return leaves, sorted(layers)
     return exact_targets(names), None
+
+
+def _parameter_targets(names: list[str], model: nn.Module) -> list[str]:
+    """PEFT's ``target_parameters`` that select exactly the expert weights ``names`` (full parameter names): their
+    leaf names when those select no others, else the full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {k for k in expert_parameters(model) if k.rsplit(".", 1)[-1] in leaves}
+    return leaves if selected == set(names) else sorted(names)
 
 
 def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
@@ -102,8 +113,18 @@ def export(model: nn.Module, adapter_name: str | None = None,
     if merged and original_weights:
         raise merged_error(name, merged[0], "unmerge before converting")
     tensors, ranks, alphas, dropouts, rslora, fan, dora = {}, {}, {}, {}, set(), set(), set()
+    expert_weights = []
     for mod, layer in holding.items():
         settings = layer.settings[name]
+        if isinstance(layer, LoraExperts):  # one wrapper per weight in PEFT, nested: see peft_module_names
+            for p, key_mod in peft_module_names(mod, layer, layer.parameter_names).items():
+                A, B = to_peft(layer.lora_A[name][p].detach(), layer.lora_B[name][p].detach())
+                tensors[peft_key(key_mod, "lora_A")] = A.contiguous()
+                tensors[peft_key(key_mod, "lora_B")] = B.contiguous()
+                ranks[f"{mod}.{p}"], alphas[f"{mod}.{p}"] = settings.r, settings.alpha
+                expert_weights.append(f"{mod}.{p}")
+            rslora.add(settings.use_rslora)
+            continue
         A, B, R = layer.factors(name)
         if R is not None and not original_weights:
             raise AdapterStateError(
@@ -136,10 +157,17 @@ def export(model: nn.Module, adapter_name: str | None = None,
     if len(dora) > 1:
         raise AdapterStateError(f"adapter {name!r} is DoRA on some layers and not on others, which one PEFT config "
                                 "cannot hold")
-    targets, layers = _targets_for(list(holding), model)
+    linear = [m for m, layer in holding.items() if not isinstance(layer, LoraExperts)]
+    targets, layers = _targets_for(linear, model) if linear else ([], None)
+    if expert_weights:
+        # PEFT refuses a dropout on expert weights (it cannot factor it out of its merged delta); dropout shapes
+        # training only, so the file says 0 and loads there.
+        dropouts = dict.fromkeys(dropouts or ["experts"], 0.0)
     config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, targets,
                          base_model=model_id(model) or None, task_type=task_type(model), use_dora=dora == {True})
     config["layers_to_transform"] = layers
+    if expert_weights:
+        config["target_parameters"] = _parameter_targets(expert_weights, model)
     saved = saved_module_tensors(model, name)
     tensors.update({key: t.detach().contiguous() for key, t in saved.items()})
     config["modules_to_save"] = sorted(m for m, w in saved_modules(model).items() if name in w.modules_to_save) or None
@@ -211,8 +239,9 @@ def load_adapter(
     config = read_config(directory)
     weights = read_weights(directory)
     saved, states = _saved_states(model, directory, config, weights)
-    chosen, plans = _plans(model, directory, config, weights)
-    layers = install(model, chosen, plans, adapter_name, replace=True)
+    experts, expert_plans = _expert_plans(model, directory, config, weights)
+    chosen, plans = _plans(model, directory, config, weights) if weights or not experts else ({}, {})
+    layers = install(model, chosen, plans, adapter_name, replace=True, experts=experts, expert_plans=expert_plans)
     for name, wrapper in saved_modules(model).items():  # copies of this name the new adapter does not have
         if adapter_name in wrapper.modules_to_save and name not in saved:
             wrapper.delete_copy(adapter_name)
@@ -262,6 +291,80 @@ def _saved_states(model: nn.Module, directory: Path, config: dict, weights: dict
                 raise AdapterFormatError(f"{wpath}: key {prefix}{key} holds non-finite values")
         states[name] = state
     return saved, states
+
+
+def _expert_plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):
+    """The experts modules and plans of the expert weights a PEFT adapter adapts (its ``target_parameters``), each
+    tensor checked against the model (expert count, shapes); their keys are taken out of ``weights``."""
+    targets = config.get("target_parameters")
+    if not targets:
+        return {}, {}
+    cpath, wpath = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise AdapterFormatError(f"{cpath}: target_parameters must be a list of parameter names, got {targets!r}")
+    try:
+        matched = match_parameters(model, targets)
+        selected = select_experts(model, targets)  # an adapter of the same name is replaced
+    except ConfigError as e:
+        raise AdapterFormatError(f"{cpath}: {e}") from None
+    keyed = {}  # PEFT module name -> (experts module, weight)
+    for mod, params in matched.items():
+        for p, key_mod in peft_module_names(mod, model.get_submodule(mod), params).items():
+            keyed[key_mod] = (mod, p)
+    found: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key in list(weights):
+        parsed = parse_key(key)
+        if parsed is None or parsed[0] not in keyed and unnest(parsed[0])[0] not in matched:
+            continue
+        if parsed[0] not in keyed:
+            raise AdapterFormatError(f"{wpath}: key {show(key)} names {show(parsed[0])}, but {CONFIG_NAME}'s "
+                                     f"target_parameters {targets!r} adapt {len(matched[unnest(parsed[0])[0]])} "
+                                     f"weight(s) of {unnest(parsed[0])[0]!r}")
+        mod, p = keyed[parsed[0]]
+        if parsed[1] == MAGNITUDE:
+            raise AdapterFormatError(f"{wpath}: key {show(key)} is a DoRA magnitude on expert weights, which DoRA "
+                                     "does not cover")
+        found.setdefault(mod, {}).setdefault(p, {})[parsed[1]] = weights.pop(key)
+    use_rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    experts, plans = {}, {}
+    for mod, per_weight in found.items():
+        module, params = selected[mod]
+        if isinstance(module, LoraExperts) and module.merged_adapter is not None:
+            raise merged_error(module.merged_adapter, mod, "unmerge before loading")
+        owner = module.base_layer if isinstance(module, LoraExperts) else module
+        E = owner.num_experts
+        factors, alphas = {}, set()
+        for p in params:
+            pair = per_weight.get(p, {})
+            key_mod = peft_module_names(mod, module, params)[p]
+            if set(pair) != {"lora_A", "lora_B"}:
+                missing = sorted({"lora_A", "lora_B"} - set(pair))
+                raise AdapterFormatError(f"{wpath}: expert weight {mod}.{p} lacks {peft_key(key_mod, missing[0])}")
+            A, B = pair["lora_A"], pair["lora_B"]
+            w = getattr(owner, p)
+            out_f, in_f = (w.shape[2], w.shape[1]) if owner.is_transposed else (w.shape[1], w.shape[2])
+            for k, t in (("lora_A", A), ("lora_B", B)):
+                if not torch.is_floating_point(t) or not torch.isfinite(t).all():
+                    raise AdapterFormatError(f"{wpath}: key {peft_key(key_mod, k)} holds non-finite or non-float "
+                                             "values")
+            rank_cfg, alpha = module_ranks(config, f"{mod}.{p}", -1)
+            if rank_cfg < 1 or A.shape != (rank_cfg * E, in_f):
+                raise ShapeError(f"{wpath}: {peft_key(key_mod, 'lora_A')} has shape {tuple(A.shape)} but {mod}.{p} "
+                                 f"({E} experts of {out_f}×{in_f}, rank {rank_cfg} from {CONFIG_NAME}) needs "
+                                 f"({rank_cfg}·{E}, {in_f}) = ({rank_cfg * E}, {in_f})")
+            if B.shape != (out_f, rank_cfg * E):
+                raise ShapeError(f"{wpath}: {peft_key(key_mod, 'lora_B')} has shape {tuple(B.shape)} but {mod}.{p} "
+                                 f"({E} experts of {out_f}×{in_f}, rank {rank_cfg}) needs ({out_f}, {rank_cfg * E})")
+            A3, B3 = from_peft(A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), E)
+            factors[p] = (A3.contiguous(), B3.contiguous())
+            alphas.add((rank_cfg, alpha))
+        if len(alphas) > 1:
+            raise AdapterFormatError(f"{cpath}: the expert weights of {mod!r} have different ranks or alphas "
+                                     f"{sorted(alphas)}; one adapter per experts module has one")
+        experts[mod] = (module, params)
+        plans[mod] = ExpertsPlan(factors, alphas.pop()[1], dropout, use_rslora)
+    return experts, plans
 
 
 def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor]):
@@ -354,6 +457,10 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
     merged = [n for n, layer in holding.items() if layer.merged_adapter == name]
     if merged:
         raise merged_error(name, merged[0], "unmerge before hotswapping")
+    experts = [n for n, layer in holding.items() if isinstance(layer, LoraExperts)]
+    if experts:
+        raise AdapterStateError(f"adapter {name!r} holds expert weights ({experts[0]!r}): hotswap covers adapters on "
+                                "linear layers; load_adapter replaces it")
     directory = Path(directory)
     config = read_config(directory)
     weights = read_weights(directory)

@@ -261,6 +261,76 @@ at::Tensor grouped_no_grad(const at::Tensor& x, const at::Tensor& weight, const 
   return std::get<0>(grouped_forward_op().call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed));
 }
 
+const auto& experts_forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_experts_linear_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, double, double, int64_t)>();
+  return op;
+}
+
+const auto& experts_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_experts_linear_backward", "")
+                       .typed<std::vector<at::Tensor>(
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, int64_t,
+                           std::array<bool, 5>)>();
+  return op;
+}
+
+// LoRA on MoE experts: inputs x, weight, bias (optional), A, B, offsets (not differentiable), then scale, dropout,
+// seed. Saved: x (when a gradient needs it), the weights and factors, the offsets and hr (S, r).
+class ExpertsLinearFunction : public torch::autograd::Function<ExpertsLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& offsets, double scale, double dropout,
+                            int64_t seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, hr] = experts_forward_op().call(x, weight, bias, lora_A, lora_B, offsets, scale, dropout, seed);
+    const bool keep_x = lora_A.requires_grad() || weight.requires_grad();
+    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, lora_A, lora_B, offsets, hr});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3],
+                     &offsets = saved[4], &hr = saved[5];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t b = has_bias ? 1 : 0;
+    std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(2 + b),
+                                ctx->needs_input_grad(3 + b)};
+    const at::Tensor& grad = grad_outputs[0];
+    if (!any_wanted(mask) || !grad.defined()) return variable_list(9);
+    const auto grads = experts_backward_op().call(grad, opt(x), weight, lora_A, lora_B, offsets, hr,
+                                                  ctx->saved_data["scale"].toDouble(),
+                                                  ctx->saved_data["dropout"].toDouble(),
+                                                  ctx->saved_data["seed"].toInt(), mask);
+    return place(mask, grads, 9);
+  }
+};
+
+at::Tensor experts_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& offsets,
+                            double scale, double dropout, int64_t seed) {
+  return ExpertsLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B, offsets, scale,
+                                      dropout, seed);
+}
+
+at::Tensor experts_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& offsets,
+                           double scale, double dropout, int64_t seed) {
+  return std::get<0>(experts_forward_op().call(x, weight, bias, lora_A, lora_B, offsets, scale, dropout, seed));
+}
+
 }  // namespace
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -296,16 +366,29 @@ at::Tensor lora_linear_grouped(const at::Tensor& x, const at::Tensor& weight, co
   return op.call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed);
 }
 
+at::Tensor lora_experts_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& offsets,
+                               double scale, double dropout, int64_t seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lispetorch::lora_experts_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                                         int64_t)>();
+  return op.call(x, weight, bias, lora_A, lora_B, offsets, scale, dropout, seed);
+}
+
 }  // namespace lispetorch
 
 TORCH_LIBRARY_IMPL(lispetorch, Autograd, m) {
   m.impl("lora_linear", &lispetorch::lora_linear_autograd);
   m.impl("dora_linear", &lispetorch::dora_linear_autograd);
   m.impl("lora_linear_grouped", &lispetorch::grouped_autograd);
+  m.impl("lora_experts_linear", &lispetorch::experts_autograd);
 }
 
 TORCH_LIBRARY_IMPL(lispetorch, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lispetorch::lora_linear_no_grad);
   m.impl("dora_linear", &lispetorch::dora_linear_no_grad);
   m.impl("lora_linear_grouped", &lispetorch::grouped_no_grad);
+  m.impl("lora_experts_linear", &lispetorch::experts_no_grad);
 }

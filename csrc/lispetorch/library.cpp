@@ -32,6 +32,15 @@ TORCH_LIBRARY(lispetorch, m) {
   m.def(
       "lora_linear_grouped_backward(Tensor grad, Tensor? x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor group, Tensor hr, float[] scales, float dropout, int seed, bool[5] output_mask) -> Tensor[]");
+  m.def(
+      "lora_experts_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor offsets, "
+      "float scale, float dropout, int seed) -> Tensor");
+  m.def(
+      "lora_experts_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor offsets, float scale, float dropout, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "lora_experts_linear_backward(Tensor grad, Tensor? x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor offsets, Tensor hr, float scale, float dropout, int seed, bool[5] output_mask) -> Tensor[]");
   m.def("dora_norm(Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? lora_R, float scale) -> Tensor");
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");
   m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor");

@@ -58,6 +58,13 @@ at::Tensor lora_linear_grouped(const at::Tensor& x, const at::Tensor& weight, co
                                const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
                                at::ArrayRef<double> scales, double dropout, int64_t seed);
 
+// LoRA on a mixture of experts, differentiable: y = x W_eᵀ + b_e + s · ((drop(x) A_eᵀ) B_eᵀ) on the rows of x (S, in)
+// routed to expert e, the rows sorted by expert and offsets (E,) the cumulative end of each expert's rows;
+// W (E, out, in), b (E, out) optional, A (E, r, in), B (E, out, r) (r = 0: the experts alone). See experts.cpp.
+at::Tensor lora_experts_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& offsets,
+                               double scale, double dropout, int64_t seed);
+
 // DoRA (Liu et al. 2024), differentiable: y = g ⊙ (x Wᵀ + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b with g = m / n and
 // n = ‖W + s·B R A‖ per output row, a constant in backward (gradients for x, A, B, R, m and, if they require it,
 // W and b). magnitude m: (out). See dora.cpp.
@@ -160,6 +167,16 @@ std::vector<at::Tensor> lora_linear_grouped_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& group, const at::Tensor& hr, at::ArrayRef<double> scales,
     double dropout, int64_t seed, std::array<bool, 5> output_mask);
+
+// The experts kernels: forward returns (y, hr); backward the gradients whose mask entry is true, in the order
+// (x, weight, bias, A, B).
+std::tuple<at::Tensor, at::Tensor> lora_experts_linear_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& offsets, double scale, double dropout, int64_t seed);
+std::vector<at::Tensor> lora_experts_linear_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& offsets, const at::Tensor& hr, double scale, double dropout,
+    int64_t seed, std::array<bool, 5> output_mask);
 
 // The dtype merges and DoRA's norms accumulate in: float64 for float64, float32 otherwise.
 c10::ScalarType accumulate_type(c10::ScalarType t);

@@ -3,23 +3,39 @@ trained; the base weight is untouched, so outputs are unchanged at init."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ..adapters import AdapterPlan, base_weight, install, select_for_new_adapter
+from ..adapters import AdapterPlan, ExpertsPlan, base_weight, install, select_experts, select_for_new_adapter
 from ..config import LoraConfig
+from ..experts import LoraExperts
 from ..hf import parse_dtype
 from ..layer import LoraLinear, init_factors
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-           calibration_batches=None) -> dict[str, LoraLinear]:
-    """:func:`~lispetorch.inject` for a :class:`~lispetorch.LoraConfig` with init ``kaiming`` or ``gaussian``."""
+           calibration_batches=None) -> dict[str, LoraLinear | LoraExperts]:
+    """:func:`~lispetorch.inject` for a :class:`~lispetorch.LoraConfig` with init ``kaiming`` or ``gaussian``;
+    its ``target_parameters`` get one adapter per expert, each expert's A drawn as a layer's."""
     dtype = parse_dtype(config.dtype)
     chosen = select_for_new_adapter(model, config, adapter_name)
+    experts = select_experts(model, config.target_parameters, adapter_name)
+    expert_plans = {}
+    for name, (module, params) in experts.items():
+        owner = module.base_layer if isinstance(module, LoraExperts) else module
+        factors = {}
+        for p in params:
+            w = getattr(owner, p)
+            E, d1, d2 = w.shape
+            out_f, in_f = (d2, d1) if owner.is_transposed else (d1, d2)
+            pairs = [init_factors(config.rank_of(name), in_f, out_f, config.init, dtype or w.dtype, w.device)
+                     for _ in range(E)]
+            factors[p] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
+        expert_plans[name] = ExpertsPlan(factors, config.alpha_of(name), config.dropout, config.use_rslora)
     plans = {}
     for name, module in chosen.items():
         w = base_weight(module)
         A, B = init_factors(config.rank_of(name), w.shape[1], w.shape[0], config.init, dtype or w.dtype, w.device)
         plans[name] = AdapterPlan(A, B, config.alpha_of(name), config.dropout, config.use_rslora,
                                   use_dora=config.use_dora)
-    return install(model, chosen, plans, adapter_name)
+    return install(model, chosen, plans, adapter_name, experts=experts, expert_plans=expert_plans)

@@ -1,0 +1,451 @@
+"""LoRA on a mixture of experts: one low-rank adapter per expert on the fused 3-D expert weights transformers
+stores (``mlp.experts.gate_up_proj`` ``(E, 2I, H)``, ``down_proj`` ``(E, H, I)``), PEFT's ``target_parameters``.
+
+The experts module is wrapped by a :class:`LoraExperts`, whose forward routes the tokens as transformers' grouped
+experts forward does (the rows of each expert in one block) and computes every projection with one native call,
+:func:`lispetorch.ops.lora_experts_linear`: an expert's weight and adapter meet only the tokens routed to it, and
+no per-expert delta ``B_e A_e`` is formed (PEFT forms the delta of every expert at every forward).
+
+Layout: expert ``e``'s weight as ``(out, in)`` is ``W[e]`` (``W[e]ᵀ`` for a stack stored transposed,
+``is_transposed``), and its adapter ``A_e (r, in)``, ``B_e (out, r)``, stored stacked as ``A (E, r, in)`` and
+``B (E, out, r)``. PEFT's file keeps ``lora_A`` as ``(r·E, in)`` expert-major and ``lora_B`` as ``(out, r·E)``
+rank-major (:func:`to_peft`, :func:`from_peft`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from . import ops
+from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
+from .layer import AdapterSettings, init_factors, weight_fingerprint
+
+# What transformers' ``use_experts_implementation`` declares on an experts module: the layout its generic
+# (grouped, batched) forwards read, and so does LoraExperts.
+LAYOUT = ("num_experts", "has_gate", "has_bias", "is_transposed")
+
+
+def declares_layout(module: nn.Module) -> bool:
+    """Whether ``module`` is an experts module that declares its layout (transformers'
+    ``use_experts_implementation``), which :class:`LoraExperts` needs to route tokens as the model does."""
+    return all(hasattr(module, a) for a in LAYOUT) and isinstance(module.num_experts, int)
+
+
+def weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The expert weights of a declared experts module, in the order its forward applies them."""
+    return ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+
+
+def expert_parameters(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """The 3-D parameters of ``model``, by full name (``model.layers.0.mlp.experts.gate_up_proj``), as
+    ``(module name, parameter name)``; a :class:`LoraExperts` counts as the module it wraps."""
+    found = {}
+    wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, LoraExperts)]
+    for name, module in model.named_modules():
+        if any(name.startswith(w) for w in wrapped):  # its experts module, its factors
+            continue
+        owner = module.base_layer if isinstance(module, LoraExperts) else module
+        for pname, p in owner.named_parameters(recurse=False):
+            if p.dim() == 3:
+                found[f"{name}.{pname}" if name else pname] = (name, pname)
+    return found
+
+
+def target_matches(key: str, targets: list[str]) -> bool:
+    """PEFT's rule for ``target_parameters``: the full parameter name, or a suffix of it after a ``.``."""
+    return any(key == t or key.endswith("." + t) for t in targets)
+
+
+def match_parameters(model: nn.Module, target_parameters: list[str]) -> dict[str, tuple[str, ...]]:
+    """The expert weights ``target_parameters`` selects, as ``{experts module name: parameter names}`` (in the
+    order the module's forward applies them).
+
+    Raises:
+        ConfigError: a target that matches no parameter, or matches one that is not an expert weight of an
+            experts module this package can route (the message lists the candidate parameters found).
+    """
+    found = expert_parameters(model)
+    usable = {}
+    for key, (mod, pname) in found.items():
+        module = model.get_submodule(mod)
+        owner = module.base_layer if isinstance(module, LoraExperts) else module
+        if declares_layout(owner) and pname in weight_names(owner) and \
+                getattr(owner, pname).shape[0] == owner.num_experts:
+            usable[key] = (mod, pname)
+    chosen: dict[str, list[str]] = {}
+    for target in target_parameters:
+        hits = [k for k in found if target_matches(k, [target])]
+        flat = [] if hits else [k for k, _ in model.named_parameters() if target_matches(k, [target])]
+        if flat:
+            raise ConfigError(f"target_parameters entry {target!r} matches {flat[0]!r} (shape "
+                              f"{tuple(model.get_parameter(flat[0]).shape)}), which is not a 3-D expert weight "
+                              f"(experts, out, in); the candidate parameters are {_listing(usable or found)}")
+        if not hits:
+            raise ConfigError(f"target_parameters entry {target!r} matches no parameter; the model's 3-D (expert) "
+                              f"parameters are {_listing(usable or found)}")
+        bad = [k for k in hits if k not in usable]
+        if bad:
+            owner = model.get_submodule(found[bad[0]][0])
+            raise ConfigError(f"target_parameters entry {target!r} matches {bad[0]!r} (shape "
+                              f"{tuple(model.get_parameter(bad[0]).shape)} on {type(owner).__name__}), which is not "
+                              "an expert weight of an experts module that declares its layout (transformers' "
+                              f"use_experts_implementation); the candidate parameters are {_listing(usable)}")
+        for k in hits:
+            mod, pname = usable[k]
+            chosen.setdefault(mod, [])
+            if pname not in chosen[mod]:
+                chosen[mod].append(pname)
+    out = {}
+    for mod, names in chosen.items():
+        module = model.get_submodule(mod)
+        owner = module.base_layer if isinstance(module, LoraExperts) else module
+        out[mod] = tuple(n for n in weight_names(owner) if n in names)
+    return out
+
+
+def _listing(found: dict) -> str:
+    names = sorted({k.rsplit(".", 1)[-1] for k in found})
+    return f"{names} (e.g. {sorted(found)[0]!r}, {len(found)} in all)" if found else "none"
+
+
+# --- PEFT's layout -------------------------------------------------------------------------------------------
+def to_peft(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``lora_A`` ``(r·E, in)`` (expert-major) and ``lora_B`` ``(out, r·E)`` (rank-major: column
+    ``k·E + e`` is column ``k`` of ``B_e``) from ``A (E, r, in)`` and ``B (E, out, r)``."""
+    E, r, n_in = A.shape
+    return A.reshape(E * r, n_in), B.permute(1, 2, 0).reshape(B.shape[1], r * E)
+
+
+def from_peft(A: torch.Tensor, B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`to_peft`: ``A (E, r, in)`` and ``B (E, out, r)``."""
+    rE, n_in = A.shape
+    r = rE // num_experts
+    return A.reshape(num_experts, r, n_in), B.reshape(B.shape[0], r, num_experts).permute(2, 0, 1)
+
+
+def nesting_order(module: nn.Module, params: tuple[str, ...]) -> list[str]:
+    """``params`` in the order PEFT wraps them: the order the experts module declares its parameters (PEFT nests
+    one wrapper per parameter, the first innermost)."""
+    owner = module.base_layer if isinstance(module, LoraExperts) else module
+    declared = [n for n, _ in owner.named_parameters(recurse=False)]
+    return sorted(params, key=declared.index)
+
+
+def peft_module_names(name: str, module: nn.Module, params: tuple[str, ...]) -> dict[str, str]:
+    """The module name PEFT gives each adapted weight of the experts module ``name`` in its files: the module
+    itself for the outermost wrapper, ``<name>.base_layer`` for the next, and so on."""
+    order = nesting_order(module, params)
+    return {p: name + ".base_layer" * (len(order) - 1 - i) for i, p in enumerate(order)}
+
+
+def unnest(name: str) -> tuple[str, int]:
+    """``(module name, depth)`` of a PEFT module name with ``depth`` trailing ``.base_layer`` parts."""
+    depth = 0
+    while name.endswith(".base_layer"):
+        name, depth = name[:-len(".base_layer")], depth + 1
+    return name, depth
+
+
+class LoraExperts(nn.Module):
+    """An experts module with a low-rank adapter per expert on some of its weights (``gate_up_proj`` or
+    ``up_proj``, ``down_proj``): expert ``e`` computes with ``W_e + s·B_e A_e`` on the tokens routed to it.
+
+    Holds any number of named adapters, one active at a time, like :class:`~lispetorch.LoraLinear`: the factors
+    of adapter ``n`` on weight ``p`` are ``lora_A[n][p]`` ``(E, r, in)`` and ``lora_B[n][p]`` ``(E, out, r)``,
+    its hyperparameters ``settings[n]``. Merging folds the active adapter into the expert weights, exactly
+    reversibly.
+
+    Args:
+        base_layer (nn.Module): the experts module (it must declare its layout, see :func:`declares_layout`).
+        parameters (tuple[str, ...]): the weights to adapt.
+    """
+
+    dropout_seeds: list[int] | None = None  # as LoraLinear's; the routed rows are not per sample (one seed a call)
+
+    def __init__(self, base_layer: nn.Module, parameters: tuple[str, ...]) -> None:
+        super().__init__()
+        if not declares_layout(base_layer):
+            raise TypeError(f"{type(base_layer).__name__} does not declare its experts layout ({', '.join(LAYOUT)})")
+        unknown = [p for p in parameters if p not in weight_names(base_layer)]
+        if unknown or not parameters:
+            raise ConfigError(f"{type(base_layer).__name__}: can adapt {list(weight_names(base_layer))}, got "
+                              f"{list(parameters)}")
+        self.base_layer = base_layer
+        self.parameter_names = tuple(p for p in weight_names(base_layer) if p in parameters)
+        self.num_experts = base_layer.num_experts
+        self.lora_A = nn.ModuleDict()  # adapter -> {weight name -> (E, r, in)}
+        self.lora_B = nn.ModuleDict()  # adapter -> {weight name -> (E, out, r)}
+        self.settings: dict[str, AdapterSettings] = {}
+        # What a LoraLinear also holds, always empty here (no r×r core, no SVD init, no NF4 factors, no DoRA), so
+        # that code walking every adapter layer finds them.
+        self.lora_R, self.lora_magnitude_vector = nn.ParameterDict(), nn.ParameterDict()
+        self.lora_R_fn, self.lora_nf4, self.base_offset = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self._active_adapter: str | None = None
+        self._enabled = True
+        self.merged_adapter: str | None = None
+        self._merge_state: dict | None = None
+        self.batch_adapters: tuple[str | None, ...] | None = None
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.train(base_layer.training)
+
+    # --- state, as LoraLinear's ----------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter the forward applies (None: the experts alone)."""
+        return self._active_adapter
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self._active_adapter = name
+
+    @property
+    def enabled(self) -> bool:
+        """False: the forward is the experts module's own, whatever the active adapter."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_adapter is not None
+
+    def compiled_view(self) -> None:
+        """Nothing to refresh: the forward reads the containers directly (kept for the adapter-layer protocol)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)  # the experts module's own attributes
+
+    @property
+    def r(self) -> MappingProxyType:
+        """Rank by adapter name."""
+        return MappingProxyType({n: s.r for n, s in self.settings.items()})
+
+    @property
+    def scaling(self) -> MappingProxyType:
+        """Scaling ``s`` by adapter name."""
+        return MappingProxyType({n: s.scaling for n, s in self.settings.items()})
+
+    @property
+    def use_dora(self) -> MappingProxyType:
+        return MappingProxyType(dict.fromkeys(self.settings, False))
+
+    def expert_weight(self, pname: str) -> torch.Tensor:
+        """Weight ``pname`` of every expert as ``(E, out, in)`` (a transposed view of a transposed stack)."""
+        w = getattr(self.base_layer, pname)
+        return w.transpose(1, 2) if self.base_layer.is_transposed else w
+
+    def shape_of(self, pname: str) -> tuple[int, int]:
+        """``(out, in)`` of one expert's weight ``pname``."""
+        _, out_f, in_f = self.expert_weight(pname).shape
+        return out_f, in_f
+
+    # --- factors -------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    init: str = "kaiming", dtype: torch.dtype | None = None) -> None:
+        """Adds adapter ``name`` of rank ``r`` on every adapted weight: each expert's A as LoRA's init, B zeros."""
+        factors = {}
+        for p in self.parameter_names:
+            w = self.expert_weight(p)
+            out_f, in_f = self.shape_of(p)
+            pairs = [init_factors(r, in_f, out_f, init, dtype or w.dtype, w.device) for _ in range(self.num_experts)]
+            factors[p] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
+        self.set_factors(name, factors, alpha, dropout, use_rslora)
+
+    def set_factors(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,
+                    dropout: float = 0.0, use_rslora: bool = False) -> None:
+        """Installs (or replaces) adapter ``name``: ``factors`` maps each adapted weight to ``(A (E, r, in),
+        B (E, out, r))``, one rank for all.
+
+        Raises:
+            AdapterStateError: the adapter is merged. ValueError: a weight not adapted here, or factors whose
+                shapes do not fit (named with both shapes).
+        """
+        if self.merged_adapter == name:
+            raise merged_error(name)
+        if set(factors) != set(self.parameter_names):
+            raise ConfigError(f"adapter {name!r}: factors for {sorted(factors)}, but this layer adapts "
+                              f"{list(self.parameter_names)}")
+        ranks = {A.shape[1] if A.dim() == 3 else -1 for A, _ in factors.values()}
+        r = ranks.pop() if len(ranks) == 1 else -1
+        for p, (A, B) in factors.items():
+            out_f, in_f = self.shape_of(p)
+            E = self.num_experts
+            if r <= 0 or A.shape != (E, r, in_f) or B.shape != (E, out_f, r):
+                raise ShapeError(f"adapter {name!r} on {p}: expected A ({E}, r, {in_f}) and B ({E}, {out_f}, r) with "
+                                 f"one rank r ≥ 1, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+        self.lora_A[name] = nn.ParameterDict({p: nn.Parameter(A) for p, (A, _) in factors.items()})
+        self.lora_B[name] = nn.ParameterDict({p: nn.Parameter(B) for p, (_, B) in factors.items()})
+        self.settings[name] = AdapterSettings(r=r, alpha=float(alpha), use_rslora=bool(use_rslora),
+                                              dropout=float(dropout))
+
+    def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Adapter ``name``'s ``(A (E, r, in), B (E, out, r))`` by weight name."""
+        return {p: (self.lora_A[name][p], self.lora_B[name][p]) for p in self.parameter_names}
+
+    def delete_adapter(self, name: str) -> None:
+        """Removes adapter ``name``.
+
+        Raises:
+            AdapterStateError: it is merged (unmerge first).
+        """
+        if self.merged_adapter == name:
+            raise merged_error(name, then="unmerge before deleting it")
+        del self.lora_A[name], self.lora_B[name]
+        del self.settings[name]
+        if self._active_adapter == name:
+            self._active_adapter = None
+
+    def adapter_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
+        """The parameters of adapter ``name`` by factor (``R`` and ``M`` empty: no core, no DoRA here)."""
+        return {"A": list(self.lora_A[name].values()), "B": list(self.lora_B[name].values()), "R": [], "M": []}
+
+    def factor_containers(self) -> list[nn.Module]:
+        """The containers holding the factors (which freezing the rest of a model leaves alone)."""
+        return [*self.lora_A.values(), *self.lora_B.values()]
+
+    def training_adapters(self) -> list[str]:
+        """The adapters any of whose factors require grad."""
+        return [n for n in self.lora_A if any(p.requires_grad for ps in self.adapter_parameters(n).values()
+                                              for p in ps)]
+
+    def set_trainable(self, name: str, trainable: bool) -> None:
+        """Turns training of adapter ``name`` on or off."""
+        for ps in self.adapter_parameters(name).values():
+            for p in ps:
+                p.requires_grad_(trainable)
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                *args, **kwargs) -> torch.Tensor:
+        if self.batch_adapters is not None and self.enabled and \
+                any(n is not None and n in self.lora_A for n in self.batch_adapters):
+            raise AdapterStateError("a mixed-adapter batch names an adapter that holds expert weights "
+                                    f"({sorted(n for n in set(self.batch_adapters) if n in self.lora_A)}): mixed-"
+                                    "adapter batches take adapters on linear layers")
+        name = self.active_adapter
+        if not self.enabled or name is None or name not in self.lora_A or self.merged_adapter is not None:
+            return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        if args or kwargs:
+            raise TypeError(f"{type(self.base_layer).__name__} adapted: forward takes (hidden_states, top_k_index, "
+                            f"top_k_weights), got {len(args)} more positional and {sorted(kwargs)}")
+        base = self.base_layer
+        if getattr(base, "_is_expert_parallel", False):
+            raise AdapterStateError("expert adapters under expert parallelism are not supported")
+        E = self.num_experts
+        k = top_k_index.shape[-1]
+        ids = top_k_index.reshape(-1)
+        weights = top_k_weights.reshape(-1)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        kept = ids < E  # an index of E is a sentinel (no expert), as in transformers' eager forward
+        ids, rows = ids[kept], rows[kept]
+        order = torch.argsort(ids, stable=True)
+        ids, rows = ids[order], rows[order]
+        tokens = torch.div(rows, k, rounding_mode="floor")
+        offsets = torch.bincount(ids, minlength=E).cumsum(0)  # (E,): each expert's block ends here
+        first, second = weight_names(base)
+        h = self._project(first, name, hidden_states[tokens], offsets)
+        h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
+        h = self._project(second, name, h, offsets)
+        if getattr(base, "has_post_expert_norm", False):
+            h = base.post_expert_norm(h)
+        h = h * weights[rows].unsqueeze(-1)
+        out = torch.zeros(hidden_states.shape[0], h.shape[-1], dtype=h.dtype, device=h.device)
+        return out.index_add_(0, tokens, h).to(hidden_states.dtype)
+
+    def _project(self, pname: str, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        w = self.expert_weight(pname)  # (E, out, in)
+        bias = getattr(self.base_layer, f"{pname}_bias") if self.base_layer.has_bias else None
+        dtype = w.dtype
+        if pname in self.lora_A[name]:
+            settings = self.settings[name]
+            A, B = self.lora_A[name][pname].to(dtype), self.lora_B[name][pname].to(dtype)
+            scale, p = settings.scaling, (settings.dropout if self.training else 0.0)
+        else:  # this weight is not adapted: rank 0, the experts alone
+            A, B = w.new_empty((w.shape[0], 0, w.shape[2])), w.new_empty((w.shape[0], w.shape[1], 0))
+            scale, p = 0.0, 0.0
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        return ops.lora_experts_linear(x.to(dtype), w, bias, A, B, offsets, scale, p, seed)
+
+    # --- merge ---------------------------------------------------------------------------------------------
+    def _factor_versions(self, name: str) -> tuple[int, ...]:
+        return tuple(p._version for ps in self.adapter_parameters(name).values() for p in ps)
+
+    @staticmethod
+    def _merge_one(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, transposed: bool, scale: float, safe: bool):
+        # expert e's stored matrix: (out, in) takes s·B A; (in, out) (a transposed stack) takes s·Aᵀ Bᵀ
+        return ops.lora_merge_(w, B.t(), A.t(), None, scale, safe) if transposed else \
+            ops.lora_merge_(w, A, B, None, scale, safe)
+
+    @torch.no_grad()
+    def merge(self, safe: bool = True) -> None:
+        """Folds the active adapter into every adapted expert weight, keeping what makes :meth:`unmerge` exact.
+
+        Raises:
+            RuntimeError: with ``safe``, a merge that would put NaN or Inf into a weight (every weight is left as
+                it was).
+        """
+        if self.merged_adapter is not None or self.active_adapter is None or self.active_adapter not in self.lora_A:
+            return
+        name = self.active_adapter
+        transposed = bool(self.base_layer.is_transposed)
+        scale = self.settings[name].scaling
+        state: dict[str, list] = {}
+        try:
+            for p, (A, B) in self.factors(name).items():
+                stack = getattr(self.base_layer, p)
+                state[p] = []
+                for e in range(self.num_experts):
+                    state[p].append(self._merge_one(stack[e], A[e], B[e], transposed, scale, safe))
+        except BaseException:
+            self._unmerge_state(name, state, exact=True)
+            raise
+        self._merge_state = {"state": state, "versions": self._factor_versions(name),
+                             "fingerprints": {p: weight_fingerprint(getattr(self.base_layer, p).flatten(0, 1))
+                                              for p in state}}
+        self.merged_adapter = name
+
+    def _unmerge_state(self, name: str, state: dict[str, list], exact: bool) -> None:
+        transposed = bool(self.base_layer.is_transposed)
+        scale = self.settings[name].scaling
+        for p, per_expert in state.items():
+            A, B = self.lora_A[name][p], self.lora_B[name][p]
+            stack = getattr(self.base_layer, p)
+            for e, saved in enumerate(per_expert):
+                a, b = (B[e].t(), A[e].t()) if transposed else (A[e], B[e])
+                ops.lora_unmerge_(stack[e], a, b, None, scale, saved if exact else None)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtracts the merged adapter; bit-exact if nothing changed the weights or the factors since."""
+        name = self.merged_adapter
+        if name is None:
+            return
+        merged = self._merge_state
+        exact = merged["versions"] == self._factor_versions(name) and all(
+            all(torch.equal(a, b) for a, b in zip(weight_fingerprint(getattr(self.base_layer, p).flatten(0, 1)),
+                                                  fp, strict=True))
+            for p, fp in merged["fingerprints"].items())
+        if not exact:
+            warnings.warn(f"the expert weights or adapter {name!r} changed while merged: unmerging by subtraction "
+                          "(not bit-exact)", stacklevel=2)
+        self._unmerge_state(name, merged["state"], exact)
+        self.merged_adapter = None
+        self._merge_state = None
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.settings.items())
+        return (f"experts={self.num_experts}, weights={list(self.parameter_names)}, adapters=[{ranks}], "
+                f"active={self.active_adapter!r}")
+

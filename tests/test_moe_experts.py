@@ -1,0 +1,233 @@
+"""LoRA on MoE experts (``LoraConfig(target_parameters=...)``): one adapter per expert on transformers' fused 3-D
+expert weights, applied to the tokens routed to each expert by one native call. Against the real PEFT package
+(its ``target_parameters``, files both ways, logits within 1e-5 in float32) on Mixtral, Qwen3-MoE and OLMoE;
+exact merge/unmerge; training reaches the expert adapters only; bad input gets an error naming it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import lispetorch as lt
+from lispetorch import ops
+from lispetorch.errors import AdapterFormatError, ConfigError, ShapeError
+from lispetorch.experts import LoraExperts
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+SMALL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**SMALL, intermediate_size=24, num_local_experts=4,
+                                                  num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, intermediate_size=24, moe_intermediate_size=12,
+                                                     num_experts=4, num_experts_per_tok=2, head_dim=8),
+    "olmoe": lambda: transformers.OlmoeConfig(**SMALL, intermediate_size=20, num_experts=4, num_experts_per_tok=2),
+}
+TARGETS = ["down_proj", "gate_up_proj"]
+
+
+def base_model(kind: str):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval()
+
+
+def experts_of(model) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraExperts)}
+
+
+def randomize(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lt.adapter_layers(model).values():
+            for name in layer.lora_B:
+                Bs = layer.lora_B[name].values() if isinstance(layer, LoraExperts) else [layer.lora_B[name]]
+                for B in Bs:
+                    B.copy_(torch.randn(B.shape, generator=g) * 0.3)
+
+
+def ids(n=3, t=11):
+    return torch.randint(0, 64, (n, t), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_ours_loads_in_peft_and_peft_in_ours(kind, tmp_path):
+    base = base_model(kind)
+    x = ids()
+    with torch.no_grad():
+        plain = base(x).logits
+    ours = copy.deepcopy(base)
+    layers = lt.inject(ours, lt.LoraConfig(r=2, alpha=6, target_modules=["q_proj", "v_proj"],
+                                           target_parameters=TARGETS))
+    assert len(experts_of(ours)) == 2 and all(isinstance(layers[n], LoraExperts) for n in experts_of(ours))
+    randomize(ours)
+    with torch.no_grad():
+        mine = ours(x).logits
+    assert (mine - plain).abs().max() > 1e-3  # the adapters change the output
+    lt.save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == TARGETS
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x).logits, mine, rtol=0, atol=1e-5)
+
+    # PEFT's own adapter, random B, into ours
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=3, lora_alpha=5, target_modules=["k_proj"], target_parameters=TARGETS, init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = copy.deepcopy(base)
+    lt.load_adapter(loaded, tmp_path / "theirs")
+    with torch.no_grad():
+        expected = theirs(x).logits
+        got = loaded(x).logits
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # and back out: the same tensors under the same keys
+    lt.save_adapter(loaded, tmp_path / "again")
+    a, b = load_file(tmp_path / "theirs" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_merge_unmerge_exact(kind):
+    model = base_model(kind)
+    lt.inject(model, lt.LoraConfig(r=2, alpha=4, target_modules=[], target_parameters=TARGETS))
+    randomize(model)
+    x = ids()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        unmerged = model(x).logits
+        lt.merge(model)
+        assert lt.is_merged(model)
+        merged = model(x).logits
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(n.endswith(("gate_up_proj", "down_proj")) for n in changed)
+    lt.unmerge(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_bfloat16_unmerge_bit_exact_after_many_cycles():
+    model = base_model("mixtral").to(torch.bfloat16)
+    lt.inject(model, lt.LoraConfig(r=2, alpha=16, target_modules=[], target_parameters=TARGETS))
+    randomize(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(100):
+        lt.merge(model)
+        lt.unmerge(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_training_reaches_expert_adapters_only_with_peft_gradients(tmp_path):
+    base = base_model("mixtral")
+    ours = copy.deepcopy(base)
+    lt.inject(ours, lt.LoraConfig(r=2, alpha=4, target_modules=[], target_parameters=TARGETS))
+    randomize(ours)
+    lt.save_adapter(ours, tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", is_trainable=True)
+    x = ids()
+    ours.train()
+    pm.train()
+    ours(x, labels=x).loss.backward()
+    pm(x, labels=x).loss.backward()
+    trained = {n for n, p in ours.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert all(".lora_A." in n or ".lora_B." in n for n in trained) and len(trained) == 8
+    peft_grads = {k: p.grad for k, p in pm.named_parameters() if p.grad is not None}
+    for name, layer in experts_of(ours).items():
+        for p in layer.parameter_names:
+            depth = "" if p == "down_proj" else ".base_layer"  # PEFT nests gate_up_proj inside
+            key = f"base_model.model.{name}{depth}"
+            gA = peft_grads[f"{key}.lora_A.default.weight"]
+            gB = peft_grads[f"{key}.lora_B.default.weight"]
+            from_ours = lt.experts.to_peft(layer.lora_A["default"][p].grad, layer.lora_B["default"][p].grad)
+            torch.testing.assert_close(from_ours[0], gA, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(from_ours[1], gB, rtol=1e-4, atol=1e-6)
+
+
+def test_routed_tokens_only_and_dropout_trains():
+    """Each expert's adapter meets only its routed rows: an expert no token reaches gets no gradient; with dropout
+    the step still trains (PEFT refuses dropout on expert weights)."""
+    torch.manual_seed(0)
+    E, S, d_in, d_out, r = 4, 9, 6, 5, 2
+    x = torch.randn(S, d_in, requires_grad=True)
+    W = torch.randn(E, d_out, d_in)
+    A = torch.randn(E, r, d_in, requires_grad=True)
+    B = torch.randn(E, d_out, r, requires_grad=True)
+    offsets = torch.tensor([4, 4, 9, 9])  # experts 1 and 3 get no rows
+    y = ops.lora_experts_linear(x, W, None, A, B, offsets, 0.5, 0.2, 11)
+    y.square().sum().backward()
+    assert A.grad[[1, 3]].abs().sum() == 0 and B.grad[[1, 3]].abs().sum() == 0
+    assert A.grad[[0, 2]].abs().sum() > 0 and B.grad[[0, 2]].abs().sum() > 0
+    model = base_model("olmoe").train()
+    lt.inject(model, lt.LoraConfig(r=2, dropout=0.1, target_modules=[], target_parameters=["down_proj"]))
+    batch = ids()
+    model(batch, labels=batch).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)
+
+
+def test_native_op_matches_reference_and_gradcheck():
+    torch.manual_seed(0)
+    E, S, d_in, d_out, r = 3, 8, 5, 4, 2
+    x = torch.randn(S, d_in, dtype=torch.float64, requires_grad=True)
+    Wt = torch.randn(E, d_in, d_out, dtype=torch.float64, requires_grad=True)  # a transposed stack
+    b = torch.randn(E, d_out, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(E, r, d_in, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(E, d_out, r, dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor([2, 2, 8], dtype=torch.int32)
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor([2, 0, 6]))
+    y = ops.lora_experts_linear(x, Wt.transpose(1, 2), b, A, B, offsets, 0.7)
+    ref = torch.stack([x[i] @ Wt[e] + b[e] + 0.7 * B[e] @ (A[e] @ x[i]) for i, e in enumerate(expert.tolist())])
+    torch.testing.assert_close(y, ref)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, A, B: ops.lora_experts_linear(x, w.transpose(1, 2), b, A, B, offsets, 0.7, 0.3, 5),
+        (x, Wt, b, A, B))
+    torch.library.opcheck(torch.ops.lispetorch.lora_experts_linear,
+                          (x, Wt.detach().transpose(1, 2), b, A, B, offsets, 0.7, 0.0, 0))
+    with pytest.raises(RuntimeError, match="offsets end at 7 but the input has 8 rows"):
+        ops.lora_experts_linear(x, Wt.transpose(1, 2), b, A, B, torch.tensor([2, 2, 7]), 0.7)
+
+
+def test_bad_target_parameters_name_the_candidates():
+    model = base_model("mixtral")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"'nope' matches no parameter.*\['down_proj', 'gate_up_proj'\]"):
+        lt.inject(model, lt.LoraConfig(target_modules=[], target_parameters=["nope"]))
+    with pytest.raises(ConfigError, match=r"q_proj.weight.*\(16, 16\).*not a 3-D expert weight.*gate_up_proj"):
+        lt.inject(model, lt.LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]))
+    with pytest.raises(ConfigError, match="DoRA"):
+        lt.LoraConfig(target_modules=[], target_parameters=TARGETS, use_dora=True)
+    with pytest.raises(ConfigError, match="nothing to adapt"):
+        lt.LoraConfig(target_modules=[])
+    assert not lt.adapter_layers(model)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_file_with_wrong_expert_count_is_refused(tmp_path):
+    base = base_model("mixtral")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=[],
+                                                                       target_parameters=TARGETS))
+    theirs.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("experts.lora_A.weight"))
+    tensors[key] = tensors[key][:6]  # rank 2 over 3 experts, for a model of 4
+    save_file(tensors, path)
+    model = copy.deepcopy(base)
+    with pytest.raises(ShapeError, match=r"4 experts .* needs \(2·4, 24\)"):
+        lt.load_adapter(model, tmp_path / "a")
+    assert not lt.adapter_layers(model)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["target_parameters"] = ["gate_proj"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match="gate_proj"):
+        lt.load_adapter(model, tmp_path / "a")
