@@ -6,8 +6,10 @@ way), in float32 from a fixed seed, saved and loaded back through ``save_pretrai
 whose tiny model cannot be built or cannot run a forward on token ids alone are counted and skipped. Each type
 runs in a process of its own (forked from this one) with a time limit.
 
-Two target sets: ``"all-linear"`` and the attention projections (the leaf names of the adaptable layers under a
-module whose name says attention). For each, with rank 4, alpha 8:
+Three target sets: ``"all-linear"``, the attention projections (the leaf names of the adaptable layers under a
+module whose name says attention) and, on mixture-of-experts models whose experts are fused 3-D parameters,
+``"experts"``: the attention projections and every expert weight (``target_parameters``, one adapter per
+expert). For each, with rank 4, alpha 8:
 
 1. ``select``: lispetorch adapts the same modules as PEFT, with the same number of trainable parameters. Where
    lispetorch leaves out of ``all-linear`` a linear layer with a forward of its own (a router returning a tuple),
@@ -52,10 +54,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import lispetorch as lt  # noqa: E402
 
 CHECKS = ("select", "to_peft", "from_peft", "merge", "train")
-TARGET_SETS = ("all-linear", "attention")
+TARGET_SETS = ("all-linear", "attention", "experts")
 RANK, ALPHA = 4, 8
 LOGITS_TOL = 1e-5
-MOE = "fused MoE experts (3-D parameters, no expert adapters yet)"
+MOE = ("fused MoE experts: PEFT's all-linear on this type also adapts the experts and the router weight (its "
+       "rewrite of transformers-v4 targets, gate_up_proj at twice the rank); lispetorch's all-linear adapts the linear "
+       "layers, the experts when target_parameters names them (the experts column)")
 # PEFT rewrites the targets gate_proj / up_proj / down_proj of these model types into the fused experts'
 # target_parameters (its transformers-v5 MoE conversion), so it cannot adapt dense layers of those names
 PEFT_MOE = "PEFT rewrites gate_proj/up_proj/down_proj targets into expert parameters on this MoE type"
@@ -210,11 +214,37 @@ def randomize(model, seed: int) -> None:
     with torch.no_grad():
         for layer in lt.adapter_layers(model).values():
             for p in layer.lora_B.values():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                for q in (p.values() if isinstance(p, torch.nn.ParameterDict) else [p]):  # an expert adapter's
+                    q.copy_(torch.randn(q.shape, generator=g) * 0.1)
 
 
-def check_targets(base_dir: Path, ids, targets, tmp: Path) -> dict[str, str]:  # noqa: C901  (one check after another)
-    """``{check: "" (pass) | reason}`` for one target set, every model loaded afresh from ``base_dir``."""
+def expert_weights(model) -> list[str]:
+    """The fused expert weights lispetorch can adapt (their leaf names), for ``target_parameters``."""
+    return sorted({k.rsplit(".", 1)[-1] for k in lt.experts.adaptable_expert_weights(model)})
+
+
+def in_peft_layout(model, grads: dict) -> dict:
+    """``adapter_grads`` of a lispetorch model with its expert adapters' gradients under PEFT's names and layout
+    (``…experts.base_layer.lora_A.default``, ``(r·E, in)``)."""
+    out = {k: g for k, g in grads.items() if k.split(".lora_", 1)[-1].count(".") < 2}  # not "A.<name>.<weight>"
+    for name, layer in lt.adapter_layers(model).items():
+        if not isinstance(layer, lt.LoraExperts):
+            continue
+        for p, key_mod in lt.experts.peft_module_names(name, layer, layer.parameter_names).items():
+            for n in layer.lora_A:
+                gA, gB = layer.lora_A[n][p].grad, layer.lora_B[n][p].grad
+                if gA is None or gB is None:
+                    out[f"{key_mod}.lora_A.{n}"] = out[f"{key_mod}.lora_B.{n}"] = None
+                    continue
+                A, B = lt.experts.to_peft(gA, gB)
+                out[f"{key_mod}.lora_A.{n}"], out[f"{key_mod}.lora_B.{n}"] = A, B
+    return out
+
+
+def check_targets(base_dir: Path, ids, targets, tmp: Path,  # noqa: C901  (one check after another)
+                  parameters: list[str] | None = None) -> dict[str, str]:
+    """``{check: "" (pass) | reason}`` for one target set (``parameters``: expert weights, PEFT's
+    ``target_parameters``), every model loaded afresh from ``base_dir``."""
     import peft
 
     base = load(base_dir)
@@ -222,7 +252,8 @@ def check_targets(base_dir: Path, ids, targets, tmp: Path) -> dict[str, str]:  #
     refused = None
     try:
         pm = peft.get_peft_model(load(base_dir), peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                                      target_modules=targets))
+                                                                      target_modules=targets,
+                                                                      target_parameters=parameters))
     except ValueError as e:  # PEFT's own rule: no LoRA on out_proj / conv1d of Mamba models
         found = re.search(r"Incompatible modules: \{(.*?)\}", str(e))
         if found is None:
@@ -230,21 +261,32 @@ def check_targets(base_dir: Path, ids, targets, tmp: Path) -> dict[str, str]:  #
         refused = sorted(re.findall(r"'([^']+)'", found.group(1)))
         pm = peft.get_peft_model(load(base_dir), peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
                                                                       target_modules=targets,
-                                                                      exclude_modules=refused))
+                                                                      exclude_modules=refused,
+                                                                      target_parameters=parameters))
     ours = load(base_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lt.inject(ours, lt.LoraConfig(r=RANK, alpha=ALPHA, target_modules=targets, exclude_modules=refused))
+        lt.inject(ours, lt.LoraConfig(r=RANK, alpha=ALPHA, target_modules=targets, exclude_modules=refused,
+                                      target_parameters=parameters))
     left_out = [str(w.message) for w in caught if "forward of its own" in str(w.message)]
-    ours_set = set(lt.adapter_layers(ours))
+    ours_experts = {(n, p) for n, m in lt.adapter_layers(ours).items() if isinstance(m, lt.LoraExperts)
+                    for p in m.parameter_names}
+    ours_set = {n for n, m in lt.adapter_layers(ours).items() if not isinstance(m, lt.LoraExperts)}
     experts = sorted(n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.ParamWrapper))
+    peft_experts = {(lt.experts.unnest(n.removeprefix("base_model.model."))[0], m.parameter_name)
+                    for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.ParamWrapper)}
     peft_set = {n for n in peft_adapted(pm) if not any(n.startswith(e.removeprefix("base_model.model."))
                                                        for e in experts)}
     n_ours = sum(p.numel() for p in lt.trainable_parameters(ours))
     n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     exclude = refused
     notes = [f"PEFT refuses {refused} on this model type; both compared without"] if refused else []
-    if experts:
+    if parameters:
+        res["select"] = "" if (ours_set, ours_experts, n_ours) == (peft_set, peft_experts, n_peft) else (
+            f"modules: only ours {sorted(ours_set - peft_set)[:3]}, only PEFT {sorted(peft_set - ours_set)[:3]}; "
+            f"expert weights: only ours {sorted(ours_experts - peft_experts)[:2]}, only PEFT "
+            f"{sorted(peft_experts - ours_experts)[:2]}; trainable {n_ours} vs {n_peft}")
+    elif experts:
         res["select"] = (f"{MOE}: PEFT adapts {len(experts)} fused expert parameter modules through "
                          "target_parameters")
     elif ours_set == peft_set and n_ours == n_peft:
@@ -264,7 +306,8 @@ def check_targets(base_dir: Path, ids, targets, tmp: Path) -> dict[str, str]:  #
     del pm
 
     def peft_config(**kw):
-        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, exclude_modules=exclude, **kw)
+        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, exclude_modules=exclude,
+                               target_parameters=parameters, **kw)
 
     randomize(ours, 2)
     with torch.no_grad():
@@ -344,6 +387,7 @@ def check_targets(base_dir: Path, ids, targets, tmp: Path) -> dict[str, str]:  #
             res["train"] = "no PEFT model to compare with"
         else:
             loss_of(pm, ids).backward()
+            g_ours = in_peft_layout(ours, g_ours)
             g_peft = adapter_grads(pm, "base_model.model.")
             bad = [n for n, g in g_ours.items() if n not in g_peft or (g is None) != (g_peft[n] is None) or
                    (g is not None and not torch.allclose(g, g_peft[n], rtol=1e-4, atol=1e-7))]
@@ -354,6 +398,10 @@ def check_targets(base_dir: Path, ids, targets, tmp: Path) -> dict[str, str]:  #
                              "these inputs, or reads their weight directly; PEFT the same)")
     except Exception as e:
         res["train"] = f"{short(e)}"
+    if parameters:
+        if notes:
+            res["note"] = "; ".join(notes)
+        return res
     if not experts and model_type_of(base) in PEFT_MOE_REWRITE and any(res.get(c) for c in CHECKS):
         for c in CHECKS:
             if res.get(c):
@@ -386,11 +434,12 @@ def check_type(model_type: str) -> dict:
         record = {"type": model_type, "built": True, "results": {}}
         for which in TARGET_SETS:
             targets = "all-linear" if which == "all-linear" else attention_targets(base)
-            if not targets:
-                record["results"][which] = None  # no attention projections
+            parameters = expert_weights(base) if which == "experts" else None
+            if (which == "experts" and not parameters) or (which == "attention" and not targets):
+                record["results"][which] = None  # no attention projections, or no fused experts
                 continue
             try:
-                record["results"][which] = check_targets(tmp / "base", ids, targets, tmp / which)
+                record["results"][which] = check_targets(tmp / "base", ids, targets, tmp / which, parameters)
             except Exception as e:
                 record["results"][which] = {c: f"inject: {short(e)}" for c in CHECKS}
     return record
@@ -471,9 +520,11 @@ def table(records: list[dict]) -> str:
         cells = [r["type"]] + [mark(r, w, c) for w in TARGET_SETS for c in CHECKS]
         lines.append("| " + " | ".join(cells) + " | " + reason(r).replace("|", "\\|") + " |")
     lines.append("")
+    with_experts = [r for r in built if "error" in r or r["results"].get("experts") is not None]
     lines.append(f"All checks pass: {sum(passed(r) for r in built)} of {len(built)}; all-linear only: "
                  f"{sum(passed(r, 'all-linear') for r in built)}; attention targets only: "
-                 f"{sum(passed(r, 'attention') for r in built)}.")
+                 f"{sum(passed(r, 'attention') for r in built)}; expert adapters (on the {len(with_experts)} types "
+                 f"with fused experts): {sum(passed(r, 'experts') for r in with_experts)}.")
     for w in TARGET_SETS:
         counts = ", ".join(f"{c} {sum(mark(r, w, c) in ('ok', 'n/a') for r in built)}" for c in CHECKS)
         lines.append(f"Passing per check ({w}): {counts}.")

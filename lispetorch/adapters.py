@@ -4,6 +4,7 @@ merge and delete them, count their memory."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterStateError, ConfigError, merged_error
-from .experts import LoraExperts, match_parameters
+from .experts import LoraExperts, adaptable_expert_weights, match_parameters
 from .hf import weight_out_in
 from .layer import LoraLinear, base_of
 from .nf4 import NF4Linear
@@ -69,7 +70,7 @@ def select_experts(model: nn.Module, target_parameters: list[str] | None,
     """
     if not target_parameters:
         return {}
-    chosen = {}
+    chosen: dict[str, tuple[nn.Module, tuple[str, ...]]] = {}
     for name, params in match_parameters(model, target_parameters).items():
         module = model.get_submodule(name)
         if isinstance(module, LoraExperts):
@@ -89,6 +90,13 @@ def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[
     ``target_modules=[]`` (with ``target_parameters``, see :func:`select_experts`) selects none."""
     if isinstance(config.target_modules, list) and not config.target_modules:
         return {}
+    if config.target_modules == "all-linear" and not getattr(config, "target_parameters", None):
+        experts = adaptable_expert_weights(model)
+        if experts:
+            names = sorted({k.rsplit(".", 1)[-1] for k in experts})
+            warnings.warn(f"all-linear adapts linear layers; the model's {len(experts)} fused expert weights ({names}"
+                          f", e.g. {sorted(experts)[0]!r}) are adapted when target_parameters names them "
+                          f"(target_parameters={names})", stacklevel=3)
     chosen = match_modules(model, config.target_modules, config.exclude_modules,
                            getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None))
     for field in ("rank_pattern", "alpha_pattern"):

@@ -37,6 +37,7 @@ from torch import nn
 from . import atomic
 from .adapters import adapter_layers
 from .errors import AdapterFormatError, ShapeError
+from .experts import LoraExperts, from_peft, match_parameters, peft_module_names
 from .hf import weight_out_in
 from .layer import base_of
 from .peft_format import (
@@ -116,8 +117,45 @@ def layer_of(module: str) -> int | None:
 
 
 def kind_of(module: str) -> str:
-    """The module's type within its layer: the last part of its name (``q_proj``, ``c_attn``)."""
-    return module.rsplit(".", 1)[-1]
+    """The module's type within its layer: the last part of its name (``q_proj``, ``c_attn``; an expert's
+    ``gate_up_proj[3]`` is a ``gate_up_proj``)."""
+    return module.rsplit(".", 1)[-1].split("[", 1)[0]
+
+
+def _per_expert(name: str, A: torch.Tensor, B: torch.Tensor, scale: float, r: int) -> dict:
+    """An expert stack's PEFT factors (``lora_A`` ``(r·E, in)``, ``lora_B`` ``(out, r·E)``) as one entry per
+    expert, ``<name>[e]``."""
+    A3, B3 = from_peft(A, B, A.shape[0] // r)
+    return {f"{name}[{e}]": (A3[e], B3[e], scale) for e in range(A3.shape[0])}
+
+
+def _expert_names(model: nn.Module, config: dict) -> dict[str, str]:
+    """PEFT's module name of each adapted expert weight (``…experts.base_layer``) → ``<experts module>.<weight>``."""
+    targets = config.get("target_parameters")
+    if not targets:
+        return {}
+    out = {}
+    for mod, params in match_parameters(model, targets).items():
+        for p, key_mod in peft_module_names(mod, model.get_submodule(mod), params).items():
+            out[key_mod] = f"{mod}.{p}"
+    return out
+
+
+def _expert_weight(net: nn.Module, name: str) -> torch.Tensor | None:
+    """Expert ``e``'s weight ``(out, in)`` for ``<experts module>.<weight>[e]``, or None for another name."""
+    m = re.fullmatch(r"(.+)\.([^.\[]+)\[(\d+)\]", name)
+    if m is None:
+        return None
+    try:
+        module = net.get_submodule(m.group(1))
+    except AttributeError:
+        return None
+    owner = module.base_layer if isinstance(module, LoraExperts) else module
+    w = getattr(owner, m.group(2), None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 3 or int(m.group(3)) >= w.shape[0]:
+        return None
+    w = w[int(m.group(3))]
+    return w.t() if getattr(owner, "is_transposed", False) else w
 
 
 @dataclasses.dataclass
@@ -249,11 +287,20 @@ def adapter_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tenso
                                      "are not the factors of one low-rank matrix (B: out×r, A: r×in)")
         r = A.shape[0]
         rank, alpha = module_ranks(config, name, r)
+        if config.get("target_parameters") and rank != r and rank > 0 and r % rank == 0:  # an expert stack
+            out.update(_per_expert(name, A, B, alpha / math.sqrt(rank) if rslora else alpha / rank, rank))
+            continue
         if rank != r:
             raise AdapterFormatError(f"{wpath}: {peft_key(name, 'lora_A')} has rank {r} but {directory / CONFIG_NAME}"
                                      f" says {rank}")
         out[name] = (A, B, alpha / math.sqrt(r) if rslora else alpha / r)
     return out
+
+
+def _renamed(name: str, experts: dict[str, str]) -> str:
+    """``<PEFT module>[e]`` → ``<experts module>.<weight>[e]`` where ``experts`` knows the module."""
+    head, bracket, tail = name.partition("[")
+    return experts[head] + bracket + tail if bracket and head in experts else name
 
 
 def _load_model(path: str | os.PathLike) -> nn.Module:
@@ -274,11 +321,16 @@ def _live_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
         name, which = parsed
         out.setdefault(name, {})[which] = t
     result = {}
+    experts = _expert_names(model, config)
     for name, pair in out.items():
         A, B = pair["lora_A"], pair["lora_B"]
-        rank, alpha = module_ranks(config, name, A.shape[0])
+        own = experts.get(name)
+        rank, alpha = module_ranks(config, own or name, A.shape[0])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        result[name] = (A, B, scale)
+        if own is not None:
+            result.update(_per_expert(own, A, B, scale, rank))
+        else:
+            result[name] = (A, B, scale)
     return result
 
 
@@ -309,7 +361,17 @@ def analyze(adapter: str | os.PathLike | nn.Module, model: str | os.PathLike | n
         net = model if isinstance(model, nn.Module) else _load_model(model)
         where = source if isinstance(adapter, nn.Module) else str(Path(adapter) / WEIGHTS_NAME)
         mods = dict(net.named_modules())
+        if not isinstance(adapter, nn.Module):  # a file's expert weights, named as the model has them
+            experts = _expert_names(net, read_config(adapter))
+            factors = {_renamed(n, experts): f for n, f in factors.items()}
         for name, (A, B, _) in factors.items():
+            expert_w = _expert_weight(net, name)
+            if expert_w is not None:
+                if tuple(expert_w.shape) != (B.shape[0], A.shape[1]):
+                    raise ShapeError(f"{where}: expert weight {name!r}: the adapter's ΔW is {B.shape[0]}×{A.shape[1]}"
+                                     f" but the model's is {expert_w.shape[0]}×{expert_w.shape[1]}")
+                weights[name] = expert_w.float()
+                continue
             if name not in mods:
                 raise AdapterFormatError(f"{where}: module {name!r} is not in the model "
                                          f"({model if not isinstance(model, nn.Module) else type(model).__name__})")

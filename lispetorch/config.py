@@ -237,9 +237,7 @@ class LoraConfig(AdapterConfig):
             if self.init not in ("kaiming", "gaussian"):
                 raise ConfigError(f"LoraConfig.target_parameters ({self.target_parameters!r}) takes the inits "
                                   f"'kaiming' and 'gaussian', got {self.init!r}")
-        elif isinstance(self.target_modules, list) and not self.target_modules:
-            raise ConfigError("LoraConfig.target_modules is empty and there are no target_parameters: nothing to "
-                              "adapt")
+
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         probability(self.dropout, "LoraConfig.dropout")

@@ -60,6 +60,19 @@ def target_matches(key: str, targets: list[str]) -> bool:
     return any(key == t or key.endswith("." + t) for t in targets)
 
 
+def adaptable_expert_weights(model: nn.Module, found: dict[str, tuple[str, str]] | None = None
+                             ) -> dict[str, tuple[str, str]]:
+    """The expert weights :class:`LoraExperts` can adapt, by full name, as ``(module name, weight name)``."""
+    usable = {}
+    for key, (mod, pname) in (expert_parameters(model) if found is None else found).items():
+        module = model.get_submodule(mod)
+        owner = module.base_layer if isinstance(module, LoraExperts) else module
+        if declares_layout(owner) and pname in weight_names(owner) and \
+                getattr(owner, pname).shape[0] == owner.num_experts:
+            usable[key] = (mod, pname)
+    return usable
+
+
 def match_parameters(model: nn.Module, target_parameters: list[str]) -> dict[str, tuple[str, ...]]:
     """The expert weights ``target_parameters`` selects, as ``{experts module name: parameter names}`` (in the
     order the module's forward applies them).
@@ -69,13 +82,7 @@ def match_parameters(model: nn.Module, target_parameters: list[str]) -> dict[str
             experts module this package can route (the message lists the candidate parameters found).
     """
     found = expert_parameters(model)
-    usable = {}
-    for key, (mod, pname) in found.items():
-        module = model.get_submodule(mod)
-        owner = module.base_layer if isinstance(module, LoraExperts) else module
-        if declares_layout(owner) and pname in weight_names(owner) and \
-                getattr(owner, pname).shape[0] == owner.num_experts:
-            usable[key] = (mod, pname)
+    usable = adaptable_expert_weights(model, found)
     chosen: dict[str, list[str]] = {}
     for target in target_parameters:
         hits = [k for k in found if target_matches(k, [target])]

@@ -206,7 +206,7 @@ def test_bad_target_parameters_name_the_candidates():
         lt.inject(model, lt.LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]))
     with pytest.raises(ConfigError, match="DoRA"):
         lt.LoraConfig(target_modules=[], target_parameters=TARGETS, use_dora=True)
-    with pytest.raises(ConfigError, match="nothing to adapt"):
+    with pytest.raises(ConfigError, match="target_modules must be a non-empty list"):  # no target_parameters
         lt.LoraConfig(target_modules=[])
     assert not lt.adapter_layers(model)
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
@@ -231,3 +231,54 @@ def test_file_with_wrong_expert_count_is_refused(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterFormatError, match="gate_proj"):
         lt.load_adapter(model, tmp_path / "a")
+
+
+@pytest.fixture
+def tiny_moe_model(tiny_default_model, tmp_path):
+    """A tiny Mixtral with the default model's tokenizer, saved as a model directory."""
+    import shutil
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(**{**SMALL, "vocab_size": 512}, intermediate_size=24, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    d = tmp_path / "moe"
+    transformers.MixtralForCausalLM(cfg).save_pretrained(d)
+    for f in tiny_default_model.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def test_engine_trains_resumes_and_writes_a_peft_adapter(tiny_moe_model, corpus, tmp_path):
+    from safetensors.torch import load_file as load
+
+    from lispetorch.train import engine
+
+    def config(out):
+        return {"model": str(tiny_moe_model), "data": str(corpus), "output_dir": str(out), "max_steps": 6,
+                "batch_size": 2, "max_seq_length": 24, "logging_steps": 2, "save_steps": 3, "eval_steps": 3,
+                "learning_rate": 5e-3, "seed": 7, "plot": False,
+                "lora": {"rank": 2, "alpha": 4, "dropout": 0.1, "target_modules": [],
+                         "target_parameters": TARGETS}}
+
+    full = lt.train.train(config(tmp_path / "full"), progress=False)
+    assert full.eval_loss < full.initial_eval_loss
+
+    def stop_at_4(trainer):
+        if trainer.global_step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.Trainer(config(tmp_path / "cut"), progress=False, on_step=stop_at_4).train()
+    resumed = lt.train.train(config(tmp_path / "cut"), resume=True, progress=False)
+    a = load(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("experts.base_layer.lora_A" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 512, (2, 9))
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tiny_moe_model).eval()
+    lt.load_adapter(ours, full.adapter_dir)
+    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_moe_model),
+                                        full.adapter_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, pm(x).logits, rtol=0, atol=1e-5)

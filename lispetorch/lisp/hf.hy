@@ -95,20 +95,23 @@ Examples::
   adapter. ``method`` picks the adapter family: ``\"lora\"`` (default), ``\"pissa\"``, ``\"pissa_niter_K\"``,
   ``\"lora_ga\"`` (``options`` must hold ``calibration_batches``: token-id tensors), ``\"rotational_pissa\"``
   (``options``: ``method`` way0…way3, ``orthogonality_reg_weight``, …) or ``\"tinylora\"`` (``options``: ``u``,
-  ``seed``, ``groups``). Returns the number of layers adapted."
+  ``seed``, ``groups``). With ``\"lora\"``, ``options`` may hold ``target_parameters``: the expert weights of a
+  mixture-of-experts model to adapt, one adapter per expert (``[\"gate_up_proj\" \"down_proj\"]``; with
+  ``target_modules`` ``[]``, the experts alone). Returns the number of layers adapted."
   (setv model (. (entry "torch_hf_lora_init" model-name) model)
         rank (check-int "torch_hf_lora_init" "rank" rank 1)
         alpha (check-number "torch_hf_lora_init" "alpha" alpha :positive True)
         dtype (_dtype "torch_hf_lora_init" "dtype" dtype)
         dropout (check-number "torch_hf_lora_init" "dropout" dropout))
+  (setv options (dict (check-dict "torch_hf_lora_init" "options" options)))
   (when (not (or (isinstance target-modules str)
-                 (and (isinstance target-modules #(list tuple)) target-modules
+                 (and (isinstance target-modules #(list tuple))
+                      (or target-modules (.get options "target_parameters"))  ; [] : the experts alone
                       (all (gfor t target-modules (isinstance t str))))))
     (fail "torch_hf_lora_init"
           f"target_modules must be a list of module names or \"all-linear\", got {(describe target-modules)}"))
   (check-string "torch_hf_lora_init" "method" method)
-  (setv options (dict (check-dict "torch_hf_lora_init" "options" options))
-        batches (.pop options "calibration_batches" None)
+  (setv batches (.pop options "calibration_batches" None)
         config (if (= method "lora")
                    (lt.LoraConfig :r rank :alpha alpha :dropout dropout :target-modules target-modules :dtype dtype
                                   #** options)

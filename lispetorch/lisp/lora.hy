@@ -106,7 +106,11 @@ Examples::
 
 (defn _layers [primitive model]
   (setv m (_module primitive model))
-  (setv layers (if (isinstance m lt.LoraLinear) {"" m} (lt.adapter-layers m)))
+  (setv layers (if (isinstance m lt.LoraLinear) {"" m} (lt.adapter-layers m))
+        experts (lfor [n l] (.items layers) :if (isinstance l lt.LoraExperts) n))
+  (when experts
+    (fail primitive (+ f"{(describe model)} has adapters on expert weights ({(repr (get experts 0))}), which this "
+                       "per-layer file does not hold: save the model's adapter with torch_hf_lora_save")))
   (when (not layers)
     (fail primitive f"{(describe model)} has no LoRA layer"))
   layers)

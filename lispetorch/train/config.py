@@ -48,6 +48,8 @@ class LoraSection:
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     modules_to_save: list[str] | None = None
     use_dora: bool = False  # DoRA (method lora, any init)
+    # expert weights of a mixture-of-experts model, one adapter per expert (PEFT's field; method lora)
+    target_parameters: list[str] | None = None
 
     def adapter_config(self):
         """The adapter config these keys describe (a ``LoraConfig``, ``RotationalPiSSAConfig`` or
@@ -343,8 +345,9 @@ _INDICES = "a layer index or a list of them"
 _LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES, "init": _STR,
                 "calibration_batches": _INT, "method": _STR, "options": _MAPPING, "layers_to_transform": _INDICES,
                 "layers_pattern": "names", "rank_pattern": _MAPPING, "alpha_pattern": _MAPPING,
-                "modules_to_save": "names", "use_dora": _BOOL}
-_SELECTION = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save")
+                "modules_to_save": "names", "use_dora": _BOOL, "target_parameters": "names"}
+_SELECTION = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save",
+              "target_parameters")
 
 
 def _suggest(key, known) -> str:
@@ -418,6 +421,9 @@ def _lora_section(value, source: str) -> LoraSection:
     for key, v in value.items():
         if key not in _LORA_FIELDS:
             raise ConfigError(f"{source}: unknown key {validate.show(f'lora.{key}')}{_suggest(key, _LORA_FIELDS)}")
+        if key == "target_modules" and v == [] and value.get("target_parameters"):
+            values[key] = []  # the expert weights alone
+            continue
         values[key] = _check(f"lora.{key}", v, _LORA_FIELDS[key], source)
     return LoraSection(**values)
 

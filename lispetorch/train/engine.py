@@ -253,7 +253,10 @@ class Trainer:
         # A LoRA with a plain init trains and saves its factors as they are; every other method (SVD inits,
         # Rotational PiSSA, TinyLoRA) changes the base or computes its core, and is saved as its plain-LoRA
         # equivalent on the original weights, with its trained parameters beside it for resume.
-        self.plain = self.lora_config is None or method_of(self.lora_config) == "lora"
+        # plain: the PEFT adapter file is all resume needs (expert adapters' files are in PEFT's nested layout,
+        # so their trained factors are kept by name too)
+        self.plain = self.lora_config is None or (method_of(self.lora_config) == "lora"
+                                                  and not getattr(self.lora_config, "target_parameters", None))
         # Rotational PiSSA's penalty parametrisation keeps its free r×r cores near orthogonal.
         self.last_ortho_loss = 0.0
         self.orthogonality = isinstance(self.lora_config, RotationalPiSSAConfig) and \
