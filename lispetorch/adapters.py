@@ -53,6 +53,7 @@ class ExpertsPlan:
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
+    alphas: dict[str, float] | None = None  # by weight, where it differs from alpha
 
 
 AdapterLayer = LoraLinear | LoraExperts  # what holds adapters: a linear layer, or an experts module's weights
@@ -91,7 +92,7 @@ def select_for_new_adapter(model: nn.Module, config, adapter_name: str) -> dict[
     if isinstance(config.target_modules, list) and not config.target_modules:
         return {}
     if config.target_modules == "all-linear" and not getattr(config, "target_parameters", None):
-        experts = adaptable_expert_weights(model)
+        experts = {k: v for k, v in adaptable_expert_weights(model).items() if model.get_parameter(k).dim() == 3}
         if experts:
             names = sorted({k.rsplit(".", 1)[-1] for k in experts})
             warnings.warn(f"all-linear adapts linear layers; the model's {len(experts)} fused expert weights ({names}"
@@ -194,7 +195,7 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
         wrapper = module if isinstance(module, LoraExperts) else LoraExperts(module, params)
         if replace and adapter_name in wrapper.lora_A:
             wrapper.delete_adapter(adapter_name)
-        wrapper.set_factors(adapter_name, plan.factors, plan.alpha, plan.dropout, plan.use_rslora)
+        wrapper.set_factors(adapter_name, plan.factors, plan.alpha, plan.dropout, plan.use_rslora, plan.alphas)
         if wrapper is not module:
             replace_module(model, name, wrapper)
         layers[name] = wrapper

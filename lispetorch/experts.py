@@ -22,7 +22,8 @@ from torch import nn
 
 from . import ops
 from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
-from .layer import AdapterSettings, init_factors, weight_fingerprint
+from .layer import AdapterSettings, init_factors, is_adaptable, weight_fingerprint
+from .targets import own_forward
 
 # What transformers' ``use_experts_implementation`` declares on an experts module: the layout its generic
 # (grouped, batched) forwards read, and so does LoraExperts.
@@ -41,16 +42,21 @@ def weight_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def expert_parameters(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """The 3-D parameters of ``model``, by full name (``model.layers.0.mlp.experts.gate_up_proj``), as
-    ``(module name, parameter name)``; a :class:`LoraExperts` counts as the module it wraps."""
+    """The 3-D parameters of ``model`` and the 2-D weights of its routers (:func:`single_weights` of a module beside
+    an experts module), by full name
+    (``model.layers.0.mlp.experts.gate_up_proj``, ``model.layers.0.mlp.gate.weight``), as ``(module name,
+    parameter name)``; a :class:`LoraExperts` counts as the module it wraps."""
     found = {}
     wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, LoraExperts)]
-    for name, module in model.named_modules():
-        if any(name.startswith(w) for w in wrapped):  # its experts module, its factors
-            continue
+    modules = [(n, m) for n, m in model.named_modules() if not any(n.startswith(w) for w in wrapped)]
+    # a router is a module beside an experts module (under the same parent)
+    beside_experts = {n.rpartition(".")[0] for n, m in modules
+                      if declares_layout(m.base_layer if isinstance(m, LoraExperts) else m)}
+    for name, module in modules:
         owner = module.base_layer if isinstance(module, LoraExperts) else module
+        router = name.rpartition(".")[0] in beside_experts and not declares_layout(owner)
         for pname, p in owner.named_parameters(recurse=False):
-            if p.dim() == 3:
+            if p.dim() == 3 or (router and pname in single_weights(owner)):
                 found[f"{name}.{pname}" if name else pname] = (name, pname)
     return found
 
@@ -60,6 +66,17 @@ def target_matches(key: str, targets: list[str]) -> bool:
     return any(key == t or key.endswith("." + t) for t in targets)
 
 
+def single_weights(module: nn.Module) -> tuple[str, ...]:
+    """The 2-D weights of a module that no linear adapter can wrap (a router with a forward of its own, such as
+    transformers' top-k routers, whose ``weight`` is ``(experts, hidden)``): adapted as a whole, PEFT's
+    ``target_parameters`` on a 2-D parameter."""
+    if isinstance(module, LoraExperts):
+        module = module.base_layer
+    if declares_layout(module) or (is_adaptable(module) and not own_forward(module)):
+        return ()
+    return tuple(n for n, p in module.named_parameters(recurse=False) if p.dim() == 2)
+
+
 def adaptable_expert_weights(model: nn.Module, found: dict[str, tuple[str, str]] | None = None
                              ) -> dict[str, tuple[str, str]]:
     """The expert weights :class:`LoraExperts` can adapt, by full name, as ``(module name, weight name)``."""
@@ -67,8 +84,8 @@ def adaptable_expert_weights(model: nn.Module, found: dict[str, tuple[str, str]]
     for key, (mod, pname) in (expert_parameters(model) if found is None else found).items():
         module = model.get_submodule(mod)
         owner = module.base_layer if isinstance(module, LoraExperts) else module
-        if declares_layout(owner) and pname in weight_names(owner) and \
-                getattr(owner, pname).shape[0] == owner.num_experts:
+        if (declares_layout(owner) and pname in weight_names(owner) and
+                getattr(owner, pname).shape[0] == owner.num_experts) or pname in single_weights(owner):
             usable[key] = (mod, pname)
     return usable
 
@@ -89,11 +106,12 @@ def match_parameters(model: nn.Module, target_parameters: list[str]) -> dict[str
         flat = [] if hits else [k for k, _ in model.named_parameters() if target_matches(k, [target])]
         if flat:
             raise ConfigError(f"target_parameters entry {target!r} matches {flat[0]!r} (shape "
-                              f"{tuple(model.get_parameter(flat[0]).shape)}), which is not a 3-D expert weight "
-                              f"(experts, out, in); the candidate parameters are {_listing(usable or found)}")
+                              f"{tuple(model.get_parameter(flat[0]).shape)}), which is neither a 3-D expert weight "
+                              "(experts, out, in) nor a router's 2-D weight (a linear layer is adapted through "
+                              f"target_modules); the candidate parameters are {_listing(usable or found)}")
         if not hits:
-            raise ConfigError(f"target_parameters entry {target!r} matches no parameter; the model's 3-D (expert) "
-                              f"parameters are {_listing(usable or found)}")
+            raise ConfigError(f"target_parameters entry {target!r} matches no parameter; the model's expert and "
+                              f"router weights are {_listing(usable or found)}")
         bad = [k for k in hits if k not in usable]
         if bad:
             owner = model.get_submodule(found[bad[0]][0])
@@ -110,12 +128,29 @@ def match_parameters(model: nn.Module, target_parameters: list[str]) -> dict[str
     for mod, names in chosen.items():
         module = model.get_submodule(mod)
         owner = module.base_layer if isinstance(module, LoraExperts) else module
-        out[mod] = tuple(n for n in weight_names(owner) if n in names)
+        out[mod] = tuple(n for n in adaptable_names(owner) if n in names)
     return out
 
 
+def weight_shape(module: nn.Module, pname: str) -> tuple[int, int, int]:
+    """``(experts, out, in)`` of weight ``pname`` of an experts module (or a router: one expert)."""
+    owner = module.base_layer if isinstance(module, LoraExperts) else module
+    w = getattr(owner, pname)
+    if w.dim() == 2:
+        return 1, w.shape[0], w.shape[1]
+    E, d1, d2 = w.shape
+    return (E, d2, d1) if owner.is_transposed else (E, d1, d2)
+
+
+def adaptable_names(module: nn.Module) -> tuple[str, ...]:
+    """The weights of ``module`` a :class:`LoraExperts` can adapt: an experts module's expert weights, in the order
+    its forward applies them, or a router's 2-D weights."""
+    return weight_names(module) if declares_layout(module) else single_weights(module)
+
+
 def _listing(found: dict) -> str:
-    names = sorted({k.rsplit(".", 1)[-1] for k in found})
+    # a router's weight by its module's name too (gate.weight), as target_parameters names it
+    names = sorted({".".join(k.split(".")[-2:]) if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in found})
     return f"{names} (e.g. {sorted(found)[0]!r}, {len(found)} in all)" if found else "none"
 
 
@@ -175,17 +210,22 @@ class LoraExperts(nn.Module):
 
     def __init__(self, base_layer: nn.Module, parameters: tuple[str, ...]) -> None:
         super().__init__()
-        if not declares_layout(base_layer):
-            raise TypeError(f"{type(base_layer).__name__} does not declare its experts layout ({', '.join(LAYOUT)})")
-        unknown = [p for p in parameters if p not in weight_names(base_layer)]
+        names = adaptable_names(base_layer)
+        unknown = [p for p in parameters if p not in names]
         if unknown or not parameters:
-            raise ConfigError(f"{type(base_layer).__name__}: can adapt {list(weight_names(base_layer))}, got "
-                              f"{list(parameters)}")
+            raise ConfigError(f"{type(base_layer).__name__}: can adapt {list(names)} (an experts module declaring "
+                              f"its layout, {', '.join(LAYOUT)}, or a router's 2-D weights), got {list(parameters)}")
         self.base_layer = base_layer
-        self.parameter_names = tuple(p for p in weight_names(base_layer) if p in parameters)
-        self.num_experts = base_layer.num_experts
+        self.parameter_names = tuple(p for p in names if p in parameters)
+        # single: a router's 2-D weight, adapted as one expert of one (its forward is the module's own, run with
+        # W + s·B A in place of W)
+        self.single = not declares_layout(base_layer)
+        self.num_experts = 1 if self.single else base_layer.num_experts
         self.lora_A = nn.ModuleDict()  # adapter -> {weight name -> (E, r, in)}
         self.lora_B = nn.ModuleDict()  # adapter -> {weight name -> (E, out, r)}
+        # each adapter's settings on each weight (rank, alpha), and those of its first weight as `settings`, which
+        # code reading any adapter layer's dropout or rsLoRA flag finds as on a LoraLinear
+        self.weight_settings: dict[str, dict[str, AdapterSettings]] = {}
         self.settings: dict[str, AdapterSettings] = {}
         # What a LoraLinear also holds, always empty here (no r×r core, no SVD init, no NF4 factors, no DoRA), so
         # that code walking every adapter layer finds them.
@@ -248,10 +288,20 @@ class LoraExperts(nn.Module):
     def use_dora(self) -> MappingProxyType:
         return MappingProxyType(dict.fromkeys(self.settings, False))
 
+    @property
+    def is_transposed(self) -> bool:
+        return not self.single and bool(self.base_layer.is_transposed)
+
     def expert_weight(self, pname: str) -> torch.Tensor:
-        """Weight ``pname`` of every expert as ``(E, out, in)`` (a transposed view of a transposed stack)."""
+        """Weight ``pname`` of every expert as ``(E, out, in)`` (a transposed view of a transposed stack; a
+        router's ``(out, in)`` as ``(1, out, in)``)."""
         w = getattr(self.base_layer, pname)
-        return w.transpose(1, 2) if self.base_layer.is_transposed else w
+        return w.unsqueeze(0) if self.single else w.transpose(1, 2) if self.is_transposed else w
+
+    def _stored(self, pname: str) -> torch.Tensor:
+        """Weight ``pname`` as stored, with one leading expert dimension (so ``[e]`` is expert ``e``'s matrix)."""
+        w = getattr(self.base_layer, pname)
+        return w.unsqueeze(0) if self.single else w
 
     def shape_of(self, pname: str) -> tuple[int, int]:
         """``(out, in)`` of one expert's weight ``pname``."""
@@ -271,9 +321,10 @@ class LoraExperts(nn.Module):
         self.set_factors(name, factors, alpha, dropout, use_rslora)
 
     def set_factors(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,
-                    dropout: float = 0.0, use_rslora: bool = False) -> None:
+                    dropout: float = 0.0, use_rslora: bool = False, alphas: dict[str, float] | None = None) -> None:
         """Installs (or replaces) adapter ``name``: ``factors`` maps each adapted weight to ``(A (E, r, in),
-        B (E, out, r))``, one rank for all.
+        B (E, out, r))``, each weight with its own rank (one for all its experts) and its alpha from ``alphas``
+        (else ``alpha``).
 
         Raises:
             AdapterStateError: the adapter is merged. ValueError: a weight not adapted here, or factors whose
@@ -284,18 +335,22 @@ class LoraExperts(nn.Module):
         if set(factors) != set(self.parameter_names):
             raise ConfigError(f"adapter {name!r}: factors for {sorted(factors)}, but this layer adapts "
                               f"{list(self.parameter_names)}")
-        ranks = {A.shape[1] if A.dim() == 3 else -1 for A, _ in factors.values()}
-        r = ranks.pop() if len(ranks) == 1 else -1
-        for p, (A, B) in factors.items():
+        alphas = alphas or {}
+        per_weight = {}
+        for p in self.parameter_names:
+            A, B = factors[p]
             out_f, in_f = self.shape_of(p)
             E = self.num_experts
+            r = A.shape[1] if A.dim() == 3 else -1
             if r <= 0 or A.shape != (E, r, in_f) or B.shape != (E, out_f, r):
                 raise ShapeError(f"adapter {name!r} on {p}: expected A ({E}, r, {in_f}) and B ({E}, {out_f}, r) with "
-                                 f"one rank r ≥ 1, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+                                 f"r ≥ 1, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+            per_weight[p] = AdapterSettings(r=r, alpha=float(alphas.get(p, alpha)), use_rslora=bool(use_rslora),
+                                            dropout=float(dropout))
         self.lora_A[name] = nn.ParameterDict({p: nn.Parameter(A) for p, (A, _) in factors.items()})
         self.lora_B[name] = nn.ParameterDict({p: nn.Parameter(B) for p, (_, B) in factors.items()})
-        self.settings[name] = AdapterSettings(r=r, alpha=float(alpha), use_rslora=bool(use_rslora),
-                                              dropout=float(dropout))
+        self.weight_settings[name] = per_weight
+        self.settings[name] = per_weight[self.parameter_names[0]]
 
     def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Adapter ``name``'s ``(A (E, r, in), B (E, out, r))`` by weight name."""
@@ -310,7 +365,7 @@ class LoraExperts(nn.Module):
         if self.merged_adapter == name:
             raise merged_error(name, then="unmerge before deleting it")
         del self.lora_A[name], self.lora_B[name]
-        del self.settings[name]
+        del self.settings[name], self.weight_settings[name]
         if self._active_adapter == name:
             self._active_adapter = None
 
@@ -334,8 +389,9 @@ class LoraExperts(nn.Module):
                 p.requires_grad_(trainable)
 
     # --- forward -------------------------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
+        """The experts module's forward ``(hidden_states, top_k_index, top_k_weights)`` with each routed token
+        through its expert's adapter (a router: its own forward, over ``W + s·B A``)."""
         if self.batch_adapters is not None and self.enabled and \
                 any(n is not None and n in self.lora_A for n in self.batch_adapters):
             raise AdapterStateError("a mixed-adapter batch names an adapter that holds expert weights "
@@ -343,10 +399,20 @@ class LoraExperts(nn.Module):
                                     "adapter batches take adapters on linear layers")
         name = self.active_adapter
         if not self.enabled or name is None or name not in self.lora_A or self.merged_adapter is not None:
-            return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        if args or kwargs:
+            return self.base_layer(*args, **kwargs)
+        if self.single:  # the module's own forward over W + s·B A
+            weights = {}
+            for p in self.parameter_names:
+                w = getattr(self.base_layer, p)
+                A, B = self.lora_A[name][p][0].to(w.dtype), self.lora_B[name][p][0].to(w.dtype)
+                weights[p] = w + (B @ A) * self.weight_settings[name][p].scaling
+            return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        given = dict(zip(names, args, strict=False)) | kwargs
+        if len(args) > 3 or set(given) != set(names):
             raise TypeError(f"{type(self.base_layer).__name__} adapted: forward takes (hidden_states, top_k_index, "
-                            f"top_k_weights), got {len(args)} more positional and {sorted(kwargs)}")
+                            f"top_k_weights), got {len(args)} positional and {sorted(kwargs)}")
+        hidden_states, top_k_index, top_k_weights = (given[n] for n in names)
         base = self.base_layer
         if getattr(base, "_is_expert_parallel", False):
             raise AdapterStateError("expert adapters under expert parallelism are not supported")
@@ -376,7 +442,7 @@ class LoraExperts(nn.Module):
         bias = getattr(self.base_layer, f"{pname}_bias") if self.base_layer.has_bias else None
         dtype = w.dtype
         if pname in self.lora_A[name]:
-            settings = self.settings[name]
+            settings = self.weight_settings[name][pname]
             A, B = self.lora_A[name][pname].to(dtype), self.lora_B[name][pname].to(dtype)
             scale, p = settings.scaling, (settings.dropout if self.training else 0.0)
         else:  # this weight is not adapted: rank 0, the experts alone
@@ -406,12 +472,12 @@ class LoraExperts(nn.Module):
         if self.merged_adapter is not None or self.active_adapter is None or self.active_adapter not in self.lora_A:
             return
         name = self.active_adapter
-        transposed = bool(self.base_layer.is_transposed)
-        scale = self.settings[name].scaling
+        transposed = self.is_transposed
         state: dict[str, list] = {}
         try:
             for p, (A, B) in self.factors(name).items():
-                stack = getattr(self.base_layer, p)
+                stack = self._stored(p)
+                scale = self.weight_settings[name][p].scaling
                 state[p] = []
                 for e in range(self.num_experts):
                     state[p].append(self._merge_one(stack[e], A[e], B[e], transposed, scale, safe))
@@ -419,16 +485,16 @@ class LoraExperts(nn.Module):
             self._unmerge_state(name, state, exact=True)
             raise
         self._merge_state = {"state": state, "versions": self._factor_versions(name),
-                             "fingerprints": {p: weight_fingerprint(getattr(self.base_layer, p).flatten(0, 1))
+                             "fingerprints": {p: weight_fingerprint(self._stored(p).flatten(0, 1))
                                               for p in state}}
         self.merged_adapter = name
 
     def _unmerge_state(self, name: str, state: dict[str, list], exact: bool) -> None:
-        transposed = bool(self.base_layer.is_transposed)
-        scale = self.settings[name].scaling
+        transposed = self.is_transposed
         for p, per_expert in state.items():
             A, B = self.lora_A[name][p], self.lora_B[name][p]
-            stack = getattr(self.base_layer, p)
+            stack = self._stored(p)
+            scale = self.weight_settings[name][p].scaling
             for e, saved in enumerate(per_expert):
                 a, b = (B[e].t(), A[e].t()) if transposed else (A[e], B[e])
                 ops.lora_unmerge_(stack[e], a, b, None, scale, saved if exact else None)
@@ -441,7 +507,7 @@ class LoraExperts(nn.Module):
             return
         merged = self._merge_state
         exact = merged["versions"] == self._factor_versions(name) and all(
-            all(torch.equal(a, b) for a, b in zip(weight_fingerprint(getattr(self.base_layer, p).flatten(0, 1)),
+            all(torch.equal(a, b) for a, b in zip(weight_fingerprint(self._stored(p).flatten(0, 1)),
                                                   fp, strict=True))
             for p, fp in merged["fingerprints"].items())
         if not exact:
@@ -452,7 +518,7 @@ class LoraExperts(nn.Module):
         self._merge_state = None
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.settings.items())
+        ranks = ", ".join(f"{n}: " + "/".join(f"r={s.r}" for s in w.values()) for n, w in self.weight_settings.items())
         return (f"experts={self.num_experts}, weights={list(self.parameter_names)}, adapters=[{ranks}], "
                 f"active={self.active_adapter!r}")
 

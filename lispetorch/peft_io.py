@@ -25,7 +25,16 @@ from .adapters import (
     set_adapter,
 )
 from .errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeError, merged_error
-from .experts import LoraExperts, expert_parameters, from_peft, match_parameters, peft_module_names, to_peft, unnest
+from .experts import (
+    LoraExperts,
+    expert_parameters,
+    from_peft,
+    match_parameters,
+    peft_module_names,
+    to_peft,
+    unnest,
+    weight_shape,
+)
 from .hf import model_id, task_type, weight_out_in
 from .layer import LoraLinear, base_of
 from .peft_format import (
@@ -71,11 +80,20 @@ def _targets_for(names: list[str], model: nn.Module) -> tuple[list[str] | str, l
 
 
 def _parameter_targets(names: list[str], model: nn.Module) -> list[str]:
-    """PEFT's ``target_parameters`` that select exactly the expert weights ``names`` (full parameter names): their
-    leaf names when those select no others, else the full names."""
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {k for k in expert_parameters(model) if k.rsplit(".", 1)[-1] in leaves}
-    return leaves if selected == set(names) else sorted(names)
+    """PEFT's ``target_parameters`` that select exactly the weights ``names`` (full parameter names) among all the
+    base model's parameters, by PEFT's rule (a name equal to a parameter's, or a dotted suffix of it): for each,
+    its shortest suffix (``gate_up_proj``, ``gate.weight``) that selects no other."""
+    universe = {n.replace(".base_layer", "") for n, _ in model.named_parameters() if ".lora_" not in n}
+    universe |= set(expert_parameters(model))
+    wanted, out = set(names), set()
+    for name in names:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if all(u in wanted for u in universe if u == suffix or u.endswith("." + suffix)):
+                out.add(suffix)
+                break
+    return sorted(out)
 
 
 def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
@@ -121,7 +139,8 @@ def export(model: nn.Module, adapter_name: str | None = None,
                 A, B = to_peft(layer.lora_A[name][p].detach(), layer.lora_B[name][p].detach())
                 tensors[peft_key(key_mod, "lora_A")] = A.contiguous()
                 tensors[peft_key(key_mod, "lora_B")] = B.contiguous()
-                ranks[f"{mod}.{p}"], alphas[f"{mod}.{p}"] = settings.r, settings.alpha
+                own = layer.weight_settings[name][p]
+                ranks[f"{mod}.{p}"], alphas[f"{mod}.{p}"] = own.r, own.alpha
                 expert_weights.append(f"{mod}.{p}")
             rslora.add(settings.use_rslora)
             continue
@@ -333,8 +352,7 @@ def _expert_plans(model: nn.Module, directory: Path, config: dict, weights: dict
         if isinstance(module, LoraExperts) and module.merged_adapter is not None:
             raise merged_error(module.merged_adapter, mod, "unmerge before loading")
         owner = module.base_layer if isinstance(module, LoraExperts) else module
-        E = owner.num_experts
-        factors, alphas = {}, set()
+        factors, alphas = {}, {}
         for p in params:
             pair = per_weight.get(p, {})
             key_mod = peft_module_names(mod, module, params)[p]
@@ -343,7 +361,7 @@ def _expert_plans(model: nn.Module, directory: Path, config: dict, weights: dict
                 raise AdapterFormatError(f"{wpath}: expert weight {mod}.{p} lacks {peft_key(key_mod, missing[0])}")
             A, B = pair["lora_A"], pair["lora_B"]
             w = getattr(owner, p)
-            out_f, in_f = (w.shape[2], w.shape[1]) if owner.is_transposed else (w.shape[1], w.shape[2])
+            E, out_f, in_f = weight_shape(owner, p)
             for k, t in (("lora_A", A), ("lora_B", B)):
                 if not torch.is_floating_point(t) or not torch.isfinite(t).all():
                     raise AdapterFormatError(f"{wpath}: key {peft_key(key_mod, k)} holds non-finite or non-float "
@@ -358,12 +376,9 @@ def _expert_plans(model: nn.Module, directory: Path, config: dict, weights: dict
                                  f"({E} experts of {out_f}×{in_f}, rank {rank_cfg}) needs ({out_f}, {rank_cfg * E})")
             A3, B3 = from_peft(A.to(w.dtype).to(w.device), B.to(w.dtype).to(w.device), E)
             factors[p] = (A3.contiguous(), B3.contiguous())
-            alphas.add((rank_cfg, alpha))
-        if len(alphas) > 1:
-            raise AdapterFormatError(f"{cpath}: the expert weights of {mod!r} have different ranks or alphas "
-                                     f"{sorted(alphas)}; one adapter per experts module has one")
+            alphas[p] = alpha
         experts[mod] = (module, params)
-        plans[mod] = ExpertsPlan(factors, alphas.pop()[1], dropout, use_rslora)
+        plans[mod] = ExpertsPlan(factors, alphas[params[0]], dropout, use_rslora, alphas=alphas)
     return experts, plans
 
 

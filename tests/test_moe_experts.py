@@ -200,9 +200,9 @@ def test_native_op_matches_reference_and_gradcheck():
 def test_bad_target_parameters_name_the_candidates():
     model = base_model("mixtral")
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"'nope' matches no parameter.*\['down_proj', 'gate_up_proj'\]"):
+    with pytest.raises(ConfigError, match=r"'nope' matches no parameter.*\['down_proj', 'gate.weight', 'gate_up_proj"):
         lt.inject(model, lt.LoraConfig(target_modules=[], target_parameters=["nope"]))
-    with pytest.raises(ConfigError, match=r"q_proj.weight.*\(16, 16\).*not a 3-D expert weight.*gate_up_proj"):
+    with pytest.raises(ConfigError, match=r"q_proj.weight.*\(16, 16\).*neither a 3-D expert weight.*gate_up_proj"):
         lt.inject(model, lt.LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]))
     with pytest.raises(ConfigError, match="DoRA"):
         lt.LoraConfig(target_modules=[], target_parameters=TARGETS, use_dora=True)
@@ -282,3 +282,36 @@ def test_engine_trains_resumes_and_writes_a_peft_adapter(tiny_moe_model, corpus,
                                         full.adapter_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, pm(x).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_peft_all_linear_adapter_with_router_and_experts_loads(kind, tmp_path):
+    """PEFT's all-linear on these MoE types adapts the attention, the experts (gate_up_proj at twice the rank) and
+    the router's 2-D weight through target_parameters; that file loads here with PEFT's logits, and saved back it
+    is PEFT's own."""
+    base = base_model(kind)
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
+                                                                       init_lora_weights=False)).eval()
+    assert "gate.weight" in theirs.peft_config["default"].target_parameters
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = copy.deepcopy(base)
+    layers = lt.load_adapter(ours, tmp_path / "theirs")
+    routers = [n for n, layer in layers.items() if isinstance(layer, LoraExperts) and layer.single]
+    assert len(routers) == 2
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
+    lt.save_adapter(ours, tmp_path / "again")
+    a, b = load_file(tmp_path / "theirs" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x).logits, ours(x).logits, rtol=0, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    lt.merge(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
+    lt.unmerge(ours)
+    assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters())

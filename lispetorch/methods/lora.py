@@ -8,7 +8,7 @@ from torch import nn
 
 from ..adapters import AdapterPlan, ExpertsPlan, base_weight, install, select_experts, select_for_new_adapter
 from ..config import LoraConfig
-from ..experts import LoraExperts
+from ..experts import LoraExperts, weight_shape
 from ..hf import parse_dtype
 from ..layer import LoraLinear, init_factors
 
@@ -26,12 +26,12 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
         factors = {}
         for p in params:
             w = getattr(owner, p)
-            E, d1, d2 = w.shape
-            out_f, in_f = (d2, d1) if owner.is_transposed else (d1, d2)
-            pairs = [init_factors(config.rank_of(name), in_f, out_f, config.init, dtype or w.dtype, w.device)
-                     for _ in range(E)]
+            E, out_f, in_f = weight_shape(owner, p)
+            pairs = [init_factors(config.rank_of(f"{name}.{p}"), in_f, out_f, config.init, dtype or w.dtype,
+                                  w.device) for _ in range(E)]
             factors[p] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
-        expert_plans[name] = ExpertsPlan(factors, config.alpha_of(name), config.dropout, config.use_rslora)
+        expert_plans[name] = ExpertsPlan(factors, config.alpha, config.dropout, config.use_rslora,
+                                         alphas={p: config.alpha_of(f"{name}.{p}") for p in params})
     plans = {}
     for name, module in chosen.items():
         w = base_weight(module)
