@@ -219,8 +219,10 @@ def randomize(model, seed: int) -> None:
 
 
 def expert_weights(model) -> list[str]:
-    """The fused expert weights lispetorch can adapt (their leaf names), for ``target_parameters``."""
-    return sorted({k.rsplit(".", 1)[-1] for k in lt.experts.adaptable_expert_weights(model)})
+    """The fused expert weights lispetorch can adapt, for ``target_parameters``: the shortest names that select
+    them and nothing else (``down_proj``, or ``experts.down_proj`` beside a shared expert's 3-D ``down_proj``)."""
+    names = [k for k in lt.experts.adaptable_expert_weights(model) if model.get_parameter(k).dim() == 3]
+    return lt.experts.parameter_targets(names, model) if names else []
 
 
 def in_peft_layout(model, grads: dict) -> dict:

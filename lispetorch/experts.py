@@ -23,6 +23,7 @@ from torch import nn
 from . import ops
 from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
 from .layer import AdapterSettings, init_factors, is_adaptable, weight_fingerprint
+from .switch import AdapterSwitch
 from .targets import own_forward
 
 # What transformers' ``use_experts_implementation`` declares on an experts module: the layout its generic
@@ -148,6 +149,23 @@ def adaptable_names(module: nn.Module) -> tuple[str, ...]:
     return weight_names(module) if declares_layout(module) else single_weights(module)
 
 
+def parameter_targets(names: list[str], model: nn.Module) -> list[str]:
+    """PEFT's ``target_parameters`` that select exactly the weights ``names`` (full parameter names) among all the
+    base model's parameters, by PEFT's rule (a name equal to a parameter's, or a dotted suffix of it): for each,
+    its shortest suffix (``gate_up_proj``, ``gate.weight``) that selects no other."""
+    universe = {n.replace(".base_layer", "") for n, _ in model.named_parameters() if ".lora_" not in n}
+    universe |= set(expert_parameters(model))
+    wanted, out = set(names), set()
+    for name in names:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if all(u in wanted for u in universe if u == suffix or u.endswith("." + suffix)):
+                out.add(suffix)
+                break
+    return sorted(out)
+
+
 def _listing(found: dict) -> str:
     # a router's weight by its module's name too (gate.weight), as target_parameters names it
     names = sorted({".".join(k.split(".")[-2:]) if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in found})
@@ -192,7 +210,7 @@ def unnest(name: str) -> tuple[str, int]:
     return name, depth
 
 
-class LoraExperts(nn.Module):
+class LoraExperts(AdapterSwitch, nn.Module):
     """An experts module with a low-rank adapter per expert on some of its weights (``gate_up_proj`` or
     ``up_proj``, ``down_proj``): expert ``e`` computes with ``W_e + s·B_e A_e`` on the tokens routed to it.
 
@@ -201,8 +219,13 @@ class LoraExperts(nn.Module):
     its hyperparameters ``settings[n]``. Merging folds the active adapter into the expert weights, exactly
     reversibly.
 
+    A router (a module with a forward of its own and a 2-D weight ``(experts, hidden)``) is wrapped the same way,
+    as one expert (:attr:`single`): its forward runs over ``W + s·B A``, the dropout not applied (``x`` meets
+    ``W`` inside that forward).
+
     Args:
-        base_layer (nn.Module): the experts module (it must declare its layout, see :func:`declares_layout`).
+        base_layer (nn.Module): the experts module (it must declare its layout, see :func:`declares_layout`), or a
+            router.
         parameters (tuple[str, ...]): the weights to adapt.
     """
 
@@ -241,24 +264,6 @@ class LoraExperts(nn.Module):
         self.train(base_layer.training)
 
     # --- state, as LoraLinear's ----------------------------------------------------------------------------
-    @property
-    def active_adapter(self) -> str | None:
-        """The adapter the forward applies (None: the experts alone)."""
-        return self._active_adapter
-
-    @active_adapter.setter
-    def active_adapter(self, name: str | None) -> None:
-        self._active_adapter = name
-
-    @property
-    def enabled(self) -> bool:
-        """False: the forward is the experts module's own, whatever the active adapter."""
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
-
     @property
     def merged(self) -> bool:
         return self.merged_adapter is not None

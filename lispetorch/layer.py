@@ -25,6 +25,7 @@ from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
 from .hf import is_conv1d, is_dense_linear, weight_out_in
 from .nf4 import NF4Linear, NF4Weight
 from .peft_format import scaling
+from .switch import AdapterSwitch
 
 FACTORS = ("A", "B", "R", "M")  # M: a DoRA adapter's magnitude
 
@@ -199,7 +200,7 @@ def refresh_after_load(layer: LoraLinear, incompatible_keys) -> None:
     layer.compiled_view()
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterSwitch, nn.Module):
     """A frozen linear layer with low-rank adapters: ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
 
     Holds any number of named adapters, one active at a time. Each adapter owns its factors (in ``lora_A``,
@@ -258,24 +259,8 @@ class LoraLinear(nn.Module):
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
         warm_dispatch(type(base_layer))
 
-    @property
-    def active_adapter(self) -> str | None:
-        """The adapter the forward applies (None: the base layer alone)."""
-        return self._active_adapter
-
-    @active_adapter.setter
-    def active_adapter(self, name: str | None) -> None:
-        self._active_adapter = name
-        self.compiled_view()
-
-    @property
-    def enabled(self) -> bool:
-        """False: the forward is the base layer's, whatever the active adapter."""
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
+    def state_changed(self) -> None:
+        """A switch of adapter, or on/off: what the compiled forward reads (:meth:`compiled_view`)."""
         self.compiled_view()
 
     def _apply(self, fn, recurse=True):

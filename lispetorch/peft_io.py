@@ -27,9 +27,9 @@ from .adapters import (
 from .errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeError, merged_error
 from .experts import (
     LoraExperts,
-    expert_parameters,
     from_peft,
     match_parameters,
+    parameter_targets,
     peft_module_names,
     to_peft,
     unnest,
@@ -77,23 +77,6 @@ def _targets_for(names: list[str], model: nn.Module) -> tuple[list[str] | str, l
     if None not in layers and {n for n in selected if layer_index(n) in layers} == set(names):
         return leaves, sorted(layers)
     return exact_targets(names), None
-
-
-def _parameter_targets(names: list[str], model: nn.Module) -> list[str]:
-    """PEFT's ``target_parameters`` that select exactly the weights ``names`` (full parameter names) among all the
-    base model's parameters, by PEFT's rule (a name equal to a parameter's, or a dotted suffix of it): for each,
-    its shortest suffix (``gate_up_proj``, ``gate.weight``) that selects no other."""
-    universe = {n.replace(".base_layer", "") for n, _ in model.named_parameters() if ".lora_" not in n}
-    universe |= set(expert_parameters(model))
-    wanted, out = set(names), set()
-    for name in names:
-        parts = name.split(".")
-        for k in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-k:])
-            if all(u in wanted for u in universe if u == suffix or u.endswith("." + suffix)):
-                out.add(suffix)
-                break
-    return sorted(out)
 
 
 def _with_core(B: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
@@ -186,7 +169,7 @@ def export(model: nn.Module, adapter_name: str | None = None,
                          base_model=model_id(model) or None, task_type=task_type(model), use_dora=dora == {True})
     config["layers_to_transform"] = layers
     if expert_weights:
-        config["target_parameters"] = _parameter_targets(expert_weights, model)
+        config["target_parameters"] = parameter_targets(expert_weights, model)
     saved = saved_module_tensors(model, name)
     tensors.update({key: t.detach().contiguous() for key, t in saved.items()})
     config["modules_to_save"] = sorted(m for m, w in saved_modules(model).items() if name in w.modules_to_save) or None

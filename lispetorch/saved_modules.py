@@ -7,8 +7,10 @@ import copy
 
 from torch import nn
 
+from .switch import AdapterSwitch
 
-class ModulesToSave(nn.Module):
+
+class ModulesToSave(AdapterSwitch, nn.Module):
     """A module trained whole: the original (frozen, what the model computes with adapters off or without a copy
     for the active adapter) and a trainable copy per adapter name.
 
@@ -31,24 +33,8 @@ class ModulesToSave(nn.Module):
         for p in original.parameters():
             p.requires_grad_(False)
 
-    @property
-    def active_adapter(self) -> str | None:
-        """The adapter whose copy runs (None: the original)."""
-        return self._active_adapter
-
-    @active_adapter.setter
-    def active_adapter(self, name: str | None) -> None:
-        self._active_adapter = name
-        self._choose()
-
-    @property
-    def enabled(self) -> bool:
-        """False: the original runs, whatever the active adapter."""
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
+    def state_changed(self) -> None:
+        """Chooses the module in use: the active adapter's copy when enabled, else the original."""
         self._choose()
 
     def _choose(self) -> None:
