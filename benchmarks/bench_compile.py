@@ -30,6 +30,7 @@ import peft
 import torch
 import torch._dynamo
 import transformers
+from timing import alternate
 
 import lispetorch as lt
 
@@ -80,19 +81,6 @@ def infer(compiled, ids):
         with torch.no_grad():
             compiled(input_ids=ids, use_cache=False)
     return run
-
-
-def alternate(fns: dict, warmup: int, reps: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def graphs() -> int:

@@ -20,34 +20,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import peft
 import torch
 import transformers
+from timing import medians
 
 import lispetorch as lt
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 TARGETS = ["gate_up_proj", "down_proj"]
-
-
-def alternate(fns: dict, warmup: int, reps: int) -> dict[str, float]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -113,7 +99,7 @@ def main(argv=None) -> int:
 
     results = {}
     for what, make in (("inference", infer), ("training step", train)):
-        t = alternate({k: make(b) for k, b in blocks.items()}, warmup=2, reps=reps)
+        t = medians({k: make(b) for k, b in blocks.items()}, warmup=2, reps=reps)
         results[what] = t
     print()
     print("| | no adapter (ms) | lispetorch (ms) | PEFT (ms) | lispetorch / PEFT | lispetorch / no adapter | "

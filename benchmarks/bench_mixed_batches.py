@@ -18,35 +18,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import peft
 import torch
 import transformers
+from timing import medians
 
 import lispetorch as lt
 
 ADAPTERS = ["t0", "t1", "t2", "t3"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-def alternate(fns: dict, warmup: int, reps: int) -> dict[str, float]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -104,7 +90,7 @@ def main(argv=None) -> int:
                 lt.set_adapter(ours, n)
                 out[rows] = ours(input_ids=ids[rows]).logits
 
-    t = alternate({"lispetorch mixed": ours_mixed, "PEFT mixed": peft_mixed, "lispetorch sub-batches": ours_sub},
+    t = medians({"lispetorch mixed": ours_mixed, "PEFT mixed": peft_mixed, "lispetorch sub-batches": ours_sub},
                   warmup=1, reps=reps)
     ours.train()
     lt.set_trainable_adapters(ours, ADAPTERS)
@@ -120,7 +106,7 @@ def main(argv=None) -> int:
             lt.set_trainable_adapters(ours, ADAPTERS)
             (ours(input_ids=ids[rows], labels=ids[rows]).loss / 4).backward()
 
-    tt = alternate({"mixed": train_mixed, "sub-batches": train_sub}, warmup=1, reps=reps)
+    tt = medians({"mixed": train_mixed, "sub-batches": train_sub}, warmup=1, reps=reps)
     print("\n| what | ms (median) | ratio |\n|---|---|---|")
     print(f"| inference, lispetorch mixed batch | {t['lispetorch mixed'] * 1e3:.1f} | — |")
     print(f"| inference, PEFT mixed batch | {t['PEFT mixed'] * 1e3:.1f} | lispetorch / PEFT "
