@@ -75,6 +75,9 @@ bench: build
 	$(BIN)/python benchmarks/bench_merged_export.py
 	$(BIN)/python benchmarks/bench_adapter_loading.py
 	$(BIN)/python benchmarks/bench_checkpointing.py
+	$(BIN)/python benchmarks/bench_compile.py
+	$(BIN)/python benchmarks/bench_mixed_batches.py
+	$(BIN)/python benchmarks/bench_experts.py
 
 clean:
 	rm -rf build $(BUILD_STAMP)
