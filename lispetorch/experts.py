@@ -425,13 +425,16 @@ class LoraExperts(AdapterSwitch, nn.Module):
         k = top_k_index.shape[-1]
         ids = top_k_index.reshape(-1)
         weights = top_k_weights.reshape(-1)
-        rows = torch.arange(ids.shape[0], device=ids.device)
-        kept = ids < E  # an index of E is a sentinel (no expert), as in transformers' eager forward
-        ids, rows = ids[kept], rows[kept]
-        order = torch.argsort(ids, stable=True)
-        ids, rows = ids[order], rows[order]
+        # An index of E or more is a sentinel (no expert), as in transformers' eager forward: such a row goes to the
+        # last expert with weight 0, so that every shape here is known before the routing (torch.compile traces it).
+        kept = ids < E
+        ids = torch.where(kept, ids, E - 1)
+        weights = torch.where(kept, weights, torch.zeros_like(weights))
+        rows = torch.argsort(ids, stable=True)  # the (token, slot) rows, grouped by expert
+        ids = ids[rows]
         tokens = torch.div(rows, k, rounding_mode="floor")
-        offsets = torch.bincount(ids, minlength=E).cumsum(0)  # (E,): each expert's block ends here
+        offsets = torch.zeros(E, dtype=torch.long, device=ids.device).index_add_(
+            0, ids, torch.ones_like(ids)).cumsum(0)  # (E,): each expert's block ends here
         first, second = weight_names(base)
         h = self._project(first, name, hidden_states[tokens], offsets)
         h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
