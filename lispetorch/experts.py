@@ -14,6 +14,7 @@ rank-major (:func:`to_peft`, :func:`from_peft`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from types import MappingProxyType
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from . import ops
 from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
-from .layer import AdapterSettings, init_factors, is_adaptable, weight_fingerprint
+from .layer import AdapterSettings, init_factors, is_adaptable, local_part, weight_fingerprint, whole_weight
 from .switch import AdapterSwitch
 from .targets import own_forward
 
@@ -303,11 +304,6 @@ class LoraExperts(AdapterSwitch, nn.Module):
         w = getattr(self.base_layer, pname)
         return w.unsqueeze(0) if self.single else w.transpose(1, 2) if self.is_transposed else w
 
-    def _stored(self, pname: str) -> torch.Tensor:
-        """Weight ``pname`` as stored, with one leading expert dimension (so ``[e]`` is expert ``e``'s matrix)."""
-        w = getattr(self.base_layer, pname)
-        return w.unsqueeze(0) if self.single else w
-
     def shape_of(self, pname: str) -> tuple[int, int]:
         """``(out, in)`` of one expert's weight ``pname``."""
         _, out_f, in_f = self.expert_weight(pname).shape
@@ -469,6 +465,19 @@ class LoraExperts(AdapterSwitch, nn.Module):
         return ops.lora_merge_(w, B.t(), A.t(), None, scale, safe) if transposed else \
             ops.lora_merge_(w, A, B, None, scale, safe)
 
+    def _fingerprint(self, pname: str) -> tuple[torch.Tensor, torch.Tensor]:
+        w = local_part(getattr(self.base_layer, pname))  # this process's shard under FSDP2
+        return weight_fingerprint(w if w.dim() == 2 else w.flatten(0, 1))
+
+    @contextlib.contextmanager
+    def _whole_stacks(self):
+        """``{weight name: stack}``: each adapted weight whole (gathered under FSDP2 and each process's shard written
+        back when the block ends without an error, see :func:`~lispetorch.layer.whole_weight`), with one leading
+        expert dimension."""
+        with contextlib.ExitStack() as stack:
+            yield {p: (lambda w: w.unsqueeze(0) if self.single else w)(
+                stack.enter_context(whole_weight(getattr(self.base_layer, p)))) for p in self.parameter_names}
+
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
         """Folds the active adapter into every adapted expert weight, keeping what makes :meth:`unmerge` exact.
@@ -480,32 +489,28 @@ class LoraExperts(AdapterSwitch, nn.Module):
         if self.merged_adapter is not None or self.active_adapter is None or self.active_adapter not in self.lora_A:
             return
         name = self.active_adapter
-        transposed = self.is_transposed
         state: dict[str, list] = {}
-        try:
-            for p, (A, B) in self.factors(name).items():
-                stack = self._stored(p)
-                scale = self.weight_settings[name][p].scaling
-                state[p] = []
-                for e in range(self.num_experts):
-                    state[p].append(self._merge_one(stack[e], A[e], B[e], transposed, scale, safe))
-        except BaseException:
-            self._unmerge_state(name, state, exact=True)
-            raise
+        with self._whole_stacks() as stacks:
+            try:
+                for p, (A, B) in self.factors(name).items():
+                    scale = self.weight_settings[name][p].scaling
+                    state[p] = []
+                    for e in range(self.num_experts):
+                        state[p].append(self._merge_one(stacks[p][e], A[e], B[e], self.is_transposed, scale, safe))
+            except BaseException:
+                self._unmerge_state(name, state, stacks, exact=True)
+                raise
         self._merge_state = {"state": state, "versions": self._factor_versions(name),
-                             "fingerprints": {p: weight_fingerprint(self._stored(p).flatten(0, 1))
-                                              for p in state}}
+                             "fingerprints": {p: self._fingerprint(p) for p in state}}
         self.merged_adapter = name
 
-    def _unmerge_state(self, name: str, state: dict[str, list], exact: bool) -> None:
-        transposed = self.is_transposed
+    def _unmerge_state(self, name: str, state: dict[str, list], stacks: dict[str, torch.Tensor], exact: bool) -> None:
         for p, per_expert in state.items():
             A, B = self.lora_A[name][p], self.lora_B[name][p]
-            stack = self._stored(p)
             scale = self.weight_settings[name][p].scaling
             for e, saved in enumerate(per_expert):
-                a, b = (B[e].t(), A[e].t()) if transposed else (A[e], B[e])
-                ops.lora_unmerge_(stack[e], a, b, None, scale, saved if exact else None)
+                a, b = (B[e].t(), A[e].t()) if self.is_transposed else (A[e], B[e])
+                ops.lora_unmerge_(stacks[p][e], a, b, None, scale, saved if exact else None)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -515,13 +520,13 @@ class LoraExperts(AdapterSwitch, nn.Module):
             return
         merged = self._merge_state
         exact = merged["versions"] == self._factor_versions(name) and all(
-            all(torch.equal(a, b) for a, b in zip(weight_fingerprint(self._stored(p).flatten(0, 1)),
-                                                  fp, strict=True))
+            all(torch.equal(a, b) for a, b in zip(self._fingerprint(p), fp, strict=True))
             for p, fp in merged["fingerprints"].items())
         if not exact:
             warnings.warn(f"the expert weights or adapter {name!r} changed while merged: unmerging by subtraction "
                           "(not bit-exact)", stacklevel=2)
-        self._unmerge_state(name, merged["state"], exact)
+        with self._whole_stacks() as stacks:
+            self._unmerge_state(name, merged["state"], stacks, exact)
         self.merged_adapter = None
         self._merge_state = None
 

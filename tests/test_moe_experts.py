@@ -333,3 +333,25 @@ def test_compiles_whole_and_trains():
     compiled(x, labels=x).loss.backward()
     trained = [p for p in model.parameters() if p.requires_grad]
     assert len(trained) == 12 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_a_refused_merge_leaves_every_weight_and_a_changed_weight_warns():
+    model = base_model("mixtral")
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=[], target_parameters=TARGETS))
+    randomize(model)
+    layer = experts_of(model)["model.layers.1.mlp.experts"]
+    with torch.no_grad():  # the last expert of the last weight merged overflows float32
+        layer.lora_B["default"]["down_proj"][3].fill_(3e38)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        lt.merge(model)
+    assert not lt.is_merged(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        layer.lora_B["default"]["down_proj"][3].fill_(0.1)
+    lt.merge(model)
+    with torch.no_grad():
+        layer.base_layer.down_proj[0, 0, 0] += 1.0  # changed while merged
+    with pytest.warns(UserWarning, match="changed while merged: unmerging by subtraction"):
+        lt.unmerge(model)
+    assert not lt.is_merged(model)
