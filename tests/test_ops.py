@@ -294,3 +294,20 @@ def test_lora_linear_over_several_row_blocks_matches_the_plain_composition(with_
         for ours, ref in zip(torch.autograd.grad(ops.lora_linear(x, W, b, A, B, R, 0.5, p, 77), wanted, gy),
                              torch.autograd.grad(y_ref, wanted, gy, retain_graph=True), strict=True):
             torch.testing.assert_close(ours, ref, **(tol if dtype == torch.float64 else dict(rtol=0.05, atol=0.5)))
+
+
+def test_fused_float32_dropout_over_many_threads_equals_generic_mask():
+    """float32's fused loop (draw and multiply in one pass, compiled for the widest vector unit) over inputs that
+    several threads share: the same mask as the generic integer path, bit for bit, forward and backward."""
+    x = torch.randn(100_003)
+    keep = ops.dropout_mask(x, 0.3, 5)
+    assert torch.equal(ops.dropout(x, 0.3, 5), x * keep * (1.0 / 0.7))
+    x2 = torch.randn(300, 512, requires_grad=True)
+    A = torch.randn(4, 512, requires_grad=True)
+    B = torch.randn(64, 4)
+    g = torch.randn(300, 64)
+    ops.lora_linear(x2, torch.zeros(64, 512), None, A, B, None, 1.0, 0.3, 9).backward(g)
+    keep2 = ops.dropout_mask(x2.detach(), 0.3, 9)
+    gh = g @ B  # (300, 4)
+    torch.testing.assert_close(x2.grad, (gh @ A.detach()) * keep2 / 0.7, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(A.grad, gh.T @ (x2.detach() * keep2 / 0.7), rtol=1e-5, atol=1e-4)

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace lispetorch {
 namespace {
@@ -45,7 +46,9 @@ MaskKey make_key(double p, int64_t seed) {
   return key;
 }
 
-inline uint32_t mix32(uint32_t x) {
+#define LT_INLINE inline __attribute__((always_inline))
+
+LT_INLINE uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;
@@ -70,14 +73,50 @@ at::Tensor mix32_aten(at::Tensor x) {
   return x;
 }
 
-// u[j] = the draw of element begin + j, j < len. The hash runs on 32-bit lanes over blocks that do not cross a
-// multiple of 2³² in the index, so the loop vectorises.
+// u[j] = the draw of index lo0 + j within one run of 2³² indices (the high half's term folded into add): a loop on
+// 32-bit lanes that vectorises; compiled again for AVX2 and AVX-512 below, chosen at run time (the integer
+// arithmetic is the same on every path, so the masks are too).
+LT_INLINE void draw_run(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add) {
+  for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
+}
+
+using DrawRun = void (*)(uint32_t*, uint32_t, int64_t, uint32_t, uint32_t);
+
+void draw_run_default(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add) {
+  draw_run(u, lo0, len, k1, add);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void draw_run_avx512(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1,
+                                                        uint32_t add) {
+  draw_run(u, lo0, len, k1, add);
+}
+
+__attribute__((target("avx2"))) void draw_run_avx2(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1,
+                                                   uint32_t add) {
+  draw_run(u, lo0, len, k1, add);
+}
+#endif
+
+DrawRun draw_run_kernel() {
+  static const DrawRun fn = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &draw_run_avx512;
+    if (__builtin_cpu_supports("avx2")) return &draw_run_avx2;
+#endif
+    return &draw_run_default;
+  }();
+  return fn;
+}
+
+// u[j] = the draw of element begin + j, j < len: draw_run over blocks that do not cross a multiple of 2³² in the
+// index.
 inline void draw_block(uint32_t* u, int64_t begin, int64_t len, const MaskKey& key) {
   const uint64_t first = static_cast<uint64_t>(begin);
   const uint32_t lo0 = static_cast<uint32_t>(first);
   if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(len) <= (1ull << 32)) {
-    const uint32_t add = static_cast<uint32_t>(first >> 32) * 0x9E3779B9u + key.k2;
-    for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ key.k1) + add);
+    draw_run_kernel()(u, lo0, len, key.k1, static_cast<uint32_t>(first >> 32) * 0x9E3779B9u + key.k2);
   } else {
     for (int64_t j = 0; j < len; ++j) u[j] = draw(first + static_cast<uint64_t>(j), key);
   }
@@ -97,11 +136,106 @@ void for_each_block(int64_t n, const MaskKey& key, const F& fn) {
   });
 }
 
+// float32 in one fused loop, draw and multiply together (no buffer of draws), on 32-bit lanes; compiled again for
+// AVX2 and AVX-512 and chosen at run time, like draw_run. Indices lo0 + j within one run of 2³².
+LT_INLINE void dropout_run_f32(const float* in, float* out, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add,
+                               uint32_t threshold, float scale) {
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t u = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
+    out[j] = in[j] * (u >= threshold ? scale : 0.0f);
+  }
+}
+
+// The pair for backward: xd = drop(x) and g = drop(g) in place, with one draw per element.
+LT_INLINE void dropout_pair_run_f32(const float* x, float* xd, float* g, uint32_t lo0, int64_t len, uint32_t k1,
+                                    uint32_t add, uint32_t threshold, float scale) {
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t u = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
+    const float m = u >= threshold ? scale : 0.0f;
+    xd[j] = x[j] * m;
+    g[j] = g[j] * m;
+  }
+}
+
+using DropoutRunF32 = void (*)(const float*, float*, uint32_t, int64_t, uint32_t, uint32_t, uint32_t, float);
+using DropoutPairRunF32 = void (*)(const float*, float*, float*, uint32_t, int64_t, uint32_t, uint32_t, uint32_t,
+                                   float);
+
+void dropout_pair_run_f32_default(const float* x, float* xd, float* g, uint32_t lo0, int64_t len, uint32_t k1,
+                                  uint32_t add, uint32_t threshold, float scale) {
+  dropout_pair_run_f32(x, xd, g, lo0, len, k1, add, threshold, scale);
+}
+
+void dropout_run_f32_default(const float* in, float* out, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add,
+                             uint32_t threshold, float scale) {
+  dropout_run_f32(in, out, lo0, len, k1, add, threshold, scale);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void dropout_run_f32_avx512(const float* in, float* out, uint32_t lo0,
+                                                               int64_t len, uint32_t k1, uint32_t add,
+                                                               uint32_t threshold, float scale) {
+  dropout_run_f32(in, out, lo0, len, k1, add, threshold, scale);
+}
+
+__attribute__((target("avx512f"))) void dropout_pair_run_f32_avx512(const float* x, float* xd, float* g,
+                                                                    uint32_t lo0, int64_t len, uint32_t k1,
+                                                                    uint32_t add, uint32_t threshold, float scale) {
+  dropout_pair_run_f32(x, xd, g, lo0, len, k1, add, threshold, scale);
+}
+
+__attribute__((target("avx2"))) void dropout_pair_run_f32_avx2(const float* x, float* xd, float* g, uint32_t lo0,
+                                                               int64_t len, uint32_t k1, uint32_t add,
+                                                               uint32_t threshold, float scale) {
+  dropout_pair_run_f32(x, xd, g, lo0, len, k1, add, threshold, scale);
+}
+
+__attribute__((target("avx2"))) void dropout_run_f32_avx2(const float* in, float* out, uint32_t lo0, int64_t len,
+                                                          uint32_t k1, uint32_t add, uint32_t threshold,
+                                                          float scale) {
+  dropout_run_f32(in, out, lo0, len, k1, add, threshold, scale);
+}
+#endif
+
+DropoutRunF32 dropout_run_f32_kernel() {
+  static const DropoutRunF32 fn = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &dropout_run_f32_avx512;
+    if (__builtin_cpu_supports("avx2")) return &dropout_run_f32_avx2;
+#endif
+    return &dropout_run_f32_default;
+  }();
+  return fn;
+}
+
+DropoutPairRunF32 dropout_pair_run_f32_kernel() {
+  static const DropoutPairRunF32 fn = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &dropout_pair_run_f32_avx512;
+    if (__builtin_cpu_supports("avx2")) return &dropout_pair_run_f32_avx2;
+#endif
+    return &dropout_pair_run_f32_default;
+  }();
+  return fn;
+}
+
 // One pass: out[i] = keep(i) ? in[i] / (1 - p) : 0.
 template <typename scalar_t>
 void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey key, double p) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (static_cast<uint64_t>(n) <= (1ull << 32)) {  // one run of 2³² indices: the fused loop
+      const DropoutRunF32 run = dropout_run_f32_kernel();
+      const uint32_t add = key.k2;  // the high half of every index is 0
+      at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+        run(in + begin, out + begin, static_cast<uint32_t>(begin), end - begin, key.k1, add, key.threshold, scale);
+      });
+      return;
+    }
+  }
   for_each_block(n, key, [&](const uint32_t* u, int64_t begin, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
       const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
@@ -115,6 +249,16 @@ template <typename scalar_t>
 void dropout_pair_kernel(const scalar_t* x, scalar_t* xd, scalar_t* g, int64_t n, const MaskKey key, double p) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (static_cast<uint64_t>(n) <= (1ull << 32)) {  // one run of 2³² indices: the fused loop
+      const DropoutPairRunF32 run = dropout_pair_run_f32_kernel();
+      at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+        run(x + begin, xd + begin, g + begin, static_cast<uint32_t>(begin), end - begin, key.k1, key.k2,
+            key.threshold, scale);
+      });
+      return;
+    }
+  }
   for_each_block(n, key, [&](const uint32_t* u, int64_t begin, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
       const acc_t m = u[j] >= key.threshold ? scale : acc_t(0);
