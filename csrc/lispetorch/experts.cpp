@@ -107,7 +107,7 @@ std::vector<at::Tensor> lora_experts_linear_backward(
       }
       if (need_A) grad_A[e].copy_(at::mm(gh.t(), xd.narrow(0, start, n)));
     }
-    if (r > 0 && need_B) grad_B[e].copy_(at::mm(gs.t(), hr.narrow(0, start, n)).mul_(scale));
+    if (r > 0 && need_B) grad_B[e].copy_(at::mm(hr.narrow(0, start, n).t(), gs).mul_(scale).t());  // (hrᵀ g)ᵀ
     if (need_w) grad_w[e].copy_(at::mm(gs.t(), x->narrow(0, start, n)));
     if (need_b) grad_b[e].copy_(gs.sum(0));
   }

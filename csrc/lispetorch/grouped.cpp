@@ -98,7 +98,7 @@ std::vector<at::Tensor> lora_linear_grouped_backward(
       if (need_x) gx_adapter.index_add_(0, rows, at::mm(gh, lora_A[g]));
       if (need_A) grad_A[g].copy_(at::mm(gh.t(), xd.index_select(0, rows)));
     }
-    if (need_B) grad_B[g].copy_(at::mm(gg.t(), hr.index_select(0, rows)).mul_(s));
+    if (need_B) grad_B[g].copy_(at::mm(hr.index_select(0, rows).t(), gg).mul_(s).t());  // (hrᵀ g)ᵀ
   }
   std::vector<at::Tensor> grads;
   if (need_x) {

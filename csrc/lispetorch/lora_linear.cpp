@@ -83,7 +83,8 @@ std::vector<at::Tensor> lora_linear_backward(
   if (need_w) grads.push_back(at::mm(g2.t(), x2));                              // (out, in)
   if (need_b) grads.push_back(g2.sum(0));                                       // (out)
   if (need_A) grads.push_back(at::mm(gh.t(), xd));                              // (r, in)
-  if (need_B) grads.push_back(at::mm(g2.t(), hr).mul_(scale));                  // (out, r)
+  // (out, r) = s · gᵀ hr, computed as (hrᵀ g)ᵀ: the product with g's rows along the long side is the faster
+  if (need_B) grads.push_back(at::mm(hr.t(), g2).mul_(scale).t().contiguous());
   if (need_R) grads.push_back(grad_R);
   return grads;
 }
