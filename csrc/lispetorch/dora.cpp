@@ -63,8 +63,55 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
 }
 
 namespace {
+#define LT_INLINE inline __attribute__((always_inline))
+
+// float32 rows [r0, r1) of G and Y (row length out) summed into dot and sum (float accumulators): compiled again
+// for AVX2 and AVX-512 and chosen at run time.
+LT_INLINE void column_dots_f32_run(const float* gp, const float* yp, int64_t r0, int64_t r1, int64_t out,
+                                   float* dot, float* sum) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const float* gr = gp + row * out;
+    const float* yr = yp + row * out;
+    for (int64_t i = 0; i < out; ++i) {
+      dot[i] += gr[i] * yr[i];
+      sum[i] += gr[i];
+    }
+  }
+}
+
+using ColumnDotsF32 = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*, float*);
+
+void column_dots_f32_default(const float* gp, const float* yp, int64_t r0, int64_t r1, int64_t out, float* dot,
+                             float* sum) {
+  column_dots_f32_run(gp, yp, r0, r1, out, dot, sum);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void column_dots_f32_avx512(const float* gp, const float* yp, int64_t r0,
+                                                               int64_t r1, int64_t out, float* dot, float* sum) {
+  column_dots_f32_run(gp, yp, r0, r1, out, dot, sum);
+}
+
+__attribute__((target("avx2"))) void column_dots_f32_avx2(const float* gp, const float* yp, int64_t r0, int64_t r1,
+                                                          int64_t out, float* dot, float* sum) {
+  column_dots_f32_run(gp, yp, r0, r1, out, dot, sum);
+}
+#endif
+
+ColumnDotsF32 column_dots_f32_kernel() {
+  static const ColumnDotsF32 fn = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &column_dots_f32_avx512;
+    if (__builtin_cpu_supports("avx2")) return &column_dots_f32_avx2;
+#endif
+    return &column_dots_f32_default;
+  }();
+  return fn;
+}
+
 // Column sums Σₙ Gₙᵢ yₙᵢ and Σₙ Gₙᵢ of two (N, out) tensors in one pass, in the accumulation dtype. On CPU a loop
-// over row blocks with a partial sum per block; elsewhere ATen.
+// over row blocks with a partial sum per block (float32: the vectorised kernel above); elsewhere ATen.
 std::pair<at::Tensor, at::Tensor> column_dots(const at::Tensor& g2, const at::Tensor& y2, c10::ScalarType acc) {
   if (!g2.device().is_cpu() || g2.scalar_type() != y2.scalar_type()) {
     return {at::sum(g2 * y2, 0, false, acc), at::sum(g2, 0, false, acc)};
@@ -74,6 +121,19 @@ std::pair<at::Tensor, at::Tensor> column_dots(const at::Tensor& g2, const at::Te
   constexpr int64_t kRows = 64;
   const int64_t blocks = std::max<int64_t>(1, (n + kRows - 1) / kRows);
   at::Tensor partial = at::zeros({blocks, 2, out}, G.options().dtype(acc));
+  if (G.scalar_type() == at::kFloat) {
+    const ColumnDotsF32 kernel = column_dots_f32_kernel();
+    const float* gp = G.const_data_ptr<float>();
+    const float* yp = Y.const_data_ptr<float>();
+    float* pp = partial.mutable_data_ptr<float>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        kernel(gp, yp, b * kRows, std::min(n, (b + 1) * kRows), out, pp + b * 2 * out, pp + b * 2 * out + out);
+      }
+    });
+    const at::Tensor total = partial.sum(0);  // (2, out)
+    return {total.select(0, 0), total.select(0, 1)};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, G.scalar_type(), "lispetorch_dora_column_dots", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(c10::CppTypeToScalarType<acc_t>::value == acc, "accumulation dtype mismatch");
