@@ -14,6 +14,7 @@
 // the other gradients, so folding it into the rows of W and B makes them LoRA's, computed by LoRA's kernels.
 // Dropout applies to the low-rank branch's input, as in LoRA, and costs no memory.
 #include "lispetorch.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -63,12 +64,10 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
 }
 
 namespace {
-#define LT_INLINE inline __attribute__((always_inline))
-
-// float32 rows [r0, r1) of G and Y (row length out) summed into dot and sum (float accumulators): compiled again
-// for AVX2 and AVX-512 and chosen at run time.
-LT_INLINE void column_dots_f32_run(const float* gp, const float* yp, int64_t r0, int64_t r1, int64_t out,
-                                   float* dot, float* sum) {
+// float32 rows [r0, r1) of G and Y (row length out) summed into dot and sum (float accumulators), compiled for
+// each vector unit (simd.h).
+LT_INLINE void column_dots_f32_body(const float* gp, const float* yp, int64_t r0, int64_t r1, int64_t out,
+                                    float* dot, float* sum) {
   for (int64_t row = r0; row < r1; ++row) {
     const float* gr = gp + row * out;
     const float* yr = yp + row * out;
@@ -78,37 +77,9 @@ LT_INLINE void column_dots_f32_run(const float* gp, const float* yp, int64_t r0,
     }
   }
 }
-
-using ColumnDotsF32 = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*, float*);
-
-void column_dots_f32_default(const float* gp, const float* yp, int64_t r0, int64_t r1, int64_t out, float* dot,
-                             float* sum) {
-  column_dots_f32_run(gp, yp, r0, r1, out, dot, sum);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) void column_dots_f32_avx512(const float* gp, const float* yp, int64_t r0,
-                                                               int64_t r1, int64_t out, float* dot, float* sum) {
-  column_dots_f32_run(gp, yp, r0, r1, out, dot, sum);
-}
-
-__attribute__((target("avx2"))) void column_dots_f32_avx2(const float* gp, const float* yp, int64_t r0, int64_t r1,
-                                                          int64_t out, float* dot, float* sum) {
-  column_dots_f32_run(gp, yp, r0, r1, out, dot, sum);
-}
-#endif
-
-ColumnDotsF32 column_dots_f32_kernel() {
-  static const ColumnDotsF32 fn = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &column_dots_f32_avx512;
-    if (__builtin_cpu_supports("avx2")) return &column_dots_f32_avx2;
-#endif
-    return &column_dots_f32_default;
-  }();
-  return fn;
-}
+LT_VECTOR_KERNEL(column_dots_f32, (const float* gp, const float* yp, int64_t r0, int64_t r1, int64_t out,
+                                   float* dot, float* sum),
+                 (gp, yp, r0, r1, out, dot, sum))
 
 // Column sums Σₙ Gₙᵢ yₙᵢ and Σₙ Gₙᵢ of two (N, out) tensors in one pass, in the accumulation dtype. On CPU a loop
 // over row blocks with a partial sum per block (float32: the vectorised kernel above); elsewhere ATen.
@@ -122,7 +93,7 @@ std::pair<at::Tensor, at::Tensor> column_dots(const at::Tensor& g2, const at::Te
   const int64_t blocks = std::max<int64_t>(1, (n + kRows - 1) / kRows);
   at::Tensor partial = at::zeros({blocks, 2, out}, G.options().dtype(acc));
   if (G.scalar_type() == at::kFloat) {
-    const ColumnDotsF32 kernel = column_dots_f32_kernel();
+    const auto kernel = column_dots_f32_kernel();
     const float* gp = G.const_data_ptr<float>();
     const float* yp = Y.const_data_ptr<float>();
     float* pp = partial.mutable_data_ptr<float>();

@@ -7,6 +7,7 @@
 // produces the same mask (the generic path below is plain ATen integer arithmetic; the CPU kernel is a fused
 // loop that tests check against it bit for bit).
 #include "lispetorch.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,8 +47,6 @@ MaskKey make_key(double p, int64_t seed) {
   return key;
 }
 
-#define LT_INLINE inline __attribute__((always_inline))
-
 LT_INLINE uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
@@ -74,41 +73,13 @@ at::Tensor mix32_aten(at::Tensor x) {
 }
 
 // u[j] = the draw of index lo0 + j within one run of 2³² indices (the high half's term folded into add): a loop on
-// 32-bit lanes that vectorises; compiled again for AVX2 and AVX-512 below, chosen at run time (the integer
-// arithmetic is the same on every path, so the masks are too).
-LT_INLINE void draw_run(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add) {
+// 32-bit lanes that vectorises, compiled for each vector unit (simd.h; the integer arithmetic is the same on every
+// path, so the masks are too).
+LT_INLINE void draw_run_body(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add) {
   for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
 }
-
-using DrawRun = void (*)(uint32_t*, uint32_t, int64_t, uint32_t, uint32_t);
-
-void draw_run_default(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add) {
-  draw_run(u, lo0, len, k1, add);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) void draw_run_avx512(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1,
-                                                        uint32_t add) {
-  draw_run(u, lo0, len, k1, add);
-}
-
-__attribute__((target("avx2"))) void draw_run_avx2(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1,
-                                                   uint32_t add) {
-  draw_run(u, lo0, len, k1, add);
-}
-#endif
-
-DrawRun draw_run_kernel() {
-  static const DrawRun fn = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &draw_run_avx512;
-    if (__builtin_cpu_supports("avx2")) return &draw_run_avx2;
-#endif
-    return &draw_run_default;
-  }();
-  return fn;
-}
+LT_VECTOR_KERNEL(draw_run, (uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add),
+                 (u, lo0, len, k1, add))
 
 // u[j] = the draw of element begin + j, j < len: draw_run over blocks that do not cross a multiple of 2³² in the
 // index.
@@ -136,19 +107,22 @@ void for_each_block(int64_t n, const MaskKey& key, const F& fn) {
   });
 }
 
-// float32 in one fused loop, draw and multiply together (no buffer of draws), on 32-bit lanes; compiled again for
-// AVX2 and AVX-512 and chosen at run time, like draw_run. Indices lo0 + j within one run of 2³².
-LT_INLINE void dropout_run_f32(const float* in, float* out, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add,
-                               uint32_t threshold, float scale) {
+// float32 in one fused loop, draw and multiply together (no buffer of draws), on 32-bit lanes, compiled for each
+// vector unit like draw_run. Indices lo0 + j within one run of 2³².
+LT_INLINE void dropout_run_f32_body(const float* in, float* out, uint32_t lo0, int64_t len, uint32_t k1,
+                                    uint32_t add, uint32_t threshold, float scale) {
   for (int64_t j = 0; j < len; ++j) {
     const uint32_t u = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
     out[j] = in[j] * (u >= threshold ? scale : 0.0f);
   }
 }
+LT_VECTOR_KERNEL(dropout_run_f32, (const float* in, float* out, uint32_t lo0, int64_t len, uint32_t k1,
+                                   uint32_t add, uint32_t threshold, float scale),
+                 (in, out, lo0, len, k1, add, threshold, scale))
 
 // The pair for backward: xd = drop(x) and g = drop(g) in place, with one draw per element.
-LT_INLINE void dropout_pair_run_f32(const float* x, float* xd, float* g, uint32_t lo0, int64_t len, uint32_t k1,
-                                    uint32_t add, uint32_t threshold, float scale) {
+LT_INLINE void dropout_pair_run_f32_body(const float* x, float* xd, float* g, uint32_t lo0, int64_t len,
+                                         uint32_t k1, uint32_t add, uint32_t threshold, float scale) {
   for (int64_t j = 0; j < len; ++j) {
     const uint32_t u = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
     const float m = u >= threshold ? scale : 0.0f;
@@ -156,70 +130,9 @@ LT_INLINE void dropout_pair_run_f32(const float* x, float* xd, float* g, uint32_
     g[j] = g[j] * m;
   }
 }
-
-using DropoutRunF32 = void (*)(const float*, float*, uint32_t, int64_t, uint32_t, uint32_t, uint32_t, float);
-using DropoutPairRunF32 = void (*)(const float*, float*, float*, uint32_t, int64_t, uint32_t, uint32_t, uint32_t,
-                                   float);
-
-void dropout_pair_run_f32_default(const float* x, float* xd, float* g, uint32_t lo0, int64_t len, uint32_t k1,
-                                  uint32_t add, uint32_t threshold, float scale) {
-  dropout_pair_run_f32(x, xd, g, lo0, len, k1, add, threshold, scale);
-}
-
-void dropout_run_f32_default(const float* in, float* out, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add,
-                             uint32_t threshold, float scale) {
-  dropout_run_f32(in, out, lo0, len, k1, add, threshold, scale);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) void dropout_run_f32_avx512(const float* in, float* out, uint32_t lo0,
-                                                               int64_t len, uint32_t k1, uint32_t add,
-                                                               uint32_t threshold, float scale) {
-  dropout_run_f32(in, out, lo0, len, k1, add, threshold, scale);
-}
-
-__attribute__((target("avx512f"))) void dropout_pair_run_f32_avx512(const float* x, float* xd, float* g,
-                                                                    uint32_t lo0, int64_t len, uint32_t k1,
-                                                                    uint32_t add, uint32_t threshold, float scale) {
-  dropout_pair_run_f32(x, xd, g, lo0, len, k1, add, threshold, scale);
-}
-
-__attribute__((target("avx2"))) void dropout_pair_run_f32_avx2(const float* x, float* xd, float* g, uint32_t lo0,
-                                                               int64_t len, uint32_t k1, uint32_t add,
-                                                               uint32_t threshold, float scale) {
-  dropout_pair_run_f32(x, xd, g, lo0, len, k1, add, threshold, scale);
-}
-
-__attribute__((target("avx2"))) void dropout_run_f32_avx2(const float* in, float* out, uint32_t lo0, int64_t len,
-                                                          uint32_t k1, uint32_t add, uint32_t threshold,
-                                                          float scale) {
-  dropout_run_f32(in, out, lo0, len, k1, add, threshold, scale);
-}
-#endif
-
-DropoutRunF32 dropout_run_f32_kernel() {
-  static const DropoutRunF32 fn = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &dropout_run_f32_avx512;
-    if (__builtin_cpu_supports("avx2")) return &dropout_run_f32_avx2;
-#endif
-    return &dropout_run_f32_default;
-  }();
-  return fn;
-}
-
-DropoutPairRunF32 dropout_pair_run_f32_kernel() {
-  static const DropoutPairRunF32 fn = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &dropout_pair_run_f32_avx512;
-    if (__builtin_cpu_supports("avx2")) return &dropout_pair_run_f32_avx2;
-#endif
-    return &dropout_pair_run_f32_default;
-  }();
-  return fn;
-}
+LT_VECTOR_KERNEL(dropout_pair_run_f32, (const float* x, float* xd, float* g, uint32_t lo0, int64_t len,
+                                        uint32_t k1, uint32_t add, uint32_t threshold, float scale),
+                 (x, xd, g, lo0, len, k1, add, threshold, scale))
 
 // One pass: out[i] = keep(i) ? in[i] / (1 - p) : 0.
 template <typename scalar_t>
@@ -228,7 +141,7 @@ void dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n, const MaskKey 
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (static_cast<uint64_t>(n) <= (1ull << 32)) {  // one run of 2³² indices: the fused loop
-      const DropoutRunF32 run = dropout_run_f32_kernel();
+      const auto run = dropout_run_f32_kernel();
       const uint32_t add = key.k2;  // the high half of every index is 0
       at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
         run(in + begin, out + begin, static_cast<uint32_t>(begin), end - begin, key.k1, add, key.threshold, scale);
@@ -251,7 +164,7 @@ void dropout_pair_kernel(const scalar_t* x, scalar_t* xd, scalar_t* g, int64_t n
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (static_cast<uint64_t>(n) <= (1ull << 32)) {  // one run of 2³² indices: the fused loop
-      const DropoutPairRunF32 run = dropout_pair_run_f32_kernel();
+      const auto run = dropout_pair_run_f32_kernel();
       at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
         run(x + begin, xd + begin, g + begin, static_cast<uint32_t>(begin), end - begin, key.k1, key.k2,
             key.threshold, scale);
