@@ -29,6 +29,9 @@ CONFIGS = {
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, intermediate_size=24, moe_intermediate_size=12,
                                                      num_experts=4, num_experts_per_tok=2, head_dim=8),
     "olmoe": lambda: transformers.OlmoeConfig(**SMALL, intermediate_size=20, num_experts=4, num_experts_per_tok=2),
+    # experts stored transposed, (E, in, out), with biases and an interleaved gate
+    "gpt_oss": lambda: transformers.GptOssConfig(**SMALL, intermediate_size=24, num_local_experts=4,
+                                                 num_experts_per_tok=2, head_dim=8),
 }
 TARGETS = ["down_proj", "gate_up_proj"]
 
