@@ -1,7 +1,8 @@
 """LoRA on MoE experts (``LoraConfig(target_parameters=...)``): one adapter per expert on transformers' fused 3-D
 expert weights, applied to the tokens routed to each expert by one native call. Against the real PEFT package
 (its ``target_parameters``, files both ways, logits within 1e-5 in float32) on Mixtral, Qwen3-MoE, OLMoE and
-GPT-OSS (experts stored transposed, with biases); exact merge/unmerge; training reaches the expert adapters only; bad input gets an error naming it."""
+GPT-OSS (experts stored transposed, with biases); exact merge/unmerge; training reaches the expert adapters only;
+bad input gets an error naming it."""
 
 from __future__ import annotations
 
