@@ -359,3 +359,30 @@ def test_a_refused_merge_leaves_every_weight_and_a_changed_weight_warns():
     with pytest.warns(UserWarning, match="changed while merged: unmerging by subtraction"):
         lt.unmerge(model)
     assert not lt.is_merged(model)
+
+
+def test_switch_disable_delete_and_optimizer_groups():
+    model = base_model("qwen3_moe")
+    x = ids()
+    with torch.no_grad():
+        plain = model(x).logits
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=TARGETS))
+    lt.inject(model, lt.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=TARGETS), adapter_name="b")
+    randomize(model)
+    assert lt.active_adapter(model) == "b" and lt.adapter_names(model) == ["default", "b"]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".b." in n or n.endswith(".b") for n in trained)
+    groups = lt.optimizer_param_groups(model, lr=1e-3, loraplus_lr_ratio=4.0)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    with torch.no_grad():
+        with_b = model(x).logits
+        with lt.disabled(model):
+            torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=0)
+        lt.set_adapter(model, "default")
+        assert not torch.equal(model(x).logits, with_b)
+    lt.delete_adapter(model, "b")
+    lt.delete_adapter(model, "default")
+    assert not lt.adapter_layers(model) and not experts_of(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=0)
