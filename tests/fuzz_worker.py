@@ -38,6 +38,10 @@ BASE = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
     vocab_size=64, max_position_embeddings=32)).eval()
 IDS = torch.arange(8).unsqueeze(0)
+# a mixture of experts: expert adapters' files (target_parameters) load into this one
+MOE_BASE = transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(
+    hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    vocab_size=64, max_position_embeddings=32, num_local_experts=4, num_experts_per_tok=2)).eval()
 
 
 class Wrong(Exception):
@@ -69,6 +73,41 @@ def load_adapter(d: Path) -> None:
             raise Wrong(f"{name}: scaling {s!r}")
     moderate = all(float(t.abs().max()) < 1e4 for ts in weights.values() for t in ts if t.numel())
     with torch.no_grad():  # factors of moderate size must give a finite output (huge ones may overflow rightly)
+        if moderate and not torch.isfinite(model(IDS).logits).all():
+            raise Wrong("the adapted model's output is not finite")
+
+
+def load_experts(d: Path) -> None:
+    """``load_adapter`` into the mixture of experts: each expert weight's factors, written back in PEFT's layout,
+    are the file's tensors under the nested names PEFT gives them; scalings finite; the output finite where the
+    factors are of moderate size."""
+    model = copy.deepcopy(MOE_BASE)
+    lt.load_adapter(model, d)
+    weights: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for key, t in load_file(str(d / "adapter_model.safetensors")).items():
+        parsed = parse_key(key)
+        if parsed is not None:
+            weights.setdefault(parsed, []).append(t)
+    if any(len(v) > 1 for v in weights.values()):
+        raise Wrong("two keys for one factor were accepted")
+    for name, layer in lt.adapter_layers(model).items():
+        if isinstance(layer, lt.LoraExperts):
+            pairs = {key_mod: lt.experts.to_peft(layer.lora_A["default"][p].detach(),
+                                                 layer.lora_B["default"][p].detach())
+                     for p, key_mod in lt.experts.peft_module_names(name, layer, layer.parameter_names).items()}
+            scalings = [s.scaling for s in layer.weight_settings["default"].values()]
+        else:
+            A, B, _ = layer.factors("default")
+            pairs, scalings = {name: (A.detach(), B.detach())}, [layer.settings["default"].scaling]
+        for key_mod, (A, B) in pairs.items():
+            for which, t in (("lora_A", A), ("lora_B", B)):
+                want = weights.get((key_mod, which), [None])[0]
+                if want is None or want.shape != t.shape or not torch.equal(t, want.to(t.dtype)):
+                    raise Wrong(f"{key_mod}.{which} is not the file's tensor")
+        if not all(isinstance(s, float) and math.isfinite(s) and s > 0 for s in scalings):
+            raise Wrong(f"{name}: scalings {scalings!r}")
+    moderate = all(float(t.abs().max()) < 1e4 for ts in weights.values() for t in ts if t.numel())
+    with torch.no_grad():
         if moderate and not torch.isfinite(model(IDS).logits).all():
             raise Wrong("the adapted model's output is not finite")
 
@@ -186,9 +225,9 @@ def lispe_run(path: Path) -> None:
             raise Wrong(f"result is {found.get('result')!r:.100}, expected {want!r:.100}")
 
 
-TARGETS = {"load_adapter": load_adapter, "combine": combine_read, "train_config": train_config,
-           "combine_config": combine_config, "experiment_plan": experiment_plan, "task_records": task_records,
-           "tinylora_restore": tinylora_restore, "lispe_run": lispe_run}
+TARGETS = {"load_adapter": load_adapter, "load_experts": load_experts, "combine": combine_read,
+           "train_config": train_config, "combine_config": combine_config, "experiment_plan": experiment_plan,
+           "task_records": task_records, "tinylora_restore": tinylora_restore, "lispe_run": lispe_run}
 
 
 def run(target: str, path: Path) -> dict:

@@ -295,6 +295,57 @@ def test_fuzz_dora_magnitudes(use_dora, magnitudes, form):
     check("DoRA magnitudes", files, ["load_adapter", "combine"])
 
 
+# An expert adapter for the worker's mixture of experts (hidden 16, 4 experts of 8; PEFT's layout: lora_A (r·E, in),
+# lora_B (out, r·E), the inner wrapper's keys under .base_layer), then changed.
+EXPERT_SHAPES = {"model.layers.0.mlp.experts.base_layer": (16, 16), "model.layers.0.mlp.experts": (16, 8),
+                 "model.layers.0.self_attn.q_proj": (16, 16)}  # (out, in): gate_up_proj, down_proj, q_proj
+EXPERT_CONFIG = {**VALID_CONFIG, "target_modules": ["q_proj"], "target_parameters": ["down_proj", "gate_up_proj"]}
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(sorted(EXPERT_SHAPES)), st.sampled_from(["lora_A", "lora_B"]),
+                          st.sampled_from(["rows", "cols", "drop", "nan", "huge", "deeper", "none"]),
+                          st.sampled_from([-4, -1, 1, 4])), max_size=3),
+       st.one_of(st.just(None), st.sampled_from([["gate_up_proj"], ["gate.weight", "down_proj"], ["weight"],
+                                                  ["q_proj.weight"], ["nope"], [], "gate_up_proj"]), json_values),
+       st.one_of(st.just({}), st.dictionaries(st.sampled_from([".*gate_up_proj", "down_proj", "experts", "q_proj"]),
+                                              st.one_of(st.sampled_from([1, 2, 4, 8]), hostile_scalars),
+                                              max_size=2)))
+def test_fuzz_expert_files(changes, target_parameters, rank_pattern):
+    """Expert adapters' files (``target_parameters``): factors with rows or columns off (the expert count among
+    them), keys dropped or nested one level too deep, NaN or huge values, hostile ``target_parameters`` and rank
+    patterns; into a mixture of experts, and into the checkpoint optimizer (which refuses them)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m, (o, i) in EXPERT_SHAPES.items():
+        k = 2 * (1 if m.endswith("q_proj") else 4)
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = torch.randn(k, i, generator=g) * 0.1
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = torch.randn(o, k, generator=g) * 0.1
+    for m, which, change, by in changes:
+        key = f"{PREFIX}{m}.{which}.weight"
+        if key not in tensors:
+            continue
+        t = tensors.pop(key)
+        if change == "rows":
+            t = torch.zeros(max(t.shape[0] + by, 0), t.shape[1])
+        elif change == "cols":
+            t = torch.zeros(t.shape[0], max(t.shape[1] + by, 0))
+        elif change == "nan":
+            t = t.clone().fill_(float("nan"))
+        elif change == "huge":
+            t = t.clone().fill_(1e38)
+        if change == "deeper":
+            key = f"{PREFIX}{m}.base_layer.{which}.weight"
+        if change != "drop":
+            tensors[key] = t
+    config = dict(EXPERT_CONFIG, rank_pattern=rank_pattern)
+    if target_parameters is not None:
+        config["target_parameters"] = target_parameters
+    files = {"adapter_config.json": json.dumps(config).encode(),
+             "adapter_model.safetensors": save(tensors) if tensors else b"\x02\x00\x00\x00\x00\x00\x00\x00{}"}
+    check("expert files", files, ["load_experts", "combine"])
+
+
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                    if f.default is not dataclasses.MISSING}
 TRAIN_KEYS = {

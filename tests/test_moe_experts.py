@@ -386,3 +386,18 @@ def test_switch_disable_delete_and_optimizer_groups():
     assert not lt.adapter_layers(model) and not experts_of(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=0)
+
+
+def test_combine_refuses_expert_checkpoints(tmp_path):
+    """An expert stack's keys hold one ΔW per expert; read as one low-rank pair they would give a wrong Gram, so
+    the checkpoint optimizer refuses checkpoints with target_parameters, naming them."""
+    from lispetorch import combine
+
+    base = base_model("mixtral")
+    for name in ("a", "b"):
+        model = copy.deepcopy(base)
+        lt.inject(model, lt.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=TARGETS))
+        randomize(model, seed=ord(name))
+        lt.save_adapter(model, tmp_path / name)
+    with pytest.raises(lt.AdapterFormatError, match=r"checkpoint 'a': .*target_parameters.*one ΔW per expert"):
+        combine.optimize({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, "b")

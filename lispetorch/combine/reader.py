@@ -183,6 +183,11 @@ def open_checkpoint(name: str, path: str | Path, description: str = "") -> Check
     if config.get("use_dora"):
         raise AdapterFormatError(f"checkpoint {name!r}: {path / CONFIG_NAME} says use_dora: a DoRA adapter's output "
                                  "is not linear in its factors, so checkpoints combine as LoRA adapters only")
+    if config.get("target_parameters"):
+        raise AdapterFormatError(f"checkpoint {name!r}: {path / CONFIG_NAME} has target_parameters "
+                                 f"{show(config['target_parameters'])}: its expert stacks hold one ΔW per expert "
+                                 "under one key, which the optimizer would read as one matrix; checkpoints combine "
+                                 "as adapters on linear layers only")
     wfile = path / WEIGHTS_NAME
     if not wfile.is_file():
         legacy = " (only a legacy adapter_model.bin is there; re-save it as safetensors)" \
