@@ -45,9 +45,8 @@ def weight_names(module: nn.Module) -> tuple[str, ...]:
 
 def expert_parameters(model: nn.Module) -> dict[str, tuple[str, str]]:
     """The 3-D parameters of ``model`` and the 2-D weights of its routers (:func:`single_weights` of a module beside
-    an experts module), by full name
-    (``model.layers.0.mlp.experts.gate_up_proj``, ``model.layers.0.mlp.gate.weight``), as ``(module name,
-    parameter name)``; a :class:`LoraExperts` counts as the module it wraps."""
+    an experts module), by full name (``model.layers.0.mlp.experts.gate_up_proj``, ``model.layers.0.mlp.gate.weight``),
+    as ``(module name, parameter name)``; a :class:`LoraExperts` counts as the module it wraps."""
     found = {}
     wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, LoraExperts)]
     modules = [(n, m) for n, m in model.named_modules() if not any(n.startswith(w) for w in wrapped)]
