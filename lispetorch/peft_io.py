@@ -435,15 +435,45 @@ def _plans(model: nn.Module, directory: Path, config: dict, weights: dict[str, t
 
 
 # --- hotswap -------------------------------------------------------------------------------------------------------
+def _hotswap_experts(model: nn.Module, directory: Path, config: dict, weights: dict[str, torch.Tensor], name: str,
+                     layers: dict[str, LoraExperts]) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """The new factors of adapter ``name``'s expert weights from a PEFT directory, ``{(module, weight): (A, B)}``,
+    padded to the adapter's ranks with the file's scaling folded into B; their keys are taken out of
+    ``weights``. Everything is checked (the same modules and weights, the expert counts, ranks no larger)."""
+    _, plans = _expert_plans(model, directory, config, weights)
+    if set(plans) != set(layers):
+        raise AdapterFormatError(f"{directory / WEIGHTS_NAME}: adapts the expert weights of {sorted(plans)[:3]}, "
+                                 f"adapter {name!r} those of {sorted(layers)[:3]}")
+    use_rslora = bool(config.get("use_rslora", False))
+    out = {}
+    for mod, layer in layers.items():
+        plan = plans[mod]
+        for p in layer.parameter_names:
+            A_new, B_new = plan.factors[p]
+            A, B = layer.lora_A[name][p], layer.lora_B[name][p]
+            r, r_new = A.shape[1], A_new.shape[1]
+            if r_new > r:
+                raise AdapterFormatError(f"{directory / WEIGHTS_NAME}: {mod}.{p} has rank {r_new}, more than the "
+                                         f"adapter's {r} (hotswap needs a rank no larger than the one compiled)")
+            own = layer.weight_settings[name][p]
+            factor = scaling(plan.alphas[p], r_new, use_rslora) / own.scaling
+            A_pad, B_pad = torch.zeros_like(A), torch.zeros_like(B)
+            A_pad[:, :r_new] = A_new.to(A.dtype)
+            B_pad[:, :, :r_new] = (B_new.double() * factor).to(B.dtype)
+            out[(mod, p)] = (A_pad, B_pad)
+    return out
+
+
+
 @torch.no_grad()
 def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
     """Replaces the weights of adapter ``adapter_name`` (the active one when None) by those of a PEFT adapter
     directory, in place: the same parameter objects take the new values, so a compiled model
     (``torch.compile``) runs the new adapter without recompiling.
 
-    The directory must adapt the same modules, each with a rank no larger than the adapter's (a smaller one is
-    padded with zeros, which adds nothing); its scaling (alpha / r, or rsLoRA's) is folded into B, since the
-    compiled graph holds the adapter's own; the dropout stays the adapter's. Modules trained whole
+    The directory must adapt the same modules (and expert weights), each with a rank no larger than the adapter's
+    (a smaller one is padded with zeros, which adds nothing); its scaling (alpha / r, or rsLoRA's) is folded into
+    B, since the compiled graph holds the adapter's own; the dropout stays the adapter's. Modules trained whole
     (``modules_to_save``) must be the same too.
 
     Raises:
@@ -455,15 +485,14 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
     merged = [n for n, layer in holding.items() if layer.merged_adapter == name]
     if merged:
         raise merged_error(name, merged[0], "unmerge before hotswapping")
-    experts = [n for n, layer in holding.items() if isinstance(layer, LoraExperts)]
-    if experts:
-        raise AdapterStateError(f"adapter {name!r} holds expert weights ({experts[0]!r}): hotswap covers adapters on "
-                                "linear layers; load_adapter replaces it")
+    expert_layers = {n: layer for n, layer in holding.items() if isinstance(layer, LoraExperts)}
+    holding = {n: layer for n, layer in holding.items() if n not in expert_layers}
     directory = Path(directory)
     config = read_config(directory)
     weights = read_weights(directory)
     wpath = directory / WEIGHTS_NAME
     saved, states = _saved_states(model, directory, config, weights)
+    new_experts = _hotswap_experts(model, directory, config, weights, name, expert_layers)
     have = {n for n, w in saved_modules(model).items() if name in w.modules_to_save}
     if set(saved) != have:
         raise AdapterFormatError(f"{directory / CONFIG_NAME}: modules_to_save {sorted(saved)} differ from the "
@@ -516,7 +545,10 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name
         A_pad[:r_new] = A_new.to(A.dtype)
         B_pad[:, :r_new] = (B_new.double() * factor).to(B.dtype)
         new[mod] = (A_pad, B_pad) if magnitude is None else (A_pad, B_pad, magnitude)
-    for mod, (A_new, B_new, *m_new) in new.items():  # everything checked: now the weights change
+    for (mod, p), (A_new, B_new) in new_experts.items():  # everything checked: now the weights change
+        expert_layers[mod].lora_A[name][p].copy_(A_new)
+        expert_layers[mod].lora_B[name][p].copy_(B_new)
+    for mod, (A_new, B_new, *m_new) in new.items():
         A, B, _ = holding[mod].factors(name)
         A.copy_(A_new)
         B.copy_(B_new)

@@ -401,3 +401,36 @@ def test_combine_refuses_expert_checkpoints(tmp_path):
         lt.save_adapter(model, tmp_path / name)
     with pytest.raises(lt.AdapterFormatError, match=r"checkpoint 'a': .*target_parameters.*one ΔW per expert"):
         combine.optimize({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, "b")
+
+
+def test_hotswap_expert_adapters_into_a_compiled_model(tmp_path):
+    """PEFT's expert adapters of other ranks and alphas swapped into a compiled model in place: PEFT's logits, no
+    new graph; a file for other weights or a larger rank is refused with nothing changed."""
+    torch._dynamo.reset()
+    base = base_model("mixtral")
+    model = copy.deepcopy(base)
+    lt.inject(model, lt.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=TARGETS))
+    randomize(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = ids()
+    with torch.no_grad():
+        compiled(x)
+    counters = torch._dynamo.utils.counters
+    frames = counters["stats"]["unique_graphs"]
+    for i, (r, alpha) in enumerate([(2, 3), (4, 16)]):
+        torch.manual_seed(10 + i)
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=["q_proj"], target_parameters=TARGETS,
+            init_lora_weights=False)).eval()
+        theirs.save_pretrained(tmp_path / str(i))
+        lt.hotswap_adapter(model, tmp_path / str(i))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == frames
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, fields in enumerate([dict(r=8, target_parameters=TARGETS), dict(r=2, target_parameters=["down_proj"])]):
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"], **fields)) \
+            .save_pretrained(tmp_path / f"bad{i}")
+        with pytest.raises(lt.AdapterFormatError, match="rank 8, more than|adapts the same weights"):
+            lt.hotswap_adapter(model, tmp_path / f"bad{i}")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
