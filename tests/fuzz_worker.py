@@ -48,9 +48,8 @@ class Wrong(Exception):
     """A success whose result does not hold."""
 
 
-def load_adapter(d: Path) -> None:
-    model = copy.deepcopy(BASE)
-    lt.load_adapter(model, d)
+def file_factors(d: Path) -> dict[tuple[str, str], list[torch.Tensor]]:
+    """The adapter file's tensors by (module, factor); more than one for a factor is a Wrong (it was accepted)."""
     weights: dict[tuple[str, str], list[torch.Tensor]] = {}
     for key, t in load_file(str(d / "adapter_model.safetensors")).items():
         parsed = parse_key(key)
@@ -58,6 +57,13 @@ def load_adapter(d: Path) -> None:
             weights.setdefault(parsed, []).append(t)
     if any(len(v) > 1 for v in weights.values()):
         raise Wrong("two keys for one factor were accepted")
+    return weights
+
+
+def load_adapter(d: Path) -> None:
+    model = copy.deepcopy(BASE)
+    lt.load_adapter(model, d)
+    weights = file_factors(d)
     for name, layer in lt.adapter_layers(model).items():
         A, B, _ = layer.factors("default")
         for which, t in (("lora_A", A), ("lora_B", B)):
@@ -83,13 +89,7 @@ def load_experts(d: Path) -> None:
     factors are of moderate size."""
     model = copy.deepcopy(MOE_BASE)
     lt.load_adapter(model, d)
-    weights: dict[tuple[str, str], list[torch.Tensor]] = {}
-    for key, t in load_file(str(d / "adapter_model.safetensors")).items():
-        parsed = parse_key(key)
-        if parsed is not None:
-            weights.setdefault(parsed, []).append(t)
-    if any(len(v) > 1 for v in weights.values()):
-        raise Wrong("two keys for one factor were accepted")
+    weights = file_factors(d)
     for name, layer in lt.adapter_layers(model).items():
         if isinstance(layer, lt.LoraExperts):
             pairs = {key_mod: lt.experts.to_peft(layer.lora_A["default"][p].detach(),

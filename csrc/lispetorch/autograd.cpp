@@ -210,57 +210,6 @@ const auto& grouped_backward_op() {
   return op;
 }
 
-// Mixed-adapter batches: inputs x, weight, bias (optional), A, B, group (not differentiable), then scales, dropout,
-// seed. Saved: x (when a gradient needs it), the factors, the group index and hr (N, r).
-class GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                            const at::Tensor& lora_B, const at::Tensor& group, std::vector<double> scales,
-                            double dropout, int64_t seed) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, hr] = grouped_forward_op().call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed);
-    const bool keep_x = lora_A.requires_grad() || weight.requires_grad();
-    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, lora_A, lora_B, group, hr});
-    ctx->saved_data["scales"] = c10::IValue(scales);
-    ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return y;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &group = saved[4],
-                     &hr = saved[5];
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t b = has_bias ? 1 : 0;
-    std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(2 + b),
-                                ctx->needs_input_grad(3 + b)};
-    const at::Tensor& grad = grad_outputs[0];
-    if (!any_wanted(mask) || !grad.defined()) return variable_list(9);
-    const std::vector<double> scales = ctx->saved_data["scales"].toDoubleVector();
-    const auto grads = grouped_backward_op().call(grad, opt(x), weight, lora_A, lora_B, group, hr, scales,
-                                                  ctx->saved_data["dropout"].toDouble(),
-                                                  ctx->saved_data["seed"].toInt(), mask);
-    return place(mask, grads, 9);
-  }
-};
-
-at::Tensor grouped_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
-                            at::ArrayRef<double> scales, double dropout, int64_t seed) {
-  return GroupedLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B, group,
-                                      scales.vec(), dropout, seed);
-}
-
-at::Tensor grouped_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
-                           at::ArrayRef<double> scales, double dropout, int64_t seed) {
-  return std::get<0>(grouped_forward_op().call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed));
-}
-
 const auto& experts_forward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lispetorch::lora_experts_linear_forward", "")
@@ -280,19 +229,24 @@ const auto& experts_backward_op() {
   return op;
 }
 
-// LoRA on MoE experts: inputs x, weight, bias (optional), A, B, offsets (not differentiable), then scale, dropout,
-// seed. Saved: x (when a gradient needs it), the weights and factors, the offsets and hr (S, r).
-class ExpertsLinearFunction : public torch::autograd::Function<ExpertsLinearFunction> {
+// The routed forms of the operator, whose rows go to different factors: mixed-adapter batches (an adapter per row,
+// Op = Grouped, one scale per adapter) and MoE experts (rows sorted by expert, Op = Experts, one scale). Inputs x,
+// weight, bias (optional), A, B, the routing index (group or offsets; not differentiable), then the scale(s),
+// dropout, seed. Saved: x (when a gradient needs it), the weight and factors, the index and hr (N, r).
+template <typename Op>
+class RoutedLinearFunction : public torch::autograd::Function<RoutedLinearFunction<Op>> {
  public:
+  using Scale = typename Op::Scale;
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                            const at::Tensor& lora_B, const at::Tensor& offsets, double scale, double dropout,
+                            const at::Tensor& lora_B, const at::Tensor& index, Scale scale, double dropout,
                             int64_t seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, hr] = experts_forward_op().call(x, weight, bias, lora_A, lora_B, offsets, scale, dropout, seed);
+    auto [y, hr] = Op::forward().call(x, weight, bias, lora_A, lora_B, index, scale, dropout, seed);
     const bool keep_x = lora_A.requires_grad() || weight.requires_grad();
-    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, lora_A, lora_B, offsets, hr});
-    ctx->saved_data["scale"] = scale;
+    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, lora_A, lora_B, index, hr});
+    ctx->saved_data["scale"] = c10::IValue(scale);
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -301,8 +255,8 @@ class ExpertsLinearFunction : public torch::autograd::Function<ExpertsLinearFunc
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3],
-                     &offsets = saved[4], &hr = saved[5];
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &index = saved[4],
+                     &hr = saved[5];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t b = has_bias ? 1 : 0;
     std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -310,19 +264,46 @@ class ExpertsLinearFunction : public torch::autograd::Function<ExpertsLinearFunc
                                 ctx->needs_input_grad(3 + b)};
     const at::Tensor& grad = grad_outputs[0];
     if (!any_wanted(mask) || !grad.defined()) return variable_list(9);
-    const auto grads = experts_backward_op().call(grad, opt(x), weight, lora_A, lora_B, offsets, hr,
-                                                  ctx->saved_data["scale"].toDouble(),
-                                                  ctx->saved_data["dropout"].toDouble(),
-                                                  ctx->saved_data["seed"].toInt(), mask);
+    const Scale scale = Op::scale_of(ctx->saved_data["scale"]);
+    const auto grads = Op::backward().call(grad, opt(x), weight, lora_A, lora_B, index, hr, scale,
+                                           ctx->saved_data["dropout"].toDouble(), ctx->saved_data["seed"].toInt(),
+                                           mask);
     return place(mask, grads, 9);
   }
 };
 
+struct Grouped {
+  using Scale = std::vector<double>;
+  static const auto& forward() { return grouped_forward_op(); }
+  static const auto& backward() { return grouped_backward_op(); }
+  static Scale scale_of(const c10::IValue& v) { return v.toDoubleVector(); }
+};
+
+struct Experts {
+  using Scale = double;
+  static const auto& forward() { return experts_forward_op(); }
+  static const auto& backward() { return experts_backward_op(); }
+  static Scale scale_of(const c10::IValue& v) { return v.toDouble(); }
+};
+
+at::Tensor grouped_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
+                            at::ArrayRef<double> scales, double dropout, int64_t seed) {
+  return RoutedLinearFunction<Grouped>::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B, group,
+                                              scales.vec(), dropout, seed);
+}
+
+at::Tensor grouped_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& group,
+                           at::ArrayRef<double> scales, double dropout, int64_t seed) {
+  return std::get<0>(grouped_forward_op().call(x, weight, bias, lora_A, lora_B, group, scales, dropout, seed));
+}
+
 at::Tensor experts_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& offsets,
                             double scale, double dropout, int64_t seed) {
-  return ExpertsLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B, offsets, scale,
-                                      dropout, seed);
+  return RoutedLinearFunction<Experts>::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B, offsets,
+                                              scale, dropout, seed);
 }
 
 at::Tensor experts_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
