@@ -37,7 +37,7 @@ from torch import nn
 from . import atomic
 from .adapters import adapter_layers
 from .errors import AdapterFormatError, ShapeError
-from .experts import LoraExperts, from_peft, match_parameters, peft_module_names
+from .experts import LoraExperts, from_peft, match_parameters, peft_weight_names
 from .hf import weight_out_in
 from .layer import base_of
 from .peft_format import (
@@ -134,11 +134,8 @@ def _expert_names(model: nn.Module, config: dict) -> dict[str, str]:
     targets = config.get("target_parameters")
     if not targets:
         return {}
-    out = {}
-    for mod, params in match_parameters(model, targets).items():
-        for p, key_mod in peft_module_names(mod, model.get_submodule(mod), params).items():
-            out[key_mod] = f"{mod}.{p}"
-    return out
+    keyed = peft_weight_names(model, match_parameters(model, targets))
+    return {key_mod: f"{mod}.{p}" for key_mod, (mod, p) in keyed.items()}
 
 
 def _expert_weight(net: nn.Module, name: str) -> torch.Tensor | None:

@@ -202,6 +202,13 @@ def peft_module_names(name: str, module: nn.Module, params: tuple[str, ...]) -> 
     return {p: name + ".base_layer" * (len(order) - 1 - i) for i, p in enumerate(order)}
 
 
+def peft_weight_names(model: nn.Module, selection: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, str]]:
+    """PEFT's module name of each selected weight (``{experts module: weight names}``, as :func:`match_parameters`
+    gives them) → ``(experts module, weight)``."""
+    return {key_mod: (mod, p) for mod, params in selection.items()
+            for p, key_mod in peft_module_names(mod, model.get_submodule(mod), params).items()}
+
+
 def unnest(name: str) -> tuple[str, int]:
     """``(module name, depth)`` of a PEFT module name with ``depth`` trailing ``.base_layer`` parts."""
     depth = 0

@@ -28,9 +28,9 @@ from .errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeErr
 from .experts import (
     LoraExperts,
     from_peft,
-    match_parameters,
     parameter_targets,
     peft_module_names,
+    peft_weight_names,
     to_peft,
     unnest,
     weight_shape,
@@ -305,14 +305,11 @@ def _expert_plans(model: nn.Module, directory: Path, config: dict, weights: dict
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         raise AdapterFormatError(f"{cpath}: target_parameters must be a list of parameter names, got {targets!r}")
     try:
-        matched = match_parameters(model, targets)
         selected = select_experts(model, targets)  # an adapter of the same name is replaced
     except ConfigError as e:
         raise AdapterFormatError(f"{cpath}: {e}") from None
-    keyed = {}  # PEFT module name -> (experts module, weight)
-    for mod, params in matched.items():
-        for p, key_mod in peft_module_names(mod, model.get_submodule(mod), params).items():
-            keyed[key_mod] = (mod, p)
+    matched = {mod: params for mod, (_, params) in selected.items()}
+    keyed = peft_weight_names(model, matched)  # PEFT module name -> (experts module, weight)
     found: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key in list(weights):
         parsed = parse_key(key)
@@ -329,6 +326,7 @@ def _expert_plans(model: nn.Module, directory: Path, config: dict, weights: dict
         found.setdefault(mod, {}).setdefault(p, {})[parsed[1]] = weights.pop(key)
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    key_of = {where: key_mod for key_mod, where in keyed.items()}  # (experts module, weight) -> PEFT module name
     experts, plans = {}, {}
     for mod, per_weight in found.items():
         module, params = selected[mod]
@@ -338,7 +336,7 @@ def _expert_plans(model: nn.Module, directory: Path, config: dict, weights: dict
         factors, alphas = {}, {}
         for p in params:
             pair = per_weight.get(p, {})
-            key_mod = peft_module_names(mod, module, params)[p]
+            key_mod = key_of[(mod, p)]
             if set(pair) != {"lora_A", "lora_B"}:
                 missing = sorted({"lora_A", "lora_B"} - set(pair))
                 raise AdapterFormatError(f"{wpath}: expert weight {mod}.{p} lacks {peft_key(key_mod, missing[0])}")
