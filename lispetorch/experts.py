@@ -143,6 +143,17 @@ def weight_shape(module: nn.Module, pname: str) -> tuple[int, int, int]:
     return (E, d2, d1) if owner.is_transposed else (E, d1, d2)
 
 
+def init_expert_factors(module: nn.Module, pname: str, r: int, init: str = "kaiming",
+                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA's starting factors for every expert of weight ``pname``: ``A (E, r, in)``, each expert's drawn as a
+    layer's (:func:`~lispetorch.layer.init_factors`), and ``B (E, out, r)`` zeros."""
+    owner = module.base_layer if isinstance(module, LoraExperts) else module
+    w = getattr(owner, pname)
+    E, out_f, in_f = weight_shape(owner, pname)
+    pairs = [init_factors(r, in_f, out_f, init, dtype or w.dtype, w.device) for _ in range(E)]
+    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+
 def adaptable_names(module: nn.Module) -> tuple[str, ...]:
     """The weights of ``module`` a :class:`LoraExperts` can adapt: an experts module's expert weights, in the order
     its forward applies them, or a router's 2-D weights."""
@@ -319,12 +330,7 @@ class LoraExperts(AdapterSwitch, nn.Module):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "kaiming", dtype: torch.dtype | None = None) -> None:
         """Adds adapter ``name`` of rank ``r`` on every adapted weight: each expert's A as LoRA's init, B zeros."""
-        factors = {}
-        for p in self.parameter_names:
-            w = self.expert_weight(p)
-            out_f, in_f = self.shape_of(p)
-            pairs = [init_factors(r, in_f, out_f, init, dtype or w.dtype, w.device) for _ in range(self.num_experts)]
-            factors[p] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
+        factors = {p: init_expert_factors(self, p, r, init, dtype) for p in self.parameter_names}
         self.set_factors(name, factors, alpha, dropout, use_rslora)
 
     def set_factors(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,

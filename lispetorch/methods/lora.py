@@ -3,12 +3,11 @@ trained; the base weight is untouched, so outputs are unchanged at init."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..adapters import AdapterPlan, ExpertsPlan, base_weight, install, select_experts, select_for_new_adapter
 from ..config import LoraConfig
-from ..experts import LoraExperts, weight_shape
+from ..experts import LoraExperts, init_expert_factors
 from ..hf import parse_dtype
 from ..layer import LoraLinear, init_factors
 
@@ -22,14 +21,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
     experts = select_experts(model, config.target_parameters, adapter_name)
     expert_plans = {}
     for name, (module, params) in experts.items():
-        owner = module.base_layer if isinstance(module, LoraExperts) else module
-        factors = {}
-        for p in params:
-            w = getattr(owner, p)
-            E, out_f, in_f = weight_shape(owner, p)
-            pairs = [init_factors(config.rank_of(f"{name}.{p}"), in_f, out_f, config.init, dtype or w.dtype,
-                                  w.device) for _ in range(E)]
-            factors[p] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
+        factors = {p: init_expert_factors(module, p, config.rank_of(f"{name}.{p}"), config.init, dtype)
+                   for p in params}
         expert_plans[name] = ExpertsPlan(factors, config.alpha, config.dropout, config.use_rslora,
                                          alphas={p: config.alpha_of(f"{name}.{p}") for p in params})
     plans = {}
