@@ -221,9 +221,7 @@ def install(model: nn.Module, chosen: dict[str, nn.Module], plans: dict[str, Ada
 def freeze_all_but_adapters(model: nn.Module) -> None:
     """Freezes every parameter of ``model`` outside the adapters' factor containers (which :func:`set_adapter`
     sets), so that the cost does not grow with the number of adapters loaded."""
-    factors = {id(d) for layer in adapter_layers(model).values()
-               for d in (layer.factor_containers() if isinstance(layer, LoraExperts) else
-                         (layer.lora_A, layer.lora_B, layer.lora_R, layer.lora_magnitude_vector))}
+    factors = {id(d) for layer in adapter_layers(model).values() for d in layer.factor_containers()}
     for module in model.modules():
         if id(module) not in factors:
             for p in module.parameters(recurse=False):

@@ -24,7 +24,7 @@ from torch import nn
 from . import ops
 from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
 from .layer import AdapterSettings, init_factors, is_adaptable, local_part, weight_fingerprint, whole_weight
-from .switch import AdapterSwitch
+from .switch import AdapterSwitch, WrapsBaseLayer
 from .targets import own_forward
 
 # What transformers' ``use_experts_implementation`` declares on an experts module: the layout its generic
@@ -228,7 +228,7 @@ def unnest(name: str) -> tuple[str, int]:
     return name, depth
 
 
-class LoraExperts(AdapterSwitch, nn.Module):
+class LoraExperts(AdapterSwitch, WrapsBaseLayer, nn.Module):
     """An experts module with a low-rank adapter per expert on some of its weights (``gate_up_proj`` or
     ``up_proj``, ``down_proj``): expert ``e`` computes with ``W_e + s·B_e A_e`` on the tokens routed to it.
 
@@ -288,14 +288,6 @@ class LoraExperts(AdapterSwitch, nn.Module):
 
     def compiled_view(self) -> None:
         """Nothing to refresh: the forward reads the containers directly (kept for the adapter-layer protocol)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or "base_layer" not in self._modules:
-                raise
-            return getattr(self._modules["base_layer"], name)  # the experts module's own attributes
 
     @property
     def r(self) -> MappingProxyType:

@@ -25,7 +25,7 @@ from .errors import AdapterStateError, ConfigError, ShapeError, merged_error
 from .hf import is_conv1d, is_dense_linear, weight_out_in
 from .nf4 import NF4Linear, NF4Weight
 from .peft_format import scaling
-from .switch import AdapterSwitch
+from .switch import AdapterSwitch, WrapsBaseLayer
 
 FACTORS = ("A", "B", "R", "M")  # M: a DoRA adapter's magnitude
 
@@ -200,7 +200,7 @@ def refresh_after_load(layer: LoraLinear, incompatible_keys) -> None:
     layer.compiled_view()
 
 
-class LoraLinear(AdapterSwitch, nn.Module):
+class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
     """A frozen linear layer with low-rank adapters: ``y = x Wᵀ + b + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ``.
 
     Holds any number of named adapters, one active at a time. Each adapter owns its factors (in ``lora_A``,
@@ -294,7 +294,8 @@ class LoraLinear(AdapterSwitch, nn.Module):
 
     # --- a stand-in for the wrapped layer ---------------------------------------------------------------------
     # Model code reads attributes of the layers it built (``self.dt_proj.weight @ x``, ``self.gate.weight.dtype``,
-    # ``self.c_attn.nf``); an adapted layer answers with its base layer's, as PEFT's adapter layers do.
+    # ``self.c_attn.nf``); an adapted layer answers with its base layer's, as PEFT's adapter layers do: its weight
+    # and bias here, anything else through WrapsBaseLayer.
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight, as the base layer stores it (``(in, out)`` for ``Conv1D``; for an
@@ -305,19 +306,6 @@ class LoraLinear(AdapterSwitch, nn.Module):
     def bias(self) -> torch.Tensor | None:
         """The base layer's bias (None without one)."""
         return self.base_layer.bias
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)  # parameters, buffers and submodules of the adapter itself
-        except AttributeError:
-            if name == "base_layer" or "base_layer" not in self._modules:
-                raise
-            try:
-                return getattr(self._modules["base_layer"], name)  # anything else the wrapped layer has
-            except AttributeError:
-                raise AttributeError(f"'{type(self).__name__}' object (wrapping "
-                                     f"{type(self._modules['base_layer']).__name__}) has no attribute "
-                                     f"'{name}'") from None
 
     # PEFT's LoraLayer attribute names, as read-only views of the settings.
     def _view(self, field: str) -> MappingProxyType:
@@ -537,6 +525,10 @@ class LoraLinear(AdapterSwitch, nn.Module):
         if name in self.lora_R_fn:
             params["R"].extend(self.lora_R_fn[name].parameters())
         return params
+
+    def factor_containers(self) -> list[nn.Module]:
+        """The containers holding the trainable factors (which freezing the rest of a model leaves alone)."""
+        return [self.lora_A, self.lora_B, self.lora_R, self.lora_magnitude_vector]
 
     def training_adapters(self) -> list[str]:
         """The adapters any of whose parameters require grad (every one with an ``R_fn`` core, to be sure); read

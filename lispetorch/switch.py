@@ -1,6 +1,7 @@
 """What every module holding adapters has: the active adapter and an on/off switch. Each change of either is passed
 to the module's :meth:`AdapterSwitch.state_changed`, where it refreshes what its forward reads (so that the forward
-never decides, and a compiled model does not recompile)."""
+never decides, and a compiled model does not recompile). And what a module wrapping another (its ``base_layer``)
+answers for it: :class:`WrapsBaseLayer`."""
 
 from __future__ import annotations
 
@@ -33,3 +34,22 @@ class AdapterSwitch:
 
     def state_changed(self) -> None:
         """Called after every change of :attr:`active_adapter` or :attr:`enabled`."""
+
+
+class WrapsBaseLayer:
+    """A mixin beside ``nn.Module`` for a module that wraps another as ``base_layer``: an attribute it lacks is read
+    from the wrapped module, as PEFT's adapter layers do, since model code reads attributes of the layers it built
+    (``self.dt_proj.weight @ x``, ``self.c_attn.nf``, ``self.experts.num_experts``)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of the wrapper itself
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self._modules:
+                raise
+            try:
+                return getattr(self._modules["base_layer"], name)  # anything else the wrapped module has
+            except AttributeError:
+                raise AttributeError(f"'{type(self).__name__}' object (wrapping "
+                                     f"{type(self._modules['base_layer']).__name__}) has no attribute "
+                                     f"'{name}'") from None
