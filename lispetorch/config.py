@@ -229,15 +229,6 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_number(self.alpha, "LoraConfig.alpha")
-        if self.target_parameters is not None:
-            self.target_parameters = sorted(module_names(self.target_parameters, "LoraConfig.target_parameters"))
-            if self.use_dora:
-                raise ConfigError(f"LoraConfig.target_parameters ({self.target_parameters!r}) does not take DoRA "
-                                  "(use_dora=True), as in PEFT: adapt the experts with plain LoRA")
-            if self.init not in ("kaiming", "gaussian"):
-                raise ConfigError(f"LoraConfig.target_parameters ({self.target_parameters!r}) takes the inits "
-                                  f"'kaiming' and 'gaussian', got {self.init!r}")
-
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         probability(self.dropout, "LoraConfig.dropout")
@@ -255,6 +246,14 @@ class LoraConfig(AdapterConfig):
         self.alpha_pattern = per_module(self.alpha_pattern, "LoraConfig.alpha_pattern", positive_number)
         if self.modules_to_save is not None:
             self.modules_to_save = module_names(self.modules_to_save, "LoraConfig.modules_to_save")
+        if self.target_parameters is not None:
+            self.target_parameters = sorted(module_names(self.target_parameters, "LoraConfig.target_parameters"))
+            if self.use_dora:
+                raise ConfigError(f"LoraConfig.target_parameters ({self.target_parameters!r}) does not take DoRA "
+                                  "(use_dora=True), as in PEFT: adapt the experts with plain LoRA")
+            if self.init not in ("kaiming", "gaussian"):
+                raise ConfigError(f"LoraConfig.target_parameters ({self.target_parameters!r}) takes the inits "
+                                  f"'kaiming' and 'gaussian', got {self.init!r}")
 
     @classmethod
     def from_peft(cls, peft_config) -> LoraConfig:
