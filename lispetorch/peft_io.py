@@ -164,7 +164,7 @@ def export(model: nn.Module, adapter_name: str | None = None,
     if expert_weights:
         # PEFT refuses a dropout on expert weights (it cannot factor it out of its merged delta); dropout shapes
         # training only, so the file says 0 and loads there.
-        dropouts = dict.fromkeys(dropouts or ["experts"], 0.0)
+        dropouts = dict.fromkeys(ranks, 0.0)  # every module and expert weight of the file
     config = lora_config(ranks, alphas, dropouts, rslora.pop(), fan == {True}, targets,
                          base_model=model_id(model) or None, task_type=task_type(model), use_dora=dora == {True})
     config["layers_to_transform"] = layers
