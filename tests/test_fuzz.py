@@ -157,6 +157,7 @@ config_values = {
     "r": st.one_of(st.just(2), hostile_scalars), "lora_alpha": st.one_of(st.just(4), hostile_scalars),
     "use_rslora": hostile_scalars, "fan_in_fan_out": hostile_scalars, "use_dora": hostile_scalars,
     "lora_dropout": hostile_scalars, "target_modules": json_values, "bias": hostile_scalars,
+    "target_parameters": json_values,
     "rank_pattern": st.one_of(st.dictionaries(regex_keys, st.one_of(st.just(2), hostile_scalars), max_size=3),
                               json_values),
     "alpha_pattern": st.one_of(st.dictionaries(regex_keys, st.one_of(st.just(4), hostile_scalars), max_size=3),
@@ -358,7 +359,7 @@ TRAIN_KEYS = {
     "lora": st.fixed_dictionaries({}, optional={"rank": hostile_scalars, "alpha": hostile_scalars,
                                                 "dropout": hostile_scalars, "target_modules": json_values,
                                                 "init": hostile_scalars, "method": hostile_scalars,
-                                                "options": json_values}),
+                                                "options": json_values, "target_parameters": json_values}),
     "nonsense_key": hostile_scalars,
 }
 
