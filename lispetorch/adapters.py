@@ -365,11 +365,15 @@ def _take_adapter_names(model: nn.Module, args, kwargs):
     per_sample = tuple(None if n == BASE else n for n in names)
     for layer in layers.values():
         layer.batch_adapters = per_sample
+    model.__dict__[_BATCH_LAYERS] = list(layers.values())  # what the forward hook resets, without a walk
     return args, kwargs
 
 
+_BATCH_LAYERS = "_lispetorch_batch_layers"
+
+
 def _forget_adapter_names(model: nn.Module, args, kwargs, output):
-    for layer in adapter_layers(model).values():
+    for layer in model.__dict__.pop(_BATCH_LAYERS, ()):
         layer.batch_adapters = None
 
 
