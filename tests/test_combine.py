@@ -133,13 +133,13 @@ def test_gram_kernel_shapes_strides_and_mixed_dtypes_against_dense(threads):
 
 @pytest.mark.parametrize("isa", ["avx2", "aten"])
 def test_gram_kernels_this_processor_would_not_choose(isa):
-    # The kernel is chosen once per process: the AVX2 kernel and the ATen path, capped by LISPETORCH_GRAM_ISA, run
+    # The kernel is chosen once per process: the AVX2 kernel and the ATen path, capped by LISPETORCH_ISA, run
     # the same cases in a process of their own.
     import subprocess
     import sys
 
     code = "import test_combine; test_combine.check_gram_cases(); print('ok')"
-    env = {**os.environ, "LISPETORCH_GRAM_ISA": isa}
+    env = {**os.environ, "LISPETORCH_ISA": isa}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(__file__))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
@@ -150,9 +150,9 @@ def test_an_unknown_gram_kernel_cap_is_named():
     import sys
 
     code = "import torch\nfrom lispetorch import ops\nops.lora_gram([torch.ones(1, 2)], [torch.ones(3, 1)])"
-    env = {**os.environ, "LISPETORCH_GRAM_ISA": "sse9"}
+    env = {**os.environ, "LISPETORCH_ISA": "sse9"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "LISPETORCH_GRAM_ISA must be avx2 or aten (or unset), got 'sse9'" in done.stderr
+    assert done.returncode != 0 and "LISPETORCH_ISA must be avx2 or aten (or unset), got 'sse9'" in done.stderr
 
 
 def test_gram_of_several_modules_in_one_call_equals_one_call_each():

@@ -16,6 +16,7 @@
 // The kernels are compiled for AVX-512 and for AVX2+FMA and chosen at run time (see chunk_kernel); other
 // processors use the ATen path in gram.cpp.
 #include "lispetorch.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,8 +35,6 @@ namespace lispetorch::detail {
 #if defined(__x86_64__) && defined(__GNUC__)
 
 namespace {
-
-#define LT_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kChunk = 512;  // columns of A / rows of B per panel: a 32-row panel is 128 KiB
 constexpr int64_t kPad = 8;      // Rp is a multiple of this
@@ -209,21 +208,13 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const Work& w, int side, int
 
 using ChunkFn = void (*)(const Work&, int, int64_t, int64_t, double*, double*);
 
-// The widest kernel this processor runs; LISPETORCH_GRAM_ISA=avx2 or =aten caps it (read once per process: for
-// processors where AVX-512 lowers the clock, and for testing every path on one machine).
+// The widest kernel this processor runs, as capped by LISPETORCH_ISA (simd.h); none under =aten.
 ChunkFn chunk_kernel() {
-  static const ChunkFn fn = [] {
-    __builtin_cpu_init();
-    const char* cap = std::getenv("LISPETORCH_GRAM_ISA");
-    const std::string isa = cap ? cap : "";
-    TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "aten",
-                "LISPETORCH_GRAM_ISA must be avx2 or aten (or unset), got '", isa, "'");
-    if (isa == "aten") return static_cast<ChunkFn>(nullptr);
-    if (isa != "avx2" && __builtin_cpu_supports("avx512f")) return &chunk_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &chunk_avx2;
-    return static_cast<ChunkFn>(nullptr);
-  }();
-  return fn;
+  switch (simd::isa()) {
+    case simd::Isa::avx512: return &chunk_avx512;
+    case simd::Isa::avx2: return &chunk_avx2;
+    default: return nullptr;
+  }
 }
 
 Factor as_factor(const at::Tensor& t) {

@@ -14,20 +14,42 @@
 
 #define LT_INLINE inline __attribute__((always_inline))
 
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
 namespace lispetorch::simd {
 
-// The AVX-512 variant where the processor has it, else AVX2, else the baseline build.
+enum class Isa { aten, avx2, avx512 };
+
+// The widest vector unit the CPU kernels use: the processor's, capped by LISPETORCH_ISA=avx2 or =aten (read once per
+// process: for processors where AVX-512 lowers the clock, and for testing every path on one machine; aten leaves the
+// work to ATen, or to the kernels' baseline build where they have no ATen path).
+inline Isa isa() {
+  static const Isa chosen = [] {
+    const char* cap = std::getenv("LISPETORCH_ISA");
+    const std::string want = cap ? cap : "";
+    TORCH_CHECK(want.empty() || want == "avx2" || want == "aten",
+                "LISPETORCH_ISA must be avx2 or aten (or unset), got '", want, "'");
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (want.empty() && __builtin_cpu_supports("avx512f")) return Isa::avx512;
+    if (want != "aten" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+    return Isa::aten;
+  }();
+  return chosen;
+}
+
+// The AVX-512 variant where isa() allows it, else AVX2, else the baseline build.
 template <typename Fn>
 Fn widest(Fn avx512, Fn avx2, Fn baseline) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return avx512;
-  if (__builtin_cpu_supports("avx2")) return avx2;
-#else
-  (void)avx512;
-  (void)avx2;
-#endif
-  return baseline;
+  switch (isa()) {
+    case Isa::avx512: return avx512;
+    case Isa::avx2: return avx2;
+    default: return baseline;
+  }
 }
 
 }  // namespace lispetorch::simd
