@@ -64,7 +64,10 @@ def test_outputs_equal_per_adapter_forwards_and_peft(tmp_path):
 
 
 def test_training_gradients_reach_each_samples_adapter_only(tmp_path):
+    # float64: the mixed batch and the per-adapter passes sum in other orders, so in float32 they agree to a few
+    # rounding errors of the model's scale only; in float64 the comparison can be tight
     _, model = with_adapters(tmp_path)
+    model.double()
     ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(3))
     names = ["a", "c", "a", "__base__"]
     model.train()
@@ -73,7 +76,7 @@ def test_training_gradients_reach_each_samples_adapter_only(tmp_path):
               for n in NAMES}
     out = model(input_ids=ids, adapter_names=names).logits
     # a loss that is a sum over samples, so the mixed gradient is the sum of per-sample ones
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     (out * weights).sum().backward()
     mixed = {n: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
              for n, ps in params.items()}
@@ -84,7 +87,7 @@ def test_training_gradients_reach_each_samples_adapter_only(tmp_path):
         lt.set_trainable_adapters(model, NAMES)
         (model(input_ids=ids[rows]).logits * weights[rows]).sum().backward()
         for mine, p in zip(mixed[n], params[n], strict=True):
-            torch.testing.assert_close(mine, p.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine, p.grad, rtol=1e-10, atol=1e-12)
         model.zero_grad(set_to_none=True)
     assert all(torch.count_nonzero(g) == 0 for g in mixed["b"])  # no sample used b
     assert all(torch.count_nonzero(g) > 0 for g in mixed["a"] + mixed["c"])

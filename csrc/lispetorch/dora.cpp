@@ -53,11 +53,22 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
   const at::Tensor A = lora_A.to(acc);                                            // (r, in)
   at::Tensor C = lora_B.to(acc);                                                  // (out, r)
   if (has(lora_R)) C = at::mm(C, lora_R->to(acc));                                // B R
-  const at::Tensor P = at::mm(weight, lora_A.to(weight.scalar_type()).t()).to(acc);  // W Aᵀ (out, r)
   const at::Tensor Q = at::mm(A, A.t());                                          // (r, r)
-  const std::vector<int64_t> rows{1};
-  at::Tensor w2 = at::linalg_vector_norm(weight, 2, rows, false, acc);           // ‖wᵢ‖ (out)
-  w2.mul_(w2);
+  at::Tensor P, w2;                                                               // W Aᵀ (out, r), ‖wᵢ‖² (out)
+  const auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); };
+  if (f32(weight) && f32(lora_A) && lora_A.size(0) <= 64 &&
+      detail::skinny_available(weight, weight.size(0), weight.size(1))) {
+    // float32 on CPU: both from one pass over W
+    const int64_t r = lora_A.size(0);
+    P = detail::skinny_rows_panel(weight.contiguous(), detail::skinny_pack(lora_A.t(), weight.size(1),
+                                                                           detail::skinny_pad(r), 1.0),
+                                  r, 0.0, 0, &w2);
+  } else {
+    P = at::mm(weight, lora_A.to(weight.scalar_type()).t()).to(acc);
+    const std::vector<int64_t> rows{1};
+    w2 = at::linalg_vector_norm(weight, 2, rows, false, acc);
+    w2.mul_(w2);
+  }
   w2.add_(at::sum(C * P, 1), 2.0 * scale);
   w2.add_(at::sum(at::mm(C, Q).mul_(C), 1), scale * scale);
   return w2.clamp_min_(0).sqrt_();                                                // (out)
@@ -170,13 +181,29 @@ std::vector<at::Tensor> dora_linear_backward(
   const c10::ScalarType acc = norm.scalar_type();
   const at::Tensor g = dora_scale(magnitude, norm);                               // (out), accumulation dtype
   const at::Tensor g2 = grad.reshape({-1, out});                                  // (N, out)
+  const bool need_sums = need_m || need_b;
   at::Tensor col_dot, col_sum;
-  if (need_m || need_b) std::tie(col_dot, col_sum) = column_dots(g2, y.reshape({-1, out}), acc);
   std::vector<at::Tensor> grads;
+  const at::Tensor Wg = need_x ? scale_rows(weight, g) : weight;                  // only dL/dx reads it
+  const at::Tensor Bg = scale_rows(lora_B, g);
+  const std::array<bool, 6> inner_mask{need_x, need_w, false, need_A, need_B, need_R};
+  // On the skinny CPU kernels the column sums come from the pass over G that gives dL/dB.
+  auto fast = acc == at::kFloat
+                  ? lora_linear_backward_skinny(grad, x, Wg, lora_A, Bg, lora_R, hr, scale, dropout, seed, inner_mask,
+                                                need_sums ? std::optional<at::Tensor>(y) : std::nullopt)
+                  : std::nullopt;
+  if (fast && need_sums) {
+    const at::Tensor sums = fast->back();
+    fast->pop_back();
+    col_dot = sums[0];
+    col_sum = sums[1];
+  } else if (need_sums) {
+    std::tie(col_dot, col_sum) = column_dots(g2, y.reshape({-1, out}), acc);
+  }
   if (need_x || need_w || need_A || need_B || need_R) {
-    const at::Tensor Wg = need_x ? scale_rows(weight, g) : weight;                // only dL/dx reads it
-    const auto inner = lora_linear_backward(grad, x, Wg, lora_A, scale_rows(lora_B, g), lora_R, hr, scale, dropout,
-                                            seed, {need_x, need_w, false, need_A, need_B, need_R});
+    const auto inner = fast ? std::move(*fast)
+                            : lora_linear_backward(grad, x, Wg, lora_A, Bg, lora_R, hr, scale, dropout, seed,
+                                                   inner_mask);
     size_t k = 0;
     if (need_x) grads.push_back(inner.at(k++));
     if (need_w) grads.push_back(scale_rows(inner.at(k++), g));

@@ -1,12 +1,8 @@
-// Counter-based inverted dropout.
-//
-// The keep/drop decision for element i (row-major index into the tensor viewed as (N, in)) is
-//   u = mix32((mix32(lo32(i) ^ k1) + hi32(i) * 0x9E3779B9 + k2) mod 2³²),   keep = u >= round(p · 2³²)
-// with (k1, k2) derived from the seed by splitmix64 and mix32 Wellons' "lowbias32" integer hash. It is a pure
-// function of (seed, i): forward and backward produce the same mask without storing it, and every device
-// produces the same mask (the generic path below is plain ATen integer arithmetic; the CPU kernel is a fused
-// loop that tests check against it bit for bit).
+// Counter-based inverted dropout: the mask's draw is in mask.h, a pure function of (seed, index), so forward and
+// backward produce the same mask without storing it, and every device produces the same mask (the generic path
+// below is plain ATen integer arithmetic; the CPU kernel is a fused loop that tests check against it bit for bit).
 #include "lispetorch.h"
+#include "mask.h"
 #include "simd.h"
 
 #include <ATen/ATen.h>
@@ -23,43 +19,10 @@
 namespace lispetorch {
 namespace {
 
-struct MaskKey {
-  uint32_t k1, k2, threshold;
-  bool drop_all;
-};
-
-inline uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-MaskKey make_key(double p, int64_t seed) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1), got ", p);
-  uint64_t state = static_cast<uint64_t>(seed);
-  MaskKey key;
-  key.k1 = static_cast<uint32_t>(splitmix64(state));
-  key.k2 = static_cast<uint32_t>(splitmix64(state));
-  const double t = std::round(p * 4294967296.0);
-  key.threshold = static_cast<uint32_t>(std::min(t, 4294967295.0));
-  key.drop_all = false;
-  return key;
-}
-
-LT_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-inline uint32_t draw(uint64_t i, const MaskKey& key) {
-  const uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(i >> 32);
-  return mix32(mix32(lo ^ key.k1) + hi * 0x9E3779B9u + key.k2);
-}
+using MaskKey = mask::Key;
+using mask::draw;
+using mask::make_key;
+using mask::mix32;
 
 // Generic path: the same arithmetic in int64 ATen ops, masked to 32 bits after every step that can carry.
 at::Tensor mix32_aten(at::Tensor x) {

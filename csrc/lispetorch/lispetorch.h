@@ -139,6 +139,31 @@ bool gram_cpu_available(at::TensorList lora_A, at::TensorList lora_B);
 at::Tensor lora_grams_cpu(at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales,
                           const std::vector<std::vector<int64_t>>& ranks);
 
+// The fused linear's skinny products on CPU in float32 (skinny_cpu.cpp), the dropout mask (p, seed) applied where
+// the tall operand is read. Available for float32 CPU tensors of at most 2³² elements on processors with AVX2+FMA
+// or AVX-512. Factors are packed with their rank padded to skinny_pad(r) (zero rows or columns).
+bool skinny_available(const at::Tensor& x, int64_t rows, int64_t cols);
+int64_t skinny_pad(int64_t r);
+// s · t (any strides) copied into a contiguous (rows, cols) tensor, zeros past t's rows and columns.
+at::Tensor skinny_pack(const at::Tensor& t, int64_t rows, int64_t cols, double scale);
+// (N, width) = drop(a) P: a (N, K), P (K, skinny_pad(r)), width ≤ P's columns (the padding's columns come out 0);
+// with row_sq, also the squared norms of a's rows (N), from the same pass.
+at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed,
+                             at::Tensor* row_sq = nullptr);
+// (N, d) = bias + a Q: a (N, r), Q (r, d).
+at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias);
+// From a (N, rp) (rp = skinny_pad(r), padding columns 0) and b (N, d), in one pass over b: out = s · aᵀ drop(b)
+// (r, d), or its transpose (d, r), when want_out; c = mask ⊙ (a Q) (N, d) when Q (rp, d) is given (the mask of b's
+// elements; no mask when p is 0); with want_sums, sums (2, d) = (Σₙ bₙᵢ yₙᵢ, Σₙ bₙᵢ) of b before its mask (the
+// first row 0 without y (N, d)).
+struct SkinnyColumns {
+  at::Tensor out, c, sums;
+};
+SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r, double p, int64_t seed,
+                             bool want_out, const std::optional<at::Tensor>& Q, bool transposed = false,
+                             double scale = 1.0, bool want_sums = false,
+                             const std::optional<at::Tensor>& y = std::nullopt);
+
 // Input checks shared by every entry point; each message names the argument and the shapes it got.
 void check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -157,6 +182,13 @@ std::vector<at::Tensor> lora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr,
     double scale, double dropout, int64_t seed, std::array<bool, 6> output_mask);
+
+// lora_linear_backward on the skinny CPU kernels (skinny_cpu.cpp) where they take these tensors, else nullopt. Given
+// y (shaped like grad), the column sums (2, out) = (Σₙ Gₙᵢ yₙᵢ, Σₙ Gₙᵢ) follow the gradients, from the same pass.
+std::optional<std::vector<at::Tensor>> lora_linear_backward_skinny(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr, double scale,
+    double dropout, int64_t seed, std::array<bool, 6> output_mask, const std::optional<at::Tensor>& y);
 
 // The grouped kernels: forward returns (y, hr); backward the gradients whose mask entry is true, in the order
 // (x, weight, bias, A, B).

@@ -11,6 +11,40 @@ namespace lispetorch::detail {
 
 namespace {
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The largest rank the skinny kernels take: above it the products are no longer skinny and BLAS is the faster.
+constexpr int64_t kSkinnyMaxRank = 64;
+
+// Whether the CPU float32 kernels of skinny_cpu.cpp run this layer: every operand float32 on a CPU that has them,
+// no R, a rank up to kSkinnyMaxRank, and masks indexed within 2³².
+bool skinny(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+            const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R) {
+  const auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); };
+  return !has(lora_R) && lora_A.size(0) <= kSkinnyMaxRank && skinny_available(x2, x2.size(0), x2.size(1)) &&
+         f32(weight) && f32(lora_A) && f32(lora_B) && (!has(bias) || f32(*bias));
+}
+
+// A factor laid out for the kernels: s · t (K, r) as (K, skinny_pad(r)), zero columns after r.
+at::Tensor pack_columns(const at::Tensor& t, double s) { return skinny_pack(t, t.size(0), skinny_pad(t.size(1)), s); }
+// t (r, K) as (skinny_pad(r), K), zero rows after r.
+at::Tensor pack_rows(const at::Tensor& t) {
+  const int64_t r = t.size(0), rp = skinny_pad(r);
+  return r == rp && t.is_contiguous() ? t : skinny_pack(t, rp, t.size(1), 1.0);
+}
+
+// Forward on the skinny kernels: hr = drop(x) Aᵀ in one pass over x, y = b + s·hr Bᵀ, then the frozen product
+// accumulated into y by BLAS.
+std::tuple<at::Tensor, at::Tensor> skinny_forward(const at::Tensor& x2, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                  const at::Tensor& lora_B, double scale, double dropout,
+                                                  int64_t seed) {
+  const int64_t r = lora_A.size(0);
+  const at::Tensor hr = skinny_rows_panel(x2, pack_columns(lora_A.t(), 1.0), r, dropout, seed);  // (N, r)
+  at::Tensor y = skinny_small_rows(hr, skinny_pack(lora_B.t(), r, lora_B.size(0), scale), bias);   // (N, out)
+  y.addmm_(x2, weight.t());
+  return {y, hr};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
@@ -19,6 +53,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   check_lora_inputs(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout);
   const int64_t in = weight.size(1), out = weight.size(0);
   const at::Tensor x2 = x.reshape({-1, in});                                   // (N, in)
+  if (skinny(x2, weight, bias, lora_A, lora_B, lora_R)) {
+    auto [y, hr] = skinny_forward(x2.contiguous(), weight, bias, lora_A, lora_B, scale, dropout, seed);
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = out;
+    return {y.view(sizes), hr};
+  }
   at::Tensor y = has(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());  // (N, out)
   const at::Tensor xd = dropout > 0.0 ? lispetorch::dropout(x2, dropout, seed) : x2;     // (N, in)
   at::Tensor hr = at::mm(xd, lora_A.t());                                      // (N, r)
@@ -27,6 +67,58 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = out;
   return {y.view(sizes), hr};
+}
+
+// Backward on the skinny kernels: dL/dhr = s·G B in one pass over G; dL/dA = dL/dhᵀ drop(x) and the adapter's part
+// of dL/dx, mask ⊙ (dL/dh A), in one pass over x (G Wᵀᵀ then accumulated into it by BLAS); dL/dB = s·(Gᵀ hr) in one
+// more pass over G, which also sums G's columns (dL/db) and, given y, Σₙ Gₙᵢ yₙᵢ.
+std::optional<std::vector<at::Tensor>> lora_linear_backward_skinny(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr, double scale,
+    double dropout, int64_t seed, std::array<bool, 6> output_mask, const std::optional<at::Tensor>& y) {
+  const auto [need_x, need_w, need_b, need_A, need_B, need_R] = output_mask;
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0), rp = skinny_pad(r);
+  const bool need_xd = need_A || need_w;
+  if (need_R || (need_xd && !has(x))) return std::nullopt;
+  const at::Tensor g2 = grad.reshape({-1, out}).contiguous();                  // (N, out)
+  const at::Tensor x2 = need_xd ? x->reshape({-1, in}).contiguous() : at::Tensor();  // (N, in)
+  if (!skinny(need_xd ? x2 : g2, weight, std::nullopt, lora_A, lora_B, lora_R) || g2.scalar_type() != at::kFloat ||
+      hr.scalar_type() != at::kFloat || (has(y) && y->scalar_type() != at::kFloat)) {
+    return std::nullopt;
+  }
+  std::vector<at::Tensor> grads;
+  at::Tensor gx, grad_A;
+  if (need_x || need_A) {
+    const at::Tensor gh = skinny_rows_panel(g2, pack_columns(lora_B, scale), rp, 0.0, 0);  // (N, rp), padding 0
+    if (need_A) {
+      auto res = skinny_columns(gh, x2, r, dropout, seed, true,
+                                need_x ? std::optional<at::Tensor>(pack_rows(lora_A)) : std::nullopt);
+      grad_A = res.out;
+      gx = res.c;
+    } else {  // x may be absent: the adapter's part of dL/dx, then its mask
+      gx = skinny_small_rows(gh, pack_rows(lora_A), std::nullopt);  // gh's padding columns are 0
+      if (dropout > 0.0) dropout_inplace_(gx, dropout, seed);
+    }
+  }
+  SkinnyColumns last;
+  const bool want_sums = has(y) || need_b;
+  if (need_B || want_sums) {
+    const at::Tensor hp = r == rp ? hr.contiguous() : pack_columns(hr, 1.0);
+    last = skinny_columns(hp, g2, r, 0.0, 0, need_B, std::nullopt, /*transposed=*/true, scale, want_sums,
+                          has(y) ? std::optional<at::Tensor>(y->reshape({-1, out}).contiguous()) : std::nullopt);
+  }
+  if (need_x) {
+    gx.addmm_(g2, weight);
+    std::vector<int64_t> sizes = grad.sizes().vec();
+    sizes.back() = in;
+    grads.push_back(gx.view(sizes));
+  }
+  if (need_w) grads.push_back(at::mm(g2.t(), x2));
+  if (need_b) grads.push_back(last.sums[1]);
+  if (need_A) grads.push_back(grad_A);
+  if (need_B) grads.push_back(last.out);
+  if (has(y)) grads.push_back(last.sums);
+  return grads;
 }
 
 std::vector<at::Tensor> lora_linear_backward(
@@ -50,6 +142,10 @@ std::vector<at::Tensor> lora_linear_backward(
   TORCH_CHECK(!need_xd || x2.size(0) == n, "input has ", x2.size(0), " rows but grad_output has ", n);
 
   std::vector<at::Tensor> grads;
+  if (auto fast = lora_linear_backward_skinny(grad, x, weight, lora_A, lora_B, lora_R, hr, scale, dropout, seed,
+                                              output_mask, std::nullopt)) {
+    return std::move(*fast);
+  }
   at::Tensor ghr, gh;  // dL/dhr, dL/dh (N, r)
   if (need_x || need_A || need_R) {
     ghr = at::mm(g2, lora_B).mul_(scale);                                       // (N, r)

@@ -1,0 +1,138 @@
+"""The float32 CPU kernels of the fused operator's skinny products (csrc/lispetorch/skinny_cpu.cpp): the products with
+A and B, the dropout mask applied as they read, and the column sums DoRA's magnitude needs. Each result is checked
+against a float64 evaluation of the same formula with the same mask, element by element, within a bound on float32
+rounding: 1e-5 of the sum of the absolute values of the terms that element adds up (the same formula over |inputs|),
+so a missing or repeated term, about 1/K of that sum, fails. Shapes cover the vector tails (sizes not multiples of
+16), ranks padded to 16 and above it, several row blocks and both vector units (AVX2 in a process of its own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lispetorch import ops
+
+SHAPES = [  # (rows, in, out, r)
+    (1, 16, 16, 1),
+    (7, 37, 40, 17),
+    (64, 512, 64, 16),
+    (1029, 130, 33, 40),
+    (300, 96, 512, 64),
+]
+
+
+def reference(x, W, b, A, B, s, p, seed):
+    keep = ops.dropout_mask(x.detach().float(), p, seed).to(x.dtype) / (1 - p) if p > 0 else None
+    xd = x * keep if keep is not None else x
+    y = x @ W.T + s * (xd @ A.T) @ B.T
+    return y + b if b is not None else y
+
+
+def grads_of(fn, inputs, g):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    return [y.detach(), *torch.autograd.grad(y, leaves, g)]
+
+
+def bounded(got, want, bound, what):
+    err = (got.double() - want).abs()
+    limit = 1e-5 * bound + 1e-30
+    worst = (err / limit).max().item()
+    assert worst <= 1.0, f"{what}: error up to {worst:.3g} times the rounding bound"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_operator_in_float32_is_float64_within_rounding(shape, bias, p):
+    n, inp, out, r = shape
+    gen = torch.Generator().manual_seed(n + inp + out + r)
+    x, W, A, B, g = (torch.randn(*s, generator=gen, dtype=torch.float64)
+                     for s in ((n, inp), (out, inp), (r, inp), (out, r), (n, out)))
+    b = torch.randn(out, generator=gen, dtype=torch.float64) if bias else None
+    s, seed = 0.7, 4242
+    args = [x, A, B] + ([b] if bias else [])
+
+    def ours(x, A, B, *b):
+        return ops.lora_linear(x, W.float(), b[0] if b else None, A, B, None, s, p, seed)
+
+    def exact(x, A, B, *b):
+        return reference(x, W, b[0] if b else None, A, B, s, p, seed)
+
+    def magnitude(x, A, B, *b):
+        return reference(x, W.abs(), b[0] if b else None, A, B, s, p, seed)
+
+    got = grads_of(ours, [t.float() for t in args], g.float())
+    want = grads_of(exact, args, g)
+    bound = grads_of(magnitude, [t.abs() for t in args], g.abs())
+    for name, gt, wt, bd in zip(["y", "dL/dx", "dL/dA", "dL/dB", "dL/db"], got, want, bound, strict=False):
+        bounded(gt, wt, bd, name)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Threads take whole row blocks or column stripes, so each sum runs in one order: hr, dL/dA and dL/dB are the
+    same bit for bit on one thread or two (the frozen layer's products are BLAS's and not compared)."""
+    gen = torch.Generator().manual_seed(3)
+    x, W, A, B, g = (torch.randn(*s, generator=gen) for s in ((777, 200), (96, 200), (16, 200), (96, 16), (777, 96)))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            _, hr = torch.ops.lispetorch.lora_linear_forward(x, W, None, A, B, None, 0.5, 0.2, 11)
+            dA, dB = torch.ops.lispetorch.lora_linear_backward(g, x, W, A, B, None, hr, 0.5, 0.2, 11,
+                                                               [False, False, False, True, True, False])
+            results.append((hr, dA, dB))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+def dora_reference(x, W, b, A, B, m, s, p, seed):
+    n = (W + s * B @ A).norm(dim=1).detach()
+    keep = ops.dropout_mask(x.detach().float(), p, seed).to(x.dtype) / (1 - p) if p > 0 else None
+    xd = x * keep if keep is not None else x
+    y = (m / n) * (x @ W.T + s * (xd @ A.T) @ B.T)
+    return y + b if b is not None else y
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "x".join(map(str, s)))
+def test_dora_operator_in_float32_is_float64_within_rounding(shape, p):
+    """DoRA's row norms from one pass over W and its magnitude's column sums from the pass over G that gives dL/dB:
+    the output and every gradient (x, A, B, m, b) against float64, relative to each tensor's largest value."""
+    n, inp, out, r = shape
+    gen = torch.Generator().manual_seed(r)
+    x, W, A, g = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((n, inp), (out, inp), (r, inp),
+                                                                                 (n, out)))
+    B = 0.3 * torch.randn(out, r, generator=gen, dtype=torch.float64)
+    m = W.norm(dim=1) * (1 + 0.1 * torch.rand(out, generator=gen, dtype=torch.float64))
+    b = torch.randn(out, generator=gen, dtype=torch.float64)
+    s, seed = 0.7, 77
+
+    def ours(x, A, B, m, b):
+        return ops.dora_linear(x, W.float(), b, A, B, None, m, s, p, seed)
+
+    def exact(x, A, B, m, b):
+        return dora_reference(x, W, b, A, B, m, s, p, seed)
+
+    got = grads_of(ours, [t.float() for t in (x, A, B, m, b)], g.float())
+    want = grads_of(exact, [x, A, B, m, b], g)
+    for name, gt, wt in zip(["y", "dL/dx", "dL/dA", "dL/dB", "dL/dm", "dL/db"], got, want, strict=True):
+        torch.testing.assert_close(gt.double(), wt, rtol=0, atol=1e-5 * wt.abs().max().item(), msg=name)
+
+
+def test_avx2_kernels_in_a_process_of_their_own():
+    """The kernels are chosen once per process: the AVX2 ones (LISPETORCH_ISA=avx2) run this file's float64 checks
+    in a process of their own (this machine's own choice is the widest it has)."""
+    code = ("import sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
+            "'within_rounding and not 300x', 'test_skinny_kernels.py']))")
+    env = {**os.environ, "LISPETORCH_ISA": "avx2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
