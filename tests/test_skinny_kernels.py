@@ -127,12 +127,31 @@ def test_dora_operator_in_float32_is_float64_within_rounding(shape, p):
         torch.testing.assert_close(gt.double(), wt, rtol=0, atol=1e-5 * wt.abs().max().item(), msg=name)
 
 
-def test_avx2_kernels_in_a_process_of_their_own():
+def test_avx2_kernels_and_aten_in_processes_of_their_own():
     """The kernels are chosen once per process: the AVX2 ones (LISPETORCH_ISA=avx2) run this file's float64 checks
-    in a process of their own (this machine's own choice is the widest it has)."""
+    in a process of their own (this machine's own choice is the widest it has), and under LISPETORCH_ISA=aten the
+    operators take ATen's products and pass the same checks."""
     code = ("import sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
-            "'within_rounding and not 300x', 'test_skinny_kernels.py']))")
-    env = {**os.environ, "LISPETORCH_ISA": "avx2"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(__file__))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+            "'(within_rounding and not 300x) or row_norms', 'test_skinny_kernels.py']))")
+    for isa in ("avx2", "aten"):
+        env = {**os.environ, "LISPETORCH_ISA": isa}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                              cwd=os.path.dirname(__file__))
+        assert done.returncode == 0, isa + ": " + done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("with_R", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 1), (40, 37, 17), (512, 512, 16), (33, 130, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_dora_row_norms_are_the_norms_of_the_sum(shape, with_R):
+    """‖Wᵢ + s·(B R A)ᵢ‖ with the sum's rows formed in registers, never stored: against the float64 norms of the
+    formed sum, within float32 rounding of ‖Wᵢ‖ + s‖(B R A)ᵢ‖."""
+    out, inp, r = shape
+    gen = torch.Generator().manual_seed(out * inp)
+    W, A, B = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((out, inp), (r, inp), (out, r)))
+    R = torch.eye(r, dtype=torch.float64) + 0.1 * torch.randn(r, r, generator=gen, dtype=torch.float64) \
+        if with_R else None
+    delta = 0.7 * (B @ R if with_R else B) @ A
+    want = (W + delta).norm(dim=1)
+    got = ops.dora_norm(W.float(), A.float(), B.float(), R.float() if with_R else None, 0.7)
+    bounded(got, want, W.norm(dim=1) + delta.norm(dim=1), "row norms")

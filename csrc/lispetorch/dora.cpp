@@ -3,7 +3,9 @@
 //   W' = m ⊙ (W + s·B R A) / n,   n = ‖W + s·B R A‖ per output row (a constant in backward, as the paper proposes),
 //   y  = g ⊙ (x Wᵀ + s · hr Bᵀ) + b,   g = m / n (out),   hr = drop(x) Aᵀ Rᵀ (N, r)
 //
-// The row norms never form the (out, in) sum: with C = B R (out, r), P = W Aᵀ (out, r) and the Gram Q = A Aᵀ (r, r),
+// The row norms never form the (out, in) sum. On the CPU in float32 each row of W + s·C A (C = B R) is formed a
+// vector at a time in registers and its squares summed, in one pass over W (skinny_cpu.cpp). Elsewhere, with
+// P = W Aᵀ (out, r) and the Gram Q = A Aᵀ (r, r),
 //   n² = ‖wᵢ‖² + 2s Cᵢ·Pᵢ + s² Cᵢ Q Cᵢᵀ,
 // one (out, in)×(in, r) product and a pass over W. A row whose norm is 0 (a zero row of W + s·B R A) has g = 0.
 //
@@ -50,25 +52,21 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
                      const std::optional<at::Tensor>& lora_R, double scale) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
   const c10::ScalarType acc = detail::accumulate_type(weight.scalar_type());
+  const auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); };
+  if (f32(weight) && f32(lora_A) && f32(lora_B) && (!has(lora_R) || f32(*lora_R)) &&
+      detail::skinny_available(weight, weight.size(0), weight.size(1))) {
+    // float32 on CPU: the rows of W + s·C A formed a vector at a time in one pass over W, their norms summed
+    const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;
+    return detail::skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale);
+  }
   const at::Tensor A = lora_A.to(acc);                                            // (r, in)
   at::Tensor C = lora_B.to(acc);                                                  // (out, r)
   if (has(lora_R)) C = at::mm(C, lora_R->to(acc));                                // B R
   const at::Tensor Q = at::mm(A, A.t());                                          // (r, r)
-  at::Tensor P, w2;                                                               // W Aᵀ (out, r), ‖wᵢ‖² (out)
-  const auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); };
-  if (f32(weight) && f32(lora_A) && lora_A.size(0) <= 64 &&
-      detail::skinny_available(weight, weight.size(0), weight.size(1))) {
-    // float32 on CPU: both from one pass over W
-    const int64_t r = lora_A.size(0);
-    P = detail::skinny_rows_panel(weight.contiguous(), detail::skinny_pack(lora_A.t(), weight.size(1),
-                                                                           detail::skinny_pad(r), 1.0),
-                                  r, 0.0, 0, &w2);
-  } else {
-    P = at::mm(weight, lora_A.to(weight.scalar_type()).t()).to(acc);
-    const std::vector<int64_t> rows{1};
-    w2 = at::linalg_vector_norm(weight, 2, rows, false, acc);
-    w2.mul_(w2);
-  }
+  const at::Tensor P = at::mm(weight, lora_A.to(weight.scalar_type()).t()).to(acc);  // W Aᵀ (out, r)
+  const std::vector<int64_t> rows{1};
+  at::Tensor w2 = at::linalg_vector_norm(weight, 2, rows, false, acc);           // ‖wᵢ‖ (out)
+  w2.mul_(w2);
   w2.add_(at::sum(C * P, 1), 2.0 * scale);
   w2.add_(at::sum(at::mm(C, Q).mul_(C), 1), scale * scale);
   return w2.clamp_min_(0).sqrt_();                                                // (out)

@@ -146,16 +146,17 @@ bool skinny_available(const at::Tensor& x, int64_t rows, int64_t cols);
 int64_t skinny_pad(int64_t r);
 // s · t (any strides) copied into a contiguous (rows, cols) tensor, zeros past t's rows and columns.
 at::Tensor skinny_pack(const at::Tensor& t, int64_t rows, int64_t cols, double scale);
-// (N, width) = drop(a) P: a (N, K), P (K, skinny_pad(r)), width ≤ P's columns (the padding's columns come out 0);
-// with row_sq, also the squared norms of a's rows (N), from the same pass.
-at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed,
-                             at::Tensor* row_sq = nullptr);
+// (N, width) = drop(a) P: a (N, K), P (K, skinny_pad(r)), width ≤ P's columns (the padding's columns come out 0).
+at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed);
 // (N, d) = bias + a Q: a (N, r), Q (r, d).
 at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias);
 // From a (N, rp) (rp = skinny_pad(r), padding columns 0) and b (N, d), in one pass over b: out = s · aᵀ drop(b)
 // (r, d), or its transpose (d, r), when want_out; c = mask ⊙ (a Q) (N, d) when Q (rp, d) is given (the mask of b's
 // elements; no mask when p is 0); with want_sums, sums (2, d) = (Σₙ bₙᵢ yₙᵢ, Σₙ bₙᵢ) of b before its mask (the
 // first row 0 without y (N, d)).
+// ‖Wᵢ + s·Cᵢ A‖ for the rows of weight (out, in): C (out, r), A (r, in) contiguous; one pass over W, the sum's rows
+// never stored.
+at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale);
 struct SkinnyColumns {
   at::Tensor out, c, sums;
 };

@@ -12,6 +12,8 @@
 //   columns      out (r, d)  = aᵀ drop(b)         a (N, rp) padded, b (N, d) tall: per stripe of one vector of
 //                c   (N, d)  = mask ⊙ (a Q)       columns, 16 rows of out accumulate over N in registers; c, when
 //                                                 asked, is the product with Q (rp, d) from the same loads of a
+//   row_norms    ‖Wᵢ + Cᵢ A‖ (N)                 DoRA's norms: each row of the sum formed a vector at a time, never
+//                                                 stored, 8 rows at once against one vector of A
 //
 // Every output element is summed in a fixed order whatever the number of threads (threads take whole row blocks or
 // whole column stripes), so results are reproducible run to run. Compiled for AVX-512 and for AVX2+FMA, chosen at
@@ -90,7 +92,7 @@ LT_INLINE V multipliers(const Mask& m, uint32_t idx0) {
 // rows_panel on rows [i0, i0 + RB): the rows of a (masked into buf when the mask is on), times P.
 template <typename V, typename U, int W, int RB>
 LT_INLINE void panel_tile(const float* a, int64_t K, const float* P, int64_t rp, int64_t width, float* out,
-                          float* sq, const Mask& m, int64_t i0, float* buf) {
+                          const Mask& m, int64_t i0, float* buf) {
   const float* src = a + i0 * K;
   if (m.on) {
     for (int ii = 0; ii < RB; ++ii) {
@@ -105,22 +107,6 @@ LT_INLINE void panel_tile(const float* a, int64_t K, const float* P, int64_t rp,
       for (; k < K; ++k) dst[k] = row[k] * multipliers<float, uint32_t, 1>(m, base + static_cast<uint32_t>(k));
     }
     src = buf;
-  }
-  if (sq) {  // Σₖ a²: the rows' squared norms
-    for (int ii = 0; ii < RB; ++ii) {
-      const float* row = src + ii * K;
-      V acc{};
-      int64_t k = 0;
-      for (; k + W <= K; k += W) {
-        const V v = load<V>(row + k);
-        acc += v * v;
-      }
-      float lanes[W], total = 0.0f;
-      store(lanes, acc, W);
-      for (int l = 0; l < W; ++l) total += lanes[l];
-      for (; k < K; ++k) total += row[k] * row[k];
-      sq[i0 + ii] = total;
-    }
   }
   for (int64_t c0 = 0; c0 < width; c0 += W) {
     V acc[RB];
@@ -137,14 +123,14 @@ LT_INLINE void panel_tile(const float* a, int64_t K, const float* P, int64_t rp,
 // rows_panel on the row blocks [b0, b1).
 template <typename V, typename U, int W>
 LT_INLINE void rows_panel_range(const float* a, int64_t N, int64_t K, const float* P, int64_t rp, int64_t width,
-                                float* out, float* sq, const Mask& m, int64_t b0, int64_t b1) {
+                                float* out, const Mask& m, int64_t b0, int64_t b1) {
   std::vector<float> buf(m.on ? static_cast<size_t>(kRowBlock * K) : 0);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t i0 = b * kRowBlock;
     if (i0 + kRowBlock <= N) {
-      panel_tile<V, U, W, kRowBlock>(a, K, P, rp, width, out, sq, m, i0, buf.data());
+      panel_tile<V, U, W, kRowBlock>(a, K, P, rp, width, out, m, i0, buf.data());
     } else {
-      for (int64_t i = i0; i < N; ++i) panel_tile<V, U, W, 1>(a, K, P, rp, width, out, sq, m, i, buf.data());
+      for (int64_t i = i0; i < N; ++i) panel_tile<V, U, W, 1>(a, K, P, rp, width, out, m, i, buf.data());
     }
   }
 }
@@ -209,6 +195,7 @@ LT_INLINE void columns_stripe(const float* a, int64_t N, int64_t rp, const float
     // The stripe steps d floats a row, past the hardware prefetchers' reach: fetched kAhead rows ahead instead.
     __builtin_prefetch(b + std::min(i + kAhead, N - 1) * d + o0);
     if (c && !first) __builtin_prefetch(c + std::min(i + kAhead, N - 1) * d + o0);
+    if (sums && out.y) __builtin_prefetch(out.y + std::min(i + kAhead, N - 1) * d + o0);
     V bv = load<V>(b + i * d + o0);
     if (sums) {
       if (out.y) dot += bv * load<V>(out.y + i * d + o0);
@@ -276,6 +263,49 @@ LT_INLINE void columns_range(const float* a, int64_t N, int64_t rp, const float*
   }
 }
 
+// row_norms on rows [i0, i0 + RB): ‖Wᵢ + Cᵢ A‖² with C already scaled, the rows of the sum formed a vector at a time
+// and never stored; A (r, K) row-major, read from the L1 cache.
+template <typename V, int W, int RB>
+LT_INLINE void norms_tile(const float* Wm, int64_t K, const float* C, const float* A, int64_t r, float* out,
+                          int64_t i0) {
+  V sq[RB];
+  for (int ii = 0; ii < RB; ++ii) sq[ii] = V{};
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V acc[RB];
+    for (int ii = 0; ii < RB; ++ii) acc[ii] = load<V>(Wm + (i0 + ii) * K + k);
+    for (int64_t j = 0; j < r; ++j) {
+      const V a = load<V>(A + j * K + k);
+      for (int ii = 0; ii < RB; ++ii) acc[ii] += C[(i0 + ii) * r + j] * a;
+    }
+    for (int ii = 0; ii < RB; ++ii) sq[ii] += acc[ii] * acc[ii];
+  }
+  for (int ii = 0; ii < RB; ++ii) {
+    float lanes[W], total = 0.0f;
+    store(lanes, sq[ii], W);
+    for (int l = 0; l < W; ++l) total += lanes[l];
+    for (int64_t kk = k; kk < K; ++kk) {  // the columns past the last whole vector
+      float v = Wm[(i0 + ii) * K + kk];
+      for (int64_t j = 0; j < r; ++j) v += C[(i0 + ii) * r + j] * A[j * K + kk];
+      total += v * v;
+    }
+    out[i0 + ii] = total;
+  }
+}
+
+template <typename V, int W>
+LT_INLINE void row_norms_range(const float* Wm, int64_t N, int64_t K, const float* C, const float* A, int64_t r,
+                               float* out, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t i0 = b * kRowBlock;
+    if (i0 + kRowBlock <= N) {
+      norms_tile<V, W, kRowBlock>(Wm, K, C, A, r, out, i0);
+    } else {
+      for (int64_t i = i0; i < N; ++i) norms_tile<V, W, 1>(Wm, K, C, A, r, out, i);
+    }
+  }
+}
+
 typedef float v16sf __attribute__((vector_size(64)));
 typedef uint32_t v16su __attribute__((vector_size(64)));
 typedef float v8sf __attribute__((vector_size(32)));
@@ -284,9 +314,9 @@ typedef uint32_t v8su __attribute__((vector_size(32)));
 // The kernels' loops live in functions compiled for one vector unit each; at::parallel_for's workers call them.
 #define LT_SKINNY_VARIANTS(TGT, suffix, V, U, W)                                                               \
   __attribute__((target(TGT))) void rows_panel_##suffix(const float* a, int64_t N, int64_t K, const float* P,     \
-                                                        int64_t rp, int64_t w, float* out, float* sq,             \
-                                                        const Mask& m, int64_t b0, int64_t b1) {                  \
-    rows_panel_range<V, U, W>(a, N, K, P, rp, w, out, sq, m, b0, b1);                                            \
+                                                        int64_t rp, int64_t w, float* out, const Mask& m,         \
+                                                        int64_t b0, int64_t b1) {                                 \
+    rows_panel_range<V, U, W>(a, N, K, P, rp, w, out, m, b0, b1);                                                \
   }                                                                                                            \
   __attribute__((target(TGT))) void small_rows_##suffix(const float* a, int64_t N, int64_t r, const float* Q,     \
                                                         int64_t d, const float* bias, float* out, int64_t b0,     \
@@ -297,6 +327,11 @@ typedef uint32_t v8su __attribute__((vector_size(32)));
                                                      int64_t d, const Mask& m, const Out& out, int64_t r,         \
                                                      const float* Q, float* c, int64_t s0, int64_t s1) {          \
     columns_range<V, U, W>(a, N, rp, b, d, m, out, r, Q, c, s0, s1);                                           \
+  }                                                                                                            \
+  __attribute__((target(TGT))) void row_norms_##suffix(const float* Wm, int64_t N, int64_t K, const float* C,     \
+                                                       const float* A, int64_t r, float* out, int64_t b0,         \
+                                                       int64_t b1) {                                              \
+    row_norms_range<V, W>(Wm, N, K, C, A, r, out, b0, b1);                                                     \
   }
 
 LT_SKINNY_VARIANTS("avx512f", avx512, v16sf, v16su, 16)
@@ -348,23 +383,20 @@ bool skinny_available(const at::Tensor& x, int64_t rows, int64_t cols) {
 
 int64_t skinny_pad(int64_t r) { return (r + kJ - 1) / kJ * kJ; }
 
-at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed,
-                             at::Tensor* row_sq) {
+at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed) {
   check_tall(a, "rows_panel's a");
   check_tall(P, "rows_panel's P");
   TORCH_CHECK(P.size(0) == a.size(1) && P.size(1) % kJ == 0 && P.size(1) >= width, "rows_panel: P ", P.sizes(),
               " does not fit a ", a.sizes(), " and width ", width);
   at::Tensor out = at::empty({a.size(0), width}, a.options());
   const Mask m = make_mask(p, seed);
-  if (row_sq) *row_sq = at::empty({a.size(0)}, a.options());
-  float* qp = row_sq ? row_sq->mutable_data_ptr<float>() : nullptr;
   const auto fn = unit() == Isa::avx512 ? &rows_panel_avx512 : &rows_panel_avx2;
   const int64_t N = a.size(0), K = a.size(1), blocks = (N + kRowBlock - 1) / kRowBlock;
   const float* ap = a.const_data_ptr<float>();
   const float* pp = P.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kRowBlock)),
-                   [&](int64_t b0, int64_t b1) { fn(ap, N, K, pp, P.size(1), width, op, qp, m, b0, b1); });
+                   [&](int64_t b0, int64_t b1) { fn(ap, N, K, pp, P.size(1), width, op, m, b0, b1); });
   return out;
 }
 
@@ -425,14 +457,36 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
   return res;
 }
 
+
+at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale) {
+  check_tall(weight, "row_norms' weight");
+  check_tall(A, "row_norms' A");
+  TORCH_CHECK(C.dim() == 2 && C.size(0) == weight.size(0) && C.size(1) == A.size(0) && A.size(1) == weight.size(1),
+              "row_norms: C ", C.sizes(), " and A ", A.sizes(), " do not fit weight ", weight.sizes());
+  const at::Tensor Cs = skinny_pack(C, C.size(0), C.size(1), scale);
+  const int64_t N = weight.size(0), K = weight.size(1), r = A.size(0), blocks = (N + kRowBlock - 1) / kRowBlock;
+  at::Tensor out = at::empty({N}, weight.options());
+  const auto fn = unit() == Isa::avx512 ? &row_norms_avx512 : &row_norms_avx2;
+  const float* wp = weight.const_data_ptr<float>();
+  const float* cp = Cs.const_data_ptr<float>();
+  const float* ap = A.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kRowBlock * std::max<int64_t>(1, r)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { fn(wp, N, K, cp, ap, r, op, b0, b1); });
+  return out.sqrt_();
+}
+
 #else
 
 bool skinny_available(const at::Tensor&, int64_t, int64_t) { return false; }
+at::Tensor skinny_row_norms(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+  TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
+}
 at::Tensor skinny_pack(const at::Tensor&, int64_t, int64_t, double) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
 int64_t skinny_pad(int64_t r) { return r; }
-at::Tensor skinny_rows_panel(const at::Tensor&, const at::Tensor&, int64_t, double, int64_t, at::Tensor*) {
+at::Tensor skinny_rows_panel(const at::Tensor&, const at::Tensor&, int64_t, double, int64_t) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
 at::Tensor skinny_small_rows(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
