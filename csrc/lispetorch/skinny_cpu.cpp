@@ -27,6 +27,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 namespace lispetorch::detail {
 
@@ -66,6 +68,21 @@ LT_INLINE V load(const float* p) {
 template <typename V>
 LT_INLINE void store(float* p, const V& v, int64_t n) {
   std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
+}
+
+// Row blocks [b0, b1) of RB rows: tile(rb, i0) on rows [i0, i0 + rb), rb = RB for whole blocks, 1 for the rows past
+// the last (rb an std::integral_constant, so each tile is compiled for its size). The tile is an always-inline
+// lambda: it is compiled within the caller, for its vector unit.
+template <int RB, typename Tile>
+LT_INLINE void row_tiles(int64_t N, int64_t b0, int64_t b1, const Tile& tile) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t i0 = b * RB;
+    if (i0 + RB <= N) {
+      tile(std::integral_constant<int, RB>{}, i0);
+    } else {
+      for (int64_t i = i0; i < N; ++i) tile(std::integral_constant<int, 1>{}, i);
+    }
+  }
 }
 
 // 0, 1, …, W−1 (a constant the compiler folds).
@@ -125,14 +142,9 @@ template <typename V, typename U, int W>
 LT_INLINE void rows_panel_range(const float* a, int64_t N, int64_t K, const float* P, int64_t rp, int64_t width,
                                 float* out, const Mask& m, int64_t b0, int64_t b1) {
   std::vector<float> buf(m.on ? static_cast<size_t>(kRowBlock * K) : 0);
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t i0 = b * kRowBlock;
-    if (i0 + kRowBlock <= N) {
-      panel_tile<V, U, W, kRowBlock>(a, K, P, rp, width, out, m, i0, buf.data());
-    } else {
-      for (int64_t i = i0; i < N; ++i) panel_tile<V, U, W, 1>(a, K, P, rp, width, out, m, i, buf.data());
-    }
-  }
+  row_tiles<kRowBlock>(N, b0, b1, [&](auto rb, int64_t i0) __attribute__((always_inline)) {
+    panel_tile<V, U, W, decltype(rb)::value>(a, K, P, rp, width, out, m, i0, buf.data());
+  });
 }
 
 // small_rows on rows [i0, i0 + RB) and columns [o0, o0 + OB·W').
@@ -171,14 +183,9 @@ constexpr int64_t kSmallRows = 4;  // small_rows' register tile
 template <typename V, int W>
 LT_INLINE void small_rows_range(const float* a, int64_t N, int64_t r, const float* Q, int64_t d, const float* bias,
                                 float* out, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t i0 = b * kSmallRows;
-    if (i0 + kSmallRows <= N) {
-      small_rows_block<V, W, kSmallRows>(a, r, Q, d, bias, out, i0);
-    } else {
-      for (int64_t i = i0; i < N; ++i) small_rows_block<V, W, 1>(a, r, Q, d, bias, out, i);
-    }
-  }
+  row_tiles<kSmallRows>(N, b0, b1, [&](auto rb, int64_t i0) __attribute__((always_inline)) {
+    small_rows_block<V, W, decltype(rb)::value>(a, r, Q, d, bias, out, i0);
+  });
 }
 
 // columns on the stripe of columns [o0, o0 + W) for rows jc… of out (kJ of them, a and Q padded). Sums over the
@@ -296,14 +303,9 @@ LT_INLINE void norms_tile(const float* Wm, int64_t K, const float* C, const floa
 template <typename V, int W>
 LT_INLINE void row_norms_range(const float* Wm, int64_t N, int64_t K, const float* C, const float* A, int64_t r,
                                float* out, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t i0 = b * kRowBlock;
-    if (i0 + kRowBlock <= N) {
-      norms_tile<V, W, kRowBlock>(Wm, K, C, A, r, out, i0);
-    } else {
-      for (int64_t i = i0; i < N; ++i) norms_tile<V, W, 1>(Wm, K, C, A, r, out, i);
-    }
-  }
+  row_tiles<kRowBlock>(N, b0, b1, [&](auto rb, int64_t i0) __attribute__((always_inline)) {
+    norms_tile<V, W, decltype(rb)::value>(Wm, K, C, A, r, out, i0);
+  });
 }
 
 typedef float v16sf __attribute__((vector_size(64)));
