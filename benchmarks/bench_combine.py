@@ -42,6 +42,7 @@ Times are medians over ``--reps`` repetitions (the dense reference and PEFT: few
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -140,11 +141,33 @@ def reader_at(rev: str):
     return module
 
 
+def as_current(old_stream):
+    """An older ``stream`` called as the current one is: ``mapped`` accepted (the older reader reads as it reads),
+    and an iterator with a ``verify`` that checks nothing (the older reader checks what it checks as it reads)."""
+
+    class Unverified:
+        def __init__(self, it) -> None:
+            self.it = it
+
+        def __iter__(self):
+            return iter(self.it)
+
+        def verify(self) -> None:
+            pass
+
+    @contextlib.contextmanager
+    def stream(*args, mapped: bool = False, **kwargs):
+        with old_stream(*args, **kwargs) as it:
+            yield Unverified(it)
+
+    return stream
+
+
 def readers_side_by_side(cfg: dict, paths: list[Path], rev: str, reps: int) -> list[tuple]:
     """optimize with the current reader and with the one at ``rev``, alternating run by run on the same files (in
     the page cache, then evicted before each run): medians and the ratio current / ``rev``."""
     optimize_module = sys.modules["lispetorch.combine.optimize"]
-    readers = {"current": optimize_module.stream, rev: reader_at(rev).stream}
+    readers = {"current": optimize_module.stream, rev: as_current(reader_at(rev).stream)}
     rows = []
     for where, prepare in (("in page cache", lambda: None), ("evicted first", lambda: evict(paths))):
         times: dict[str, list[float]] = {k: [] for k in readers}

@@ -46,6 +46,7 @@ __all__ = [
     "nf4_quantize",
     "nf4_dequantize",
     "nf4_lora_linear",
+    "cpu_isa",
 ]
 
 
@@ -680,3 +681,14 @@ def _(x, blocksize=64):
 @torch.library.register_fake("lispetorch::nf4_dequantize")
 def _(packed, absmax, numel, blocksize, dtype):
     return packed.new_empty((numel,), dtype=dtype)
+
+
+def cpu_isa() -> str:
+    """The vector unit the CPU kernels use: ``"avx512"``, ``"avx2"``, or ``"aten"`` where they leave the work to ATen
+    (a processor without AVX2, or ``LISPETORCH_ISA=aten``; ``LISPETORCH_ISA=avx2`` caps it at AVX2). Chosen once
+    per process.
+
+    Raises:
+        RuntimeError: ``LISPETORCH_ISA`` set to another value.
+    """
+    return _ops.cpu_isa()

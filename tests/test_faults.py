@@ -339,20 +339,85 @@ def test_a_checkpoint_truncated_while_read_is_an_error_not_a_signal(tmp_path, da
         r.stdout
 
 
-def test_views_of_a_map_die_by_sigbus_which_is_why_stream_reads_copies(tmp_path):
+def test_views_of_a_map_die_by_sigbus_outside_the_guarded_gram(tmp_path):
+    """A view of a map cut short kills the process when Python reads it, even after a guarded Gram call has run
+    (the guard's handler is in place only during the call): why stream hands out views to the Gram alone."""
     d = _write_adapter_dir(tmp_path / "c", modules=2, width=4096)
     r = run_python(f"""
         import os
         from pathlib import Path
+        from lispetorch import ops
         from lispetorch.combine.reader import MappedFile
         w = Path({str(d / "adapter_model.safetensors")!r})
         f = MappedFile(w)
+        a = next(k for k in f.entries if ".layers.0." in k and "lora_A" in k)
+        A, B = f.views(a, a.replace("lora_A", "lora_B"))
+        ops.lora_gram_modules([A], [B], [1.0], 1)
         key = max(f.entries, key=lambda k: f.entries[k].end)
         v = f.tensor(key)
         os.truncate(w, 0)
         print(float(v.sum()))
     """)
     assert r.returncode == -signal.SIGBUS
+
+
+@pytest.mark.skipif(lt.ops.cpu_isa() == "aten", reason="the guarded reads are the vector kernels'")
+def test_the_gram_reads_views_of_a_file_cut_short_as_an_error_not_a_signal(tmp_path):
+    """stream(mapped=True) hands out views of the maps; the native Gram reads them under a SIGBUS guard, so a file
+    truncated after the views were made is an error naming the factor, and the process lives on."""
+    d = _write_adapter_dir(tmp_path / "c", modules=2, width=4096)
+    r = run_python(f"""
+        import os
+        from lispetorch import ops
+        from lispetorch.combine.reader import open_checkpoint, stream
+        c = open_checkpoint("c", {str(d)!r})
+        with stream([c], list(c.modules), mapped=True) as it:
+            m, As, Bs = next(it)
+            os.truncate(c.weights_file, 0)
+            try:
+                ops.lora_gram_modules(As, Bs, [1.0], 1)
+            except RuntimeError as e:
+                print("RuntimeError", str(e).splitlines()[0])
+            try:
+                it.verify()
+            except ValueError as e:
+                print(type(e).__name__, e)
+        print("alive")
+    """)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("RuntimeError lora_gram: SIGBUS reading lora_"), r.stdout
+    assert "(module 0, checkpoint 0): the memory it maps is gone" in lines[0], r.stdout
+    assert lines[1].startswith(f"AdapterFormatError {d / 'adapter_model.safetensors'} changed while it was being "
+                               "read (its size went from "), r.stdout
+    assert lines[-1] == "alive"
+
+
+@pytest.mark.skipif(lt.ops.cpu_isa() == "aten", reason="the guarded reads are the vector kernels'")
+def test_optimize_over_a_file_cut_short_during_the_gram_names_the_file(tmp_path):
+    """The optimizer end to end: a checkpoint truncated while its views are being read by the Gram is an
+    AdapterFormatError naming the file and what changed, and nothing is written."""
+    for n in ("a", "b"):
+        _write_adapter_dir(tmp_path / n, modules=4, width=4096, seed=ord(n))
+    victim = tmp_path / "a" / "adapter_model.safetensors"
+    r = run_python(f"""
+        import os
+        import lispetorch.combine as combine
+        from lispetorch import ops
+        gram = ops.lora_gram_modules
+        def cut_then_gram(*args):
+            os.truncate({str(victim)!r}, 0)
+            return gram(*args)
+        ops.lora_gram_modules = cut_then_gram
+        try:
+            combine.optimize({{"a": {str(tmp_path / "a")!r}, "b": {str(tmp_path / "b")!r}}}, "b")
+        except ValueError as e:
+            print(type(e).__name__, e)
+        print("alive")
+    """)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert f"AdapterFormatError {victim} changed while it was being read (its size went from" in r.stdout, r.stdout
+    assert r.stdout.splitlines()[-1] == "alive"
 
 
 def test_a_checkpoint_changed_after_it_was_opened(tmp_path):

@@ -24,9 +24,13 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <csetjmp>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -217,6 +221,59 @@ ChunkFn chunk_kernel() {
   }
 }
 
+// Reads of memory-mapped factors under a guard. A page of a map whose file was cut short underneath raises SIGBUS
+// when read; while a Gram call runs, its handler sends a thread that faults inside a chunk back to the start of
+// that chunk (siglongjmp to the sigsetjmp there), and the call ends with an error naming the factor instead of the
+// process dying. Between the sigsetjmp and the reads nothing is allocated or locked, so jumping back skips no
+// clean-up. A SIGBUS outside a guarded chunk (another thread, another cause) is passed on: the handler puts the
+// previous disposition back and returns, the faulting instruction runs again and meets it.
+thread_local sigjmp_buf* t_guard = nullptr;
+thread_local const void* t_fault = nullptr;
+struct sigaction g_previous;
+
+void on_sigbus(int, siginfo_t* info, void*) {
+  if (t_guard != nullptr) {
+    t_fault = info->si_addr;
+    siglongjmp(*t_guard, 1);
+  }
+  sigaction(SIGBUS, &g_previous, nullptr);
+}
+
+// Installs on_sigbus for the lifetime of one Gram call (one call at a time) and puts back what was there.
+class SigbusGuard {
+ public:
+  SigbusGuard() : lock_(mutex()) {
+    struct sigaction action {};
+    action.sa_sigaction = on_sigbus;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGBUS, &action, &g_previous);
+  }
+  ~SigbusGuard() { sigaction(SIGBUS, &g_previous, nullptr); }
+  SigbusGuard(const SigbusGuard&) = delete;
+  SigbusGuard& operator=(const SigbusGuard&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::lock_guard<std::mutex> lock_;
+};
+
+// Runs one chunk under the guard; false if it faulted (the fault's address in t_fault).
+bool guarded_chunk(ChunkFn kernel, const Work& w, int side, int64_t t0, int64_t n, double* panel, double* H) {
+  sigjmp_buf env;
+  if (sigsetjmp(env, 1) != 0) {
+    t_guard = nullptr;
+    return false;
+  }
+  t_guard = &env;
+  kernel(w, side, t0, n, panel, H);
+  t_guard = nullptr;
+  return true;
+}
+
 Factor as_factor(const at::Tensor& t) {
   return {t.data_ptr(), t.scalar_type(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
 }
@@ -277,17 +334,38 @@ at::Tensor lora_grams_cpu(at::TensorList lora_A, at::TensorList lora_B, at::Arra
   const int64_t acc = offset[M];
   std::vector<double> sums(static_cast<size_t>(nthreads * acc), 0.0);
   std::vector<std::unique_ptr<double[]>> panels(nthreads);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < nthreads, "lora_gram: thread ", tid, " outside the ", nthreads, " planned");
-    if (!panels[tid]) panels[tid].reset(new double[panel_size]);
-    for (int64_t c = begin; c < end; ++c) {
-      const Item& it = items[c];
-      const Work& w = work[it.module];
-      double* H = sums.data() + tid * acc + offset[it.module] + (it.side == 0 ? 0 : w.Rp * w.Rp);
-      kernel(w, it.side, it.t0, std::min(kChunk, (it.side == 0 ? w.in : w.out) - it.t0), panels[tid].get(), H);
-    }
-  });
+  std::atomic<const void*> fault{nullptr};
+  {
+    const SigbusGuard guard;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      TORCH_CHECK(tid >= 0 && tid < nthreads, "lora_gram: thread ", tid, " outside the ", nthreads, " planned");
+      if (!panels[tid]) panels[tid].reset(new double[panel_size]);
+      for (int64_t c = begin; c < end && fault.load() == nullptr; ++c) {
+        const Item& it = items[c];
+        const Work& w = work[it.module];
+        double* H = sums.data() + tid * acc + offset[it.module] + (it.side == 0 ? 0 : w.Rp * w.Rp);
+        const int64_t n = std::min(kChunk, (it.side == 0 ? w.in : w.out) - it.t0);
+        if (!guarded_chunk(kernel, w, it.side, it.t0, n, panels[tid].get(), H)) fault.store(t_fault);
+      }
+    });
+  }
+  if (const void* where = fault.load()) {
+    // The factor whose memory holds the address, to name it.
+    const auto* p = static_cast<const char*>(where);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < k; ++i)
+        for (const at::Tensor* t : {&lora_A[m * k + i], &lora_B[m * k + i]}) {
+          const auto* begin = static_cast<const char*>(t->data_ptr());
+          const int64_t extent = ((t->size(0) - 1) * t->stride(0) + (t->size(1) - 1) * t->stride(1) + 1) *
+                                 static_cast<int64_t>(t->element_size());
+          TORCH_CHECK(!(p >= begin && p < begin + extent), "lora_gram: SIGBUS reading ",
+                      t == &lora_A[m * k + i] ? "lora_A" : "lora_B", "[", m * k + i, "] (module ", m,
+                      ", checkpoint ", i, "): the memory it maps is gone (its file was cut short while mapped)");
+        }
+    TORCH_CHECK(false, "lora_gram: SIGBUS reading a factor: the memory it maps is gone (its file was cut short "
+                "while mapped)");
+  }
   for (int64_t t = 1; t < nthreads; ++t)
     for (int64_t i = 0; i < acc; ++i) sums[i] += sums[t * acc + i];
   // G[i][j] = sᵢ sⱼ Σ_{p ∈ block i, q ∈ block j} HA[p][q] · HB[p][q], from the upper triangles (p ≤ q).

@@ -1,6 +1,10 @@
 // The one place where the operator schemas of the `lispetorch` namespace are declared. Kernels are registered
 // at the end of the source file that implements them.
+#include "simd.h"
+
 #include <torch/library.h>
+
+#include <string>
 
 TORCH_LIBRARY(lispetorch, m) {
   m.set_python_module("lispetorch.ops");  // holds the fake (meta) implementations
@@ -65,4 +69,12 @@ TORCH_LIBRARY(lispetorch, m) {
   m.def("blockwise_dequantize(Tensor index, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
   m.def("nf4_quantize(Tensor x, int blocksize=64) -> (Tensor, Tensor)");
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, int numel, int blocksize, ScalarType dtype) -> Tensor");
+  // The vector unit the CPU kernels use (LISPETORCH_ISA caps it): "avx512", "avx2" or "aten".
+  m.def("cpu_isa() -> str", []() -> std::string {
+    switch (lispetorch::simd::isa()) {
+      case lispetorch::simd::Isa::avx512: return "avx512";
+      case lispetorch::simd::Isa::avx2: return "avx2";
+      default: return "aten";
+    }
+  });
 }

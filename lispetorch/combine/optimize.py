@@ -16,21 +16,22 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .. import ops
-from ..errors import ConfigError
+from ..errors import AdapterFormatError, ConfigError
 from .config import CombineConfig, load_config, verify_paths
-from .reader import Checkpoint, check_finite, common_modules, file_order, layer_of, open_checkpoint, stream
+from .reader import Checkpoint, check_finite, common_modules, file_order, layer_of, open_checkpoint, read_copies, stream
 from .solver import CONSTRAINTS, objective, solve
 from .stored import StoredCheckpoint, is_stored, open_stored, stream_stored
 
 
 def stream_factors(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None,
-                   in_file_order: bool = False):
+                   in_file_order: bool = False, mapped: bool = False):
     """:func:`~lispetorch.combine.reader.stream` over checkpoint directories (with ``in_file_order``, in the order
-    the factors lie in the files), or :func:`~lispetorch.combine.stored.stream_stored` over the extract or organize
-    step's files."""
+    the factors lie in the files; ``mapped``: views of the mapped files, see there), or
+    :func:`~lispetorch.combine.stored.stream_stored` over the extract or organize step's files."""
     if any(isinstance(c, StoredCheckpoint) for c in checkpoints):
         return stream_stored(checkpoints, modules, timer)
-    return stream(checkpoints, file_order(checkpoints, modules) if in_file_order else modules, timer)
+    order = file_order(checkpoints, modules) if in_file_order else modules
+    return stream(checkpoints, order, timer, mapped=True) if mapped else stream(checkpoints, order, timer)
 
 
 def open_list(config, names: list[str] | None = None, verbose: bool = False, log=print) \
@@ -75,17 +76,28 @@ def module_grams(checkpoints: list[Checkpoint], modules: list[str], timer: dict 
 
     def flush() -> None:
         t0 = time.perf_counter()
-        G = ops.lora_gram_modules([A for _, As, _, _ in batch for A in As], [B for _, _, Bs, _ in batch for B in Bs],
-                                  [x for *_, s in batch for x in s], k).numpy()             # (M, k, k)
+        try:
+            G = ops.lora_gram_modules([A for _, As, _, _ in batch for A in As],
+                                      [B for _, _, Bs, _ in batch for B in Bs],
+                                      [x for *_, s in batch for x in s], k).numpy()         # (M, k, k)
+        except RuntimeError as e:
+            if not mapped or "SIGBUS" not in str(e):
+                raise
+            it.verify()  # names the file cut short
+            raise AdapterFormatError(f"a checkpoint's file changed while it was being read ({e})") from None
+        if mapped:
+            it.verify()
         finite = np.isfinite(np.diagonal(G, axis1=1, axis2=2)).all(axis=1)
         for (m, As, Bs, _), Gm, ok in zip(batch, G, finite, strict=True):
-            if not ok:
-                check_finite(checkpoints, m, As, Bs)
+            if not ok:  # views of maps are read again as copies, where a truncation is an error
+                check_finite(checkpoints, m, *(read_copies(checkpoints, m) if mapped else (As, Bs)))
             grams[m] = Gm
         timer["gram_s"] = timer.get("gram_s", 0.0) + time.perf_counter() - t0
         batch.clear()
 
-    with stream_factors(checkpoints, modules, timer, in_file_order=True) as it:
+    # Views of the mapped files where the native Gram reads them (its reads turn a file cut short into an error).
+    mapped = ops.cpu_isa() != "aten" and not any(isinstance(c, StoredCheckpoint) for c in checkpoints)
+    with stream_factors(checkpoints, modules, timer, in_file_order=True, mapped=mapped) as it:
         for m, As, Bs in it:
             s = [c.modules[m].scale for c in checkpoints]
             if scales is not None:

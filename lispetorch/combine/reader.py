@@ -320,8 +320,9 @@ class MappedFile:
     A file changed in place underneath (truncated, copied over, ``rsync --inplace``) is an
     :class:`~lispetorch.errors.AdapterFormatError` naming the file: :meth:`read` compares the file's size and
     modification time with those it had when opened, before and after every read, and a short read is an error.
-    A view of a map (:meth:`tensor`) cannot be so guarded: a page of a map cut off by a truncation kills the
-    process with ``SIGBUS`` when read, so :func:`stream` reads copies.
+    A view of a map (:meth:`tensor`, :meth:`views`) cannot be so guarded in Python: a page of a map cut off by a
+    truncation kills the process with ``SIGBUS`` when read there, so :func:`stream` reads copies unless its caller
+    reads the views only in the native Gram, whose reads are guarded (``mapped``).
 
     ``entries`` and ``size``: what the file held when its checkpoint was opened, and ``header`` the bytes they
     were read from (:attr:`Checkpoint.header`): a file whose header bytes and size are still those is not parsed
@@ -473,6 +474,45 @@ class MappedFile:
             t = t.view(dtype)
         return t.view(e.shape)
 
+    def views(self, *keys: str) -> list[torch.Tensor] | None:
+        """The tensors ``keys`` as views of the file mapped copy-on-write, or None where one of them is not aligned
+        for its dtype (a view would need a copy, read here unguarded). The file's size and modification time are
+        compared with those it had when opened before the views are made. Only for a reader that reads views
+        under a guard that turns a page cut off by a truncation into an error (the native Gram,
+        :func:`~lispetorch.ops.lora_gram_modules`): a plain read of such a page kills the process with ``SIGBUS``.
+
+        Raises:
+            AdapterFormatError: a dtype that is not floating-point; the file changed since it was opened.
+        """
+        changed = self._changed()
+        if changed is not None:
+            raise AdapterFormatError(f"{self.path} changed since it was opened ({changed})")
+        out = []
+        for key in keys:
+            e = self.entries[key]
+            dtype = _DTYPES.get(e.dtype)
+            if dtype is None:
+                raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
+            if e.end == e.begin:
+                out.append(torch.empty(e.shape, dtype=dtype))
+                continue
+            if self._map is None:
+                self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+            if (self._address + e.begin) % dtype.itemsize:
+                return None
+            out.append(torch.frombuffer(self._map, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize,
+                                        offset=e.begin).view(e.shape))
+        return out
+
+    def verify(self) -> None:
+        """Raises :class:`~lispetorch.errors.AdapterFormatError` if the file's size or modification time is no
+        longer what it was when opened: what was read from its map may not be what it held."""
+        changed = self._changed()
+        if changed is not None:
+            raise AdapterFormatError(f"{self.path} changed while it was being read ({changed}); nothing read from "
+                                     "it is used")
+
     def readahead(self, begin: int, end: int) -> None:
         """Starts reading bytes ``[begin, end)`` from the disk into the page cache and returns
         (``POSIX_FADV_WILLNEED``); the pages are there, or on their way, when :meth:`read` asks for them. Where the
@@ -524,10 +564,34 @@ def file_order(checkpoints: list[Checkpoint], modules: list[str]) -> list[str]:
     return sorted(modules, key=lambda m: entries[first.modules[m].key_A].begin)
 
 
+class Factors:
+    """The iterator :func:`stream` yields: ``(module, [Aᵢ], [Bᵢ])`` one module at a time, and :meth:`verify`."""
+
+    def __init__(self, gen: Iterator, files: list[MappedFile], mapped: bool) -> None:
+        self._gen, self._files, self.mapped = gen, files, mapped
+
+    def __iter__(self) -> Factors:
+        return self
+
+    def __next__(self) -> tuple[str, list[torch.Tensor], list[torch.Tensor]]:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def verify(self) -> None:
+        """With views of the maps: raises :class:`~lispetorch.errors.AdapterFormatError` naming a file that changed
+        since it was opened, so that what was read from it is not used (call it after reading the views). Copies
+        were checked as they were read: nothing to do."""
+        if self.mapped:
+            for f in self._files:
+                f.verify()
+
+
 @contextlib.contextmanager
 def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None = None, ahead: int = 64 << 20,
-           group: int = 4 << 20, background: bool = False) \
-        -> Iterator[Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor]]]]:
+           group: int = 4 << 20, background: bool = False, mapped: bool = False) \
+        -> Iterator[Factors]:
     """Opens every checkpoint's safetensors and yields an iterator over ``(module, [Aᵢ], [Bᵢ])``, one module at a
     time, in ``modules`` order. The factors are read into tensors of their own (see :meth:`MappedFile.read`), not
     views of mapped files: a file truncated or rewritten underneath is then an error naming it, never a signal.
@@ -542,6 +606,11 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
     modules should come in :func:`file_order`. With ``background``, the next group is read by a second thread
     while the caller works on this one (only worth it where a processor is free for it: the Gram's threads take
     them all). ``timer["read_s"]`` accumulates the time spent waiting for the reads.
+
+    With ``mapped``, the factors are views of the files mapped copy-on-write (:meth:`MappedFile.views`), for a
+    caller that reads them only where a page cut off by a truncation is an error, not a signal (the native Gram,
+    :func:`~lispetorch.ops.lora_gram_modules`, on a CPU with its vector kernels), and that calls the iterator's
+    :meth:`Factors.verify` after reading them. A group with a tensor not aligned for its dtype is read as copies.
 
     Raises:
         AdapterFormatError: a file that cannot be read, or changed since its checkpoint was opened.
@@ -591,9 +660,18 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
                 begin = max(started[i], f.entries[k[0]].begin)
                 started[i] = (max(started[i], end) + ahead + step - 1) // step * step
                 f.readahead(begin, started[i])
+        read = []
+        if mapped:
+            try:
+                for f, k in zip(files, keys, strict=True):
+                    read.append(f.views(*k))
+            except AdapterFormatError as e:
+                raise AdapterFormatError(f"checkpoint {checkpoints[len(read)].name!r}: {e}") from None
+            if all(v is not None for v in read):
+                return [(m, [t[2 * j] for t in read], [t[2 * j + 1] for t in read]) for j, m in enumerate(ms)]
+            read = []
         layouts = [f.layout(*k) for f, k in zip(files, keys, strict=True)]
         buffer, offset = buffers.take(sum(_aligned(lay[0]) for lay in layouts)), 0
-        read = []
         for c, f, k, lay in zip(checkpoints, files, keys, layouts, strict=True):
             try:
                 read.append(f.read(*k, buffer=buffer, offset=offset, layout=lay))
@@ -621,7 +699,7 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="lispetorch-read")) if background else None
-            it = gen(pool)
+            it = Factors(gen(pool), files, mapped)
             try:
                 yield it
             finally:
@@ -629,6 +707,21 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
     finally:
         for f in files:
             f.close()
+
+
+def read_copies(checkpoints: list[Checkpoint], module: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``([Aᵢ], [Bᵢ])`` of ``module``, read again from the files into memory of this process (:meth:`MappedFile.read`:
+    a file changed since its checkpoint was opened is an error)."""
+    As, Bs = [], []
+    for c in checkpoints:
+        f = MappedFile(c.weights_file, c.entries or None, c.file_size, c.header)
+        try:
+            A, B = f.read(c.modules[module].key_A, c.modules[module].key_B)
+        finally:
+            f.close()
+        As.append(A)
+        Bs.append(B)
+    return As, Bs
 
 
 def check_finite(checkpoints: list[Checkpoint], module: str, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> None:
