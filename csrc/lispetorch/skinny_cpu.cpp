@@ -442,7 +442,7 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
   SkinnyColumns res;
   if (want_out) res.out = at::empty(transposed ? at::IntArrayRef{d, r} : at::IntArrayRef{r, d}, b.options());
   if (with_c) res.c = at::empty({N, d}, b.options());
-  if (want_sums) res.sums = at::empty({2, d}, b.options());  // Σ b y, Σ b
+  if (want_sums) res.sums = at::zeros({2, d}, b.options());  // Σ b y (0 without y, or without rows), Σ b
   const Mask m = make_mask(p, seed);
   const auto fn = unit() == Isa::avx512 ? &columns_avx512 : &columns_avx2;
   const int64_t W = unit() == Isa::avx512 ? 16 : 8, stripes = d / W + d % W;
@@ -455,7 +455,6 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
   float* cp = with_c ? res.c.mutable_data_ptr<float>() : nullptr;
   at::parallel_for(0, stripes, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * W)),
                    [&](int64_t s0, int64_t s1) { fn(ap, N, rp, bp, d, m, o, r, qp, cp, s0, s1); });
-  if (want_sums && !with_y) res.sums[0].zero_();
   return res;
 }
 
