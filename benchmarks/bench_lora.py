@@ -29,7 +29,9 @@ For each target set (q,k,v,o and all-linear) the script measures:
    weights are checked to be bit-identical to the saved base state.
 5. One adapted layer alone (a 512 → 512 linear, the same tokens, r, alpha, dropout): the adapters' own cost in
    training (forward + backward) and eval inference above the bare layer's, many alternated turns. In the whole
-   model that cost is a few percent of a step, within this machine's noise; here it is measured precisely.
+   model that cost is a few percent of a step, within this machine's noise; here it is measured precisely. Beside
+   it, two references: the floor (the FLOPs of the adapter's products at the frozen layer's rate) and a pass over
+   x (a copy of it, in the same turns), the unit of the memory traffic the skinny products cost.
 
 Times use ``time.perf_counter``. The results are printed as Markdown tables (ratio = lispetorch / PEFT) and,
 with ``--out``, written to a file.
@@ -422,10 +424,14 @@ def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]], shape:
                 m(x)
         return run
 
+    def one_pass() -> None:  # a copy of x: one read and one write of the tall operand, at memory speed
+        x.clone()
+
     fns = [m for pair in models.values() for m in pair]
     for m in fns:
         m.train()
-    times = alternate(*map(train, fns), train(frozen), warmup=10, reps=reps)
+    times = alternate(*map(train, fns), train(frozen), one_pass, warmup=10, reps=reps)
+    t_pass = statistics.median(times.pop())
     t_floor = times[-1]
     for m in (*fns, frozen):
         m.eval()
@@ -434,7 +440,8 @@ def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]], shape:
     rate_train = 4 * tokens * 512 * 512 / statistics.median(t_floor)  # FLOP/s of the frozen layer
     rate_infer = 2 * tokens * 512 * 512 / statistics.median(i_floor)
     log(f"one layer {label}: frozen train {spread(t_floor)} ({rate_train / 1e9:.0f} GFLOP/s), "
-        f"eval {spread(i_floor)} ({rate_infer / 1e9:.0f} GFLOP/s)")
+        f"eval {spread(i_floor)} ({rate_infer / 1e9:.0f} GFLOP/s); a pass over x (a copy of its "
+        f"{x.numel() * x.element_size() / MIB:.0f} MiB) {t_pass * 1e6:.0f} µs")
 
     def us(seconds: float) -> str:
         return f"{seconds * 1e6:.0f}"
@@ -444,14 +451,16 @@ def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]], shape:
         floor_train, floor_infer = flops_train / rate_train, flops_infer / rate_infer
         ours_t, theirs_t = above(times[2 * k], t_floor), above(times[2 * k + 1], t_floor)
         ours_i, theirs_i = above(itimes[2 * k], i_floor), above(itimes[2 * k + 1], i_floor)
-        log(f"one layer {label} {kind}: train above frozen ours {us(ours_t)} µs, PEFT {us(theirs_t)} µs, floor "
-            f"{us(floor_train)} µs ({flops_train / 1e6:.0f} MFLOP); eval above ours {us(ours_i)} µs, PEFT "
-            f"{us(theirs_i)} µs, floor {us(floor_infer)} µs")
+        log(f"one layer {label} {kind}: train above frozen ours {us(ours_t)} µs ({ours_t / t_pass:.1f} passes "
+            f"over x), PEFT {us(theirs_t)} µs, floor {us(floor_train)} µs ({flops_train / 1e6:.0f} MFLOP); eval "
+            f"above ours {us(ours_i)} µs, PEFT {us(theirs_i)} µs, floor {us(floor_infer)} µs")
         rows += [
             [f"one layer {label}, {kind} train step above the frozen layer's {us(statistics.median(t_floor))} µs "
              "(µs)", "q_proj", us(ours_t), us(theirs_t), f"{ratio(ours_t, theirs_t):.3f}", "—"],
             [f"one layer {label}, {kind} train: ours / floor {us(floor_train)} µs", "q_proj", us(ours_t),
              us(floor_train), f"{ratio(ours_t, floor_train):.2f}", "≤ 1.5" if kind == "LoRA" else "—"],
+            [f"one layer {label}, {kind} train above the frozen layer, in passes over x (a copy of x: "
+             f"{us(t_pass)} µs)", "q_proj", us(ours_t), us(t_pass), f"{ratio(ours_t, t_pass):.1f}", "—"],
             [f"one layer {label}, {kind} eval forward above the plain layer's {us(statistics.median(i_floor))} µs "
              "(µs)", "q_proj", us(ours_i), us(theirs_i), f"{ratio(ours_i, theirs_i):.3f}", "—"],
             [f"one layer {label}, {kind} eval: ours / floor {us(floor_infer)} µs", "q_proj", us(ours_i),
