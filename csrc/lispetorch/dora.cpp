@@ -52,9 +52,8 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
                      const std::optional<at::Tensor>& lora_R, double scale) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
   const c10::ScalarType acc = detail::accumulate_type(weight.scalar_type());
-  const auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); };
-  if (f32(weight) && f32(lora_A) && f32(lora_B) && (!has(lora_R) || f32(*lora_R)) &&
-      detail::skinny_available(weight, weight.size(0), weight.size(1))) {
+  if (detail::skinny_available({weight, lora_A, lora_B, lora_R.value_or(at::Tensor())}, weight.size(0),
+                               weight.size(1))) {
     // float32 on CPU: the rows of W + s·C A formed a vector at a time in one pass over W, their norms summed
     const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;
     return detail::skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale);

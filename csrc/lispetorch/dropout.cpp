@@ -22,7 +22,6 @@ namespace {
 using MaskKey = mask::Key;
 using mask::draw;
 using mask::make_key;
-using mask::mix32;
 
 // Generic path: the same arithmetic in int64 ATen ops, masked to 32 bits after every step that can carry.
 at::Tensor mix32_aten(at::Tensor x) {
@@ -39,7 +38,7 @@ at::Tensor mix32_aten(at::Tensor x) {
 // 32-bit lanes that vectorises, compiled for each vector unit (simd.h; the integer arithmetic is the same on every
 // path, so the masks are too).
 LT_INLINE void draw_run_body(uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add) {
-  for (int64_t j = 0; j < len; ++j) u[j] = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
+  for (int64_t j = 0; j < len; ++j) u[j] = mask::draw_low(lo0 + static_cast<uint32_t>(j), k1, add);
 }
 LT_VECTOR_KERNEL(draw_run, (uint32_t* u, uint32_t lo0, int64_t len, uint32_t k1, uint32_t add),
                  (u, lo0, len, k1, add))
@@ -75,7 +74,7 @@ void for_each_block(int64_t n, const MaskKey& key, const F& fn) {
 LT_INLINE void dropout_run_f32_body(const float* in, float* out, uint32_t lo0, int64_t len, uint32_t k1,
                                     uint32_t add, uint32_t threshold, float scale) {
   for (int64_t j = 0; j < len; ++j) {
-    const uint32_t u = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
+    const uint32_t u = mask::draw_low(lo0 + static_cast<uint32_t>(j), k1, add);
     out[j] = in[j] * (u >= threshold ? scale : 0.0f);
   }
 }
@@ -87,7 +86,7 @@ LT_VECTOR_KERNEL(dropout_run_f32, (const float* in, float* out, uint32_t lo0, in
 LT_INLINE void dropout_pair_run_f32_body(const float* x, float* xd, float* g, uint32_t lo0, int64_t len,
                                          uint32_t k1, uint32_t add, uint32_t threshold, float scale) {
   for (int64_t j = 0; j < len; ++j) {
-    const uint32_t u = mix32(mix32((lo0 + static_cast<uint32_t>(j)) ^ k1) + add);
+    const uint32_t u = mask::draw_low(lo0 + static_cast<uint32_t>(j), k1, add);
     const float m = u >= threshold ? scale : 0.0f;
     xd[j] = x[j] * m;
     g[j] = g[j] * m;

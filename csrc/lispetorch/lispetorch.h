@@ -140,9 +140,10 @@ at::Tensor lora_grams_cpu(at::TensorList lora_A, at::TensorList lora_B, at::Arra
                           const std::vector<std::vector<int64_t>>& ranks);
 
 // The fused linear's skinny products on CPU in float32 (skinny_cpu.cpp), the dropout mask (p, seed) applied where
-// the tall operand is read. Available for float32 CPU tensors of at most 2³² elements on processors with AVX2+FMA
-// or AVX-512. Factors are packed with their rank padded to skinny_pad(r) (zero rows or columns).
-bool skinny_available(const at::Tensor& x, int64_t rows, int64_t cols);
+// the tall operand is read. Available where every operand (undefined ones aside) is a float32 CPU tensor, the masked
+// tall operand (rows, cols) has at most 2³² elements, and the processor has AVX2+FMA or AVX-512 (simd::isa). Factors
+// are packed with their rank padded to skinny_pad(r) (zero rows or columns).
+bool skinny_available(at::TensorList operands, int64_t rows, int64_t cols);
 int64_t skinny_pad(int64_t r);
 // s · t (any strides) copied into a contiguous (rows, cols) tensor, zeros past t's rows and columns.
 at::Tensor skinny_pack(const at::Tensor& t, int64_t rows, int64_t cols, double scale);
@@ -154,9 +155,6 @@ at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std
 // (r, d), or its transpose (d, r), when want_out; c = mask ⊙ (a Q) (N, d) when Q (rp, d) is given (the mask of b's
 // elements; no mask when p is 0); with want_sums, sums (2, d) = (Σₙ bₙᵢ yₙᵢ, Σₙ bₙᵢ) of b before its mask (the
 // first row 0 without y (N, d)).
-// ‖Wᵢ + s·Cᵢ A‖ for the rows of weight (out, in): C (out, r), A (r, in) contiguous; one pass over W, the sum's rows
-// never stored.
-at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale);
 struct SkinnyColumns {
   at::Tensor out, c, sums;
 };
@@ -164,6 +162,9 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
                              bool want_out, const std::optional<at::Tensor>& Q, bool transposed = false,
                              double scale = 1.0, bool want_sums = false,
                              const std::optional<at::Tensor>& y = std::nullopt);
+// ‖Wᵢ + s·Cᵢ A‖ for the rows of weight (out, in): C (out, r), A (r, in) contiguous; one pass over W, the sum's rows
+// never stored.
+at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale);
 
 // Input checks shared by every entry point; each message names the argument and the shapes it got.
 void check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

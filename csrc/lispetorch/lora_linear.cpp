@@ -15,13 +15,11 @@ inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t-
 // The largest rank the skinny kernels take: above it the products are no longer skinny and BLAS is the faster.
 constexpr int64_t kSkinnyMaxRank = 64;
 
-// Whether the CPU float32 kernels of skinny_cpu.cpp run this layer: every operand float32 on a CPU that has them,
-// no R, a rank up to kSkinnyMaxRank, and masks indexed within 2³².
-bool skinny(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-            const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R) {
-  const auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); };
-  return !has(lora_R) && lora_A.size(0) <= kSkinnyMaxRank && skinny_available(x2, x2.size(0), x2.size(1)) &&
-         f32(weight) && f32(lora_A) && f32(lora_B) && (!has(bias) || f32(*bias));
+// Whether the CPU float32 kernels of skinny_cpu.cpp run this layer: no R, a rank up to kSkinnyMaxRank, and the
+// operands as skinny_available takes them (rows × in the input's elements, which the mask indexes).
+bool skinny(at::TensorList operands, int64_t rows, int64_t in, const at::Tensor& lora_A,
+            const std::optional<at::Tensor>& lora_R) {
+  return !has(lora_R) && lora_A.size(0) <= kSkinnyMaxRank && skinny_available(operands, rows, in);
 }
 
 // A factor laid out for the kernels: s · t (K, r) as (K, skinny_pad(r)), zero columns after r.
@@ -53,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   check_lora_inputs(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout);
   const int64_t in = weight.size(1), out = weight.size(0);
   const at::Tensor x2 = x.reshape({-1, in});                                   // (N, in)
-  if (skinny(x2, weight, bias, lora_A, lora_B, lora_R)) {
+  if (skinny({x2, weight, lora_A, lora_B, bias.value_or(at::Tensor())}, x2.size(0), in, lora_A, lora_R)) {
     auto [y, hr] = skinny_forward(x2.contiguous(), weight, bias, lora_A, lora_B, scale, dropout, seed);
     std::vector<int64_t> sizes = x.sizes().vec();
     sizes.back() = out;
@@ -82,8 +80,7 @@ std::optional<std::vector<at::Tensor>> lora_linear_backward_skinny(
   if (need_R || (need_xd && !has(x))) return std::nullopt;
   const at::Tensor g2 = grad.reshape({-1, out}).contiguous();                  // (N, out)
   const at::Tensor x2 = need_xd ? x->reshape({-1, in}).contiguous() : at::Tensor();  // (N, in)
-  if (!skinny(need_xd ? x2 : g2, weight, std::nullopt, lora_A, lora_B, lora_R) || g2.scalar_type() != at::kFloat ||
-      hr.scalar_type() != at::kFloat || (has(y) && y->scalar_type() != at::kFloat)) {
+  if (!skinny({x2, g2, weight, lora_A, lora_B, hr, y.value_or(at::Tensor())}, g2.size(0), in, lora_A, lora_R)) {
     return std::nullopt;
   }
   std::vector<at::Tensor> grads;

@@ -48,9 +48,16 @@ LT_INLINE T mix32(T x) {
   return x;
 }
 
+// The draw of the indices whose low half is lo, add = hi32(i) · 0x9E3779B9 + k2 (k2 where i < 2³²): on uint32_t or
+// on vectors of them, as the kernels draw a run of indices at once.
+template <typename T>
+LT_INLINE T draw_low(T lo, uint32_t k1, uint32_t add) {
+  return mix32(mix32(lo ^ k1) + add);
+}
+
 inline uint32_t draw(uint64_t i, const Key& key) {
   const uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(i >> 32);
-  return mix32(mix32(lo ^ key.k1) + hi * 0x9E3779B9u + key.k2);
+  return draw_low(lo, key.k1, hi * 0x9E3779B9u + key.k2);
 }
 
 }  // namespace lispetorch::mask

@@ -1,6 +1,6 @@
 // Kernels compiled for several vector units from one body: LT_VECTOR_KERNEL(name, params, args) defines
 // name_avx512, name_avx2 and name_baseline, each calling the always-inline name_body(args) (so the compiler
-// vectorises it for that unit), and name_kernel(), the widest of them this processor runs, chosen once. The
+// vectorises it for that unit), and name_kernel(), the widest of them isa() allows, chosen once. The
 // integer and floating-point operations are the same in every variant; only the vector width differs.
 #pragma once
 

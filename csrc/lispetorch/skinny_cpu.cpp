@@ -4,7 +4,7 @@
 // dozen columns: BLAS runs them at about 75 % of its rate on the frozen layer's product, and the mask would take a
 // pass of its own. Here each is one pass over the tall operand with the rank-sized operand in registers or the L1
 // cache, the mask drawn lane by lane (mask.h) where the operand is read, and backward's two products that read
-// drop(x) (dL/dA and the adapter's part of dL/dx) share that pass. Three shapes:
+// drop(x) (dL/dA and the adapter's part of dL/dx) share that pass. Four kernels:
 //
 //   rows_panel   out (N, r)  = drop(a) P          a (N, K) tall, P (K, rp) the factor packed: register tiles of
 //                                                 8 rows × one vector of columns, K accumulated in one sweep
@@ -101,7 +101,7 @@ LT_INLINE U iota() {
 template <typename V, typename U, int W>
 LT_INLINE V multipliers(const Mask& m, uint32_t idx0) {
   const U idx = iota<U, W>() + idx0;
-  const U u = mask::mix32(mask::mix32(idx ^ m.key.k1) + m.key.k2);
+  const U u = mask::draw_low(idx, m.key.k1, m.key.k2);  // indices below 2³² (skinny_available)
   const V kept = V{} + m.scale, dropped = V{};
   return u >= U{} + m.key.threshold ? kept : dropped;
 }
@@ -340,7 +340,6 @@ LT_SKINNY_VARIANTS("avx512f", avx512, v16sf, v16su, 16)
 LT_SKINNY_VARIANTS("avx2,fma", avx2, v8sf, v8su, 8)
 
 using simd::Isa;
-inline Isa unit() { return simd::isa(); }
 
 Mask make_mask(double p, int64_t seed) {
   Mask m{p > 0.0, {}, 0.0f};
@@ -378,9 +377,12 @@ at::Tensor skinny_pack(const at::Tensor& t, int64_t rows, int64_t cols, double s
   return out;
 }
 
-bool skinny_available(const at::Tensor& x, int64_t rows, int64_t cols) {
-  return unit() != Isa::aten && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
-         static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) <= (1ull << 32);
+bool skinny_available(at::TensorList operands, int64_t rows, int64_t cols) {
+  if (simd::isa() == Isa::aten || static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) > (1ull << 32))
+    return false;
+  return std::all_of(operands.begin(), operands.end(), [](const at::Tensor& t) {
+    return !t.defined() || (t.device().is_cpu() && t.scalar_type() == at::kFloat);
+  });
 }
 
 int64_t skinny_pad(int64_t r) { return (r + kJ - 1) / kJ * kJ; }
@@ -392,7 +394,7 @@ at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t w
               " does not fit a ", a.sizes(), " and width ", width);
   at::Tensor out = at::empty({a.size(0), width}, a.options());
   const Mask m = make_mask(p, seed);
-  const auto fn = unit() == Isa::avx512 ? &rows_panel_avx512 : &rows_panel_avx2;
+  const auto fn = simd::isa() == Isa::avx512 ? &rows_panel_avx512 : &rows_panel_avx2;
   const int64_t N = a.size(0), K = a.size(1), blocks = (N + kRowBlock - 1) / kRowBlock;
   const float* ap = a.const_data_ptr<float>();
   const float* pp = P.const_data_ptr<float>();
@@ -410,7 +412,7 @@ at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std
   TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.numel() == Q.size(1)), "small_rows: bias ",
               b.sizes(), " does not fit Q ", Q.sizes());
   at::Tensor out = at::empty({a.size(0), Q.size(1)}, a.options());
-  const auto fn = unit() == Isa::avx512 ? &small_rows_avx512 : &small_rows_avx2;
+  const auto fn = simd::isa() == Isa::avx512 ? &small_rows_avx512 : &small_rows_avx2;
   const int64_t N = a.size(0), r = a.size(1), d = Q.size(1), blocks = (N + kSmallRows - 1) / kSmallRows;
   const float* ap = a.const_data_ptr<float>();
   const float* qp = Q.const_data_ptr<float>();
@@ -444,8 +446,8 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
   if (with_c) res.c = at::empty({N, d}, b.options());
   if (want_sums) res.sums = at::zeros({2, d}, b.options());  // Σ b y (0 without y, or without rows), Σ b
   const Mask m = make_mask(p, seed);
-  const auto fn = unit() == Isa::avx512 ? &columns_avx512 : &columns_avx2;
-  const int64_t W = unit() == Isa::avx512 ? 16 : 8, stripes = d / W + d % W;
+  const auto fn = simd::isa() == Isa::avx512 ? &columns_avx512 : &columns_avx2;
+  const int64_t W = simd::isa() == Isa::avx512 ? 16 : 8, stripes = d / W + d % W;
   const float* ap = a.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   const float* qp = with_c ? Q->const_data_ptr<float>() : nullptr;
@@ -458,7 +460,6 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
   return res;
 }
 
-
 at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale) {
   check_tall(weight, "row_norms' weight");
   check_tall(A, "row_norms' A");
@@ -467,7 +468,7 @@ at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const
   const at::Tensor Cs = skinny_pack(C, C.size(0), C.size(1), scale);
   const int64_t N = weight.size(0), K = weight.size(1), r = A.size(0), blocks = (N + kRowBlock - 1) / kRowBlock;
   at::Tensor out = at::empty({N}, weight.options());
-  const auto fn = unit() == Isa::avx512 ? &row_norms_avx512 : &row_norms_avx2;
+  const auto fn = simd::isa() == Isa::avx512 ? &row_norms_avx512 : &row_norms_avx2;
   const float* wp = weight.const_data_ptr<float>();
   const float* cp = Cs.const_data_ptr<float>();
   const float* ap = A.const_data_ptr<float>();
@@ -479,7 +480,7 @@ at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const
 
 #else
 
-bool skinny_available(const at::Tensor&, int64_t, int64_t) { return false; }
+bool skinny_available(at::TensorList, int64_t, int64_t) { return false; }
 at::Tensor skinny_row_norms(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
