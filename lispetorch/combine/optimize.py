@@ -31,7 +31,7 @@ def stream_factors(checkpoints: list[Checkpoint], modules: list[str], timer: dic
     if any(isinstance(c, StoredCheckpoint) for c in checkpoints):
         return stream_stored(checkpoints, modules, timer)
     order = file_order(checkpoints, modules) if in_file_order else modules
-    return stream(checkpoints, order, timer, mapped=True) if mapped else stream(checkpoints, order, timer)
+    return stream(checkpoints, order, timer, mapped=mapped)
 
 
 def open_list(config, names: list[str] | None = None, verbose: bool = False, log=print) \

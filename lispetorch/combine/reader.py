@@ -439,8 +439,7 @@ class MappedFile:
         finally:
             whole.release()
         if changed is not None:
-            raise AdapterFormatError(f"{self.path} changed while it was being read ({changed}); nothing read from "
-                                     "it is used")
+            raise self._changed_while_read(changed)
         out = []
         for key, at in zip(keys, places, strict=True):
             e = self.entries[key]
@@ -455,24 +454,16 @@ class MappedFile:
         """The tensor ``key`` as a view of the file mapped copy-on-write (a write to a view changes this process's
         pages, never the file; a copy only where its offset is not aligned for its dtype). Only for a file that
         nothing changes while the views live (see the class)."""
-        e = self.entries[key]
-        dtype = _DTYPES.get(e.dtype)
-        if dtype is None:
-            raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
-        if e.end == e.begin:
-            return torch.empty(e.shape, dtype=dtype)
         if self._map is None:
             changed = self._changed()
             if changed is not None:
                 raise AdapterFormatError(f"{self.path} changed since it was opened ({changed})")
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        if (self._address + e.begin) % dtype.itemsize == 0:
-            t = torch.frombuffer(self._map, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize, offset=e.begin)
-        else:
+        t = self._view(key)
+        if t is None:
+            e = self.entries[key]
             t = torch.frombuffer(self._map, dtype=torch.uint8, count=e.end - e.begin, offset=e.begin).clone()
-            t = t.view(dtype)
-        return t.view(e.shape)
+            t = t.view(_DTYPES[e.dtype]).view(e.shape)
+        return t
 
     def views(self, *keys: str) -> list[torch.Tensor] | None:
         """The tensors ``keys`` as views of the file mapped copy-on-write, or None where one of them is not aligned
@@ -487,31 +478,36 @@ class MappedFile:
         changed = self._changed()
         if changed is not None:
             raise AdapterFormatError(f"{self.path} changed since it was opened ({changed})")
-        out = []
-        for key in keys:
-            e = self.entries[key]
-            dtype = _DTYPES.get(e.dtype)
-            if dtype is None:
-                raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
-            if e.end == e.begin:
-                out.append(torch.empty(e.shape, dtype=dtype))
-                continue
-            if self._map is None:
-                self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-            if (self._address + e.begin) % dtype.itemsize:
-                return None
-            out.append(torch.frombuffer(self._map, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize,
-                                        offset=e.begin).view(e.shape))
-        return out
+        out = [self._view(key) for key in keys]
+        return None if any(t is None for t in out) else out
+
+    def _view(self, key: str) -> torch.Tensor | None:
+        """The tensor ``key`` as a view of the map (made at the first call), or None where its offset is not aligned
+        for its dtype."""
+        e = self.entries[key]
+        dtype = _DTYPES.get(e.dtype)
+        if dtype is None:
+            raise AdapterFormatError(f"{self.path}: {key} has dtype {e.dtype}, not a floating-point type")
+        if e.end == e.begin:
+            return torch.empty(e.shape, dtype=dtype)
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        if (self._address + e.begin) % dtype.itemsize:
+            return None
+        return torch.frombuffer(self._map, dtype=dtype, count=(e.end - e.begin) // dtype.itemsize,
+                                offset=e.begin).view(e.shape)
 
     def verify(self) -> None:
         """Raises :class:`~lispetorch.errors.AdapterFormatError` if the file's size or modification time is no
         longer what it was when opened: what was read from its map may not be what it held."""
         changed = self._changed()
         if changed is not None:
-            raise AdapterFormatError(f"{self.path} changed while it was being read ({changed}); nothing read from "
-                                     "it is used")
+            raise self._changed_while_read(changed)
+
+    def _changed_while_read(self, changed: str) -> AdapterFormatError:
+        return AdapterFormatError(f"{self.path} changed while it was being read ({changed}); nothing read from it is "
+                                  "used")
 
     def readahead(self, begin: int, end: int) -> None:
         """Starts reading bytes ``[begin, end)`` from the disk into the page cache and returns
@@ -661,25 +657,29 @@ def stream(checkpoints: list[Checkpoint], modules: list[str], timer: dict | None
                 started[i] = (max(started[i], end) + ahead + step - 1) // step * step
                 f.readahead(begin, started[i])
         read = []
-        if mapped:
-            try:
-                for f, k in zip(files, keys, strict=True):
+        if mapped:  # views, unless a tensor is not aligned for its dtype
+            for c, f, k in zip(checkpoints, files, keys, strict=True):
+                try:
                     read.append(f.views(*k))
-            except AdapterFormatError as e:
-                raise AdapterFormatError(f"checkpoint {checkpoints[len(read)].name!r}: {e}") from None
-            if all(v is not None for v in read):
-                return [(m, [t[2 * j] for t in read], [t[2 * j + 1] for t in read]) for j, m in enumerate(ms)]
-            read = []
-        layouts = [f.layout(*k) for f, k in zip(files, keys, strict=True)]
-        buffer, offset = buffers.take(sum(_aligned(lay[0]) for lay in layouts)), 0
-        for c, f, k, lay in zip(checkpoints, files, keys, layouts, strict=True):
-            try:
-                read.append(f.read(*k, buffer=buffer, offset=offset, layout=lay))
-            except AdapterFormatError as e:
-                which = repr(ms[0]) if len(ms) == 1 else f"{ms[0]!r} … {ms[-1]!r} ({len(ms)} modules)"
-                raise AdapterFormatError(f"checkpoint {c.name!r}: cannot read the factors of {which}: {e}") from None
-            offset += _aligned(lay[0])
+                except AdapterFormatError as e:
+                    raise AdapterFormatError(f"checkpoint {c.name!r}: cannot read the factors of {span(ms)}: "
+                                             f"{e}") from None
+            if any(v is None for v in read):
+                read = []
+        if not read:
+            layouts = [f.layout(*k) for f, k in zip(files, keys, strict=True)]
+            buffer, offset = buffers.take(sum(_aligned(lay[0]) for lay in layouts)), 0
+            for c, f, k, lay in zip(checkpoints, files, keys, layouts, strict=True):
+                try:
+                    read.append(f.read(*k, buffer=buffer, offset=offset, layout=lay))
+                except AdapterFormatError as e:
+                    raise AdapterFormatError(f"checkpoint {c.name!r}: cannot read the factors of {span(ms)}: "
+                                             f"{e}") from None
+                offset += _aligned(lay[0])
         return [(m, [t[2 * j] for t in read], [t[2 * j + 1] for t in read]) for j, m in enumerate(ms)]
+
+    def span(ms: list[str]) -> str:
+        return repr(ms[0]) if len(ms) == 1 else f"{ms[0]!r} … {ms[-1]!r} ({len(ms)} modules)"
 
     def gen(pool: concurrent.futures.ThreadPoolExecutor | None):
         todo = groups()
