@@ -344,6 +344,7 @@ def adapter_names_of(layers: dict[str, AdapterLayer]) -> set[str]:
 
 # --- mixed-adapter batches ---------------------------------------------------------------------------------------
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+_BATCH_LAYERS = "_lispetorch_batch_layers"  # on the model: the layers a mixed batch named, for its forward hook
 
 
 def _take_adapter_names(model: nn.Module, args, kwargs):
@@ -368,8 +369,6 @@ def _take_adapter_names(model: nn.Module, args, kwargs):
     model.__dict__[_BATCH_LAYERS] = list(layers.values())  # what the forward hook resets, without a walk
     return args, kwargs
 
-
-_BATCH_LAYERS = "_lispetorch_batch_layers"
 
 
 def _forget_adapter_names(model: nn.Module, args, kwargs, output):
