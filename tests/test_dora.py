@@ -39,20 +39,25 @@ def reference(x, W, b, A, B, R, m, s, p=0.0, seed=0):
     return y if b is None else y + b
 
 
-def tensors(out=7, inp=5, r=3, dtype=torch.float64, with_R=False, seed=0):
+# batches of 8 rows and of 3: at least the input's 5 features, g folds into W's rows; fewer, into the output's
+BATCHES = [(2, 4), (1, 3)]
+
+
+def tensors(out=7, inp=5, r=3, dtype=torch.float64, with_R=False, seed=0, batch=(2, 4)):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
 
     m = (torch.rand(out, generator=g, dtype=dtype) + 0.5).requires_grad_()
-    return rnd(2, 4, inp), rnd(out, inp), rnd(out), rnd(r, inp), rnd(out, r), (rnd(r, r) if with_R else None), m
+    return rnd(*batch, inp), rnd(out, inp), rnd(out), rnd(r, inp), rnd(out, r), (rnd(r, r) if with_R else None), m
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("with_R", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_forward_and_gradients_match_the_reference(with_R, p):
-    x, W, b, A, B, R, m = tensors(with_R=with_R)
+def test_forward_and_gradients_match_the_reference(with_R, p, batch):
+    x, W, b, A, B, R, m = tensors(with_R=with_R, batch=batch)
     y = ops.dora_linear(x, W, b, A, B, R, m, 0.7, p, 123)
     y_ref = reference(x, W, b, A, B, R, m, 0.7, p, 123)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -62,16 +67,18 @@ def test_forward_and_gradients_match_the_reference(with_R, p):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_gradcheck_in_float64(p):
+def test_gradcheck_in_float64(p, batch):
     # the norm is a constant in backward: x, b and m are the inputs it does not depend on, checked numerically;
     # A, B, R and W are checked against the reference's autograd above
-    x, W, b, A, B, R, m = tensors(with_R=True)
+    x, W, b, A, B, R, m = tensors(with_R=True, batch=batch)
     assert torch.autograd.gradcheck(lambda x, b, m: ops.dora_linear(x, W, b, A, B, R, m, 0.7, p, 5), (x, b, m))
 
 
-def test_zero_magnitude_rows_keep_their_gradient():
-    x, W, _, A, B, _, m = tensors()
+@pytest.mark.parametrize("batch", BATCHES)
+def test_zero_magnitude_rows_keep_their_gradient(batch):
+    x, W, _, A, B, _, m = tensors(batch=batch)
     with torch.no_grad():
         m[1] = 0.0
         m[4] = 0.0

@@ -34,6 +34,16 @@ inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t-
 namespace detail {
 at::Tensor dora_scale(const at::Tensor& magnitude, const at::Tensor& norm) {
   const at::Tensor m = magnitude.to(norm.scalar_type());
+  if (norm.device().is_cpu() && norm.scalar_type() == at::kFloat && norm.dim() == 1 && m.sizes() == norm.sizes()) {
+    // a loop over the rows (the same IEEE quotients): the ATen form below is five calls on a short vector
+    const at::Tensor n = norm.contiguous(), mc = m.contiguous();
+    at::Tensor g = at::empty_like(n);
+    const float* np = n.const_data_ptr<float>();
+    const float* mp = mc.const_data_ptr<float>();
+    float* gp = g.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < n.numel(); ++i) gp[i] = np[i] > 0.0f ? mp[i] / np[i] : 0.0f;
+    return g;
+  }
   return at::where(norm.gt(0), m / norm, at::zeros_like(norm));
 }
 
@@ -56,7 +66,7 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
                                weight.size(1))) {
     // float32 on CPU: the rows of W + s·C A formed a vector at a time in one pass over W, their norms summed
     const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;
-    return detail::skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale);
+    return detail::skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale).norm;
   }
   const at::Tensor A = lora_A.to(acc);                                            // (r, in)
   at::Tensor C = lora_B.to(acc);                                                  // (out, r)
@@ -141,27 +151,81 @@ std::pair<at::Tensor, at::Tensor> column_dots(const at::Tensor& g2, const at::Te
 
 // The rows of t (out, k) scaled by g (out).
 at::Tensor scale_rows(const at::Tensor& t, const at::Tensor& g) { return t * g.to(t.scalar_type()).unsqueeze(1); }
+
+// g folds into the weight's rows (out × in values) or into the rows of the output and its gradient (N × out),
+// whichever is the fewer: the weight for training batches, the rows for decoding (N = 1), where scaling W would cost
+// a pass over it as long as the frozen product itself.
+bool scales_weight(int64_t rows, int64_t in) { return rows >= in; }
+
+// Rows of the (…, in) tensor t, 0 for an empty last dimension.
+int64_t rows_of(const at::Tensor& t, int64_t in) { return in > 0 ? t.numel() / in : 0; }
+
+// dL/dm = Σₙ Gₙᵢ zₙᵢ / nᵢ from dot = Σₙ Gₙᵢ yₙᵢ and sum = Σₙ Gₙᵢ: (dot − bᵢ·sum) / mᵢ, 0 where m is 0, and whether
+// m has such rows (the caller recomputes them). On CPU in float32 one loop, else ATen.
+std::pair<at::Tensor, bool> magnitude_grad(const at::Tensor& dot, const at::Tensor& sum,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& m) {
+  if (dot.device().is_cpu() && dot.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat) {
+    const at::Tensor d = dot.contiguous(), s = sum.contiguous(), mc = m.contiguous();
+    const at::Tensor b = has(bias) ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor out = at::empty_like(d);
+    const float *dp = d.const_data_ptr<float>(), *sp = s.const_data_ptr<float>(), *mp = mc.const_data_ptr<float>();
+    const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+    float* op = out.mutable_data_ptr<float>();
+    bool any_zero = false;
+    for (int64_t i = 0; i < d.numel(); ++i) {
+      const float t = bp ? dp[i] - sp[i] * bp[i] : dp[i];
+      any_zero = any_zero || mp[i] == 0.0f;
+      op[i] = mp[i] != 0.0f ? t / mp[i] : 0.0f;
+    }
+    return {out, any_zero};
+  }
+  at::Tensor t = dot;
+  if (has(bias)) t = t - sum * bias->to(dot.scalar_type());
+  const at::Tensor zero = m.eq(0);
+  return {at::where(zero, at::zeros_like(m), t / at::where(zero, at::ones_like(m), m)), zero.any().item<bool>()};
+}
 }  // namespace
 
 namespace detail {
 
-// With g folded into the rows of W and B, DoRA's forward is LoRA's: y = x (g⊙W)ᵀ + s·hr (g⊙B)ᵀ + b. Forming g⊙W is
-// one pass over the (out, in) weight, cheaper than a pass over the (N, out) output.
+// With g folded into the rows of W and B, DoRA's forward is LoRA's: y = x (g⊙W)ᵀ + s·hr (g⊙B)ᵀ + b; on the CPU in
+// float32 g⊙W comes out of the pass over W that gives the norms. For fewer rows than W has columns, LoRA's forward
+// on W and B with its output's rows scaled by g instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
     double dropout, int64_t seed) {
   check_lora_inputs(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout);
   check_magnitude(weight, magnitude);
-  const at::Tensor norm = dora_norm(weight, lora_A, lora_B, lora_R, scale);       // (out), accumulation dtype
-  const at::Tensor g = dora_scale(magnitude, norm);
-  auto [y, hr] = lora_linear_forward(x, scale_rows(weight, g), bias, lora_A, scale_rows(lora_B, g), lora_R, scale,
-                                     dropout, seed);
+  const bool weight_side = scales_weight(rows_of(x, weight.size(1)), weight.size(1));
+  at::Tensor norm, g, Wg;                                                         // (out), accumulation dtype
+  if (skinny_available({weight, lora_A, lora_B, lora_R.value_or(at::Tensor()), magnitude}, weight.size(0),
+                       weight.size(1))) {
+    check_factors(weight, lora_A, lora_B, lora_R, scale);
+    const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;
+    auto res = skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale, magnitude, weight_side);
+    norm = res.norm;
+    g = res.g;
+    Wg = res.scaled_weight;
+  } else {
+    norm = dora_norm(weight, lora_A, lora_B, lora_R, scale);
+    g = dora_scale(magnitude, norm);
+    if (weight_side) Wg = scale_rows(weight, g);
+  }
+  if (weight_side) {
+    auto [y, hr] = lora_linear_forward(x, Wg, bias, lora_A, scale_rows(lora_B, g), lora_R, scale, dropout, seed);
+    return {y, hr, norm};
+  }
+  auto [y, hr] = lora_linear_forward(x, weight, std::nullopt, lora_A, lora_B, lora_R, scale, dropout, seed);
+  y.mul_(g.to(y.scalar_type()));
+  if (has(bias)) y.add_(*bias);
   return {y, hr, norm};
 }
 
 // Backward: LoRA's with g⊙W and g⊙B, whose gradients of x, A and R are DoRA's; those of W and B are DoRA's once
-// their rows are scaled by g. dL/dm from one pass over the output gradient and the output.
+// their rows are scaled by g. For fewer rows than W has columns, LoRA's with W, B and G's columns scaled by g
+// instead, whose gradients are all DoRA's. dL/dm from the output gradient and the output (the pass over G that
+// gives dL/dB, on the skinny kernels).
 std::vector<at::Tensor> dora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -178,18 +242,22 @@ std::vector<at::Tensor> dora_linear_backward(
   const c10::ScalarType acc = norm.scalar_type();
   const at::Tensor g = dora_scale(magnitude, norm);                               // (out), accumulation dtype
   const at::Tensor g2 = grad.reshape({-1, out});                                  // (N, out)
-  const bool need_sums = need_m || need_b;
+  const bool need_sums = need_m || need_b, weight_side = scales_weight(g2.size(0), in);
   at::Tensor col_dot, col_sum;
   std::vector<at::Tensor> grads;
-  const at::Tensor Wg = need_x ? scale_rows(weight, g) : weight;                  // only dL/dx reads it
-  const at::Tensor Bg = scale_rows(lora_B, g);
   const std::array<bool, 6> inner_mask{need_x, need_w, false, need_A, need_B, need_R};
+  const bool need_inner = need_x || need_w || need_A || need_B || need_R;
+  // the inner (LoRA) backward's operands: g folded into W and B, or into G's columns
+  const at::Tensor G = weight_side || !need_inner ? grad : grad * g.to(grad.scalar_type());
+  const at::Tensor Wi = weight_side && need_x ? scale_rows(weight, g) : weight;   // only dL/dx reads it
+  const at::Tensor Bi = weight_side ? scale_rows(lora_B, g) : lora_B;
   // On the skinny CPU kernels the column sums come from the pass over G that gives dL/dB.
-  auto fast = acc == at::kFloat
-                  ? lora_linear_backward_skinny(grad, x, Wg, lora_A, Bg, lora_R, hr, scale, dropout, seed, inner_mask,
-                                                need_sums ? std::optional<at::Tensor>(y) : std::nullopt)
+  const bool sums_inside = need_sums && weight_side;
+  auto fast = acc == at::kFloat && need_inner
+                  ? lora_linear_backward_skinny(G, x, Wi, lora_A, Bi, lora_R, hr, scale, dropout, seed, inner_mask,
+                                                sums_inside ? std::optional<at::Tensor>(y) : std::nullopt)
                   : std::nullopt;
-  if (fast && need_sums) {
+  if (fast && sums_inside) {
     const at::Tensor sums = fast->back();
     fast->pop_back();
     col_dot = sums[0];
@@ -197,27 +265,25 @@ std::vector<at::Tensor> dora_linear_backward(
   } else if (need_sums) {
     std::tie(col_dot, col_sum) = column_dots(g2, y.reshape({-1, out}), acc);
   }
-  if (need_x || need_w || need_A || need_B || need_R) {
+  if (need_inner) {
     const auto inner = fast ? std::move(*fast)
-                            : lora_linear_backward(grad, x, Wg, lora_A, Bg, lora_R, hr, scale, dropout, seed,
+                            : lora_linear_backward(G, x, Wi, lora_A, Bi, lora_R, hr, scale, dropout, seed,
                                                    inner_mask);
     size_t k = 0;
     if (need_x) grads.push_back(inner.at(k++));
-    if (need_w) grads.push_back(scale_rows(inner.at(k++), g));
+    if (need_w) grads.push_back(weight_side ? scale_rows(inner.at(k++), g) : inner.at(k++));
     if (need_b) grads.push_back(col_sum.to(grad.scalar_type()));
     if (need_A) grads.push_back(inner.at(k++));
-    if (need_B) grads.push_back(scale_rows(inner.at(k++), g));
+    if (need_B) grads.push_back(weight_side ? scale_rows(inner.at(k++), g) : inner.at(k++));
     if (need_R) grads.push_back(inner.at(k++));
   } else if (need_b) {
     grads.push_back(col_sum.to(grad.scalar_type()));
   }
   if (need_m) {
-    at::Tensor t = col_dot;                                                       // Σₙ Gₙᵢ yₙᵢ
-    if (has(bias)) t = t - col_sum * bias->to(acc);                               // − bᵢ Σₙ Gₙᵢ
     const at::Tensor m = magnitude.to(acc);
-    const at::Tensor zero = m.eq(0);
-    at::Tensor grad_m = at::where(zero, at::zeros_like(m), t / at::where(zero, at::ones_like(m), m));
-    if (zero.any().item<bool>()) {
+    auto [grad_m, any_zero] = magnitude_grad(col_dot, col_sum, bias, m);        // Σₙ Gₙᵢ (yₙᵢ − bᵢ) / mᵢ
+    if (any_zero) {
+      const at::Tensor zero = m.eq(0);
       // Rows with m = 0: y − b is 0 there, so their columns of z are computed again (x Wᵢᵀ + s·hr Bᵢᵀ).
       TORCH_CHECK(has(x), "the layer input is needed for the gradient of a zero magnitude but was not given");
       const at::Tensor rows = zero.nonzero().flatten();

@@ -162,9 +162,14 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
                              bool want_out, const std::optional<at::Tensor>& Q, bool transposed = false,
                              double scale = 1.0, bool want_sums = false,
                              const std::optional<at::Tensor>& y = std::nullopt);
-// ‖Wᵢ + s·Cᵢ A‖ for the rows of weight (out, in): C (out, r), A (r, in) contiguous; one pass over W, the sum's rows
-// never stored.
-at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale);
+// n = ‖Wᵢ + s·Cᵢ A‖ for the rows of weight (out, in): C (out, r), A (r, in) contiguous; one pass over W, the sum's
+// rows never stored. Given the magnitude m (out), also DoRA's g = m / n (0 where n is 0, as dora_scale) and, with
+// scaled_weight, the rows of W scaled by g (out, in), from the same reads of W.
+struct SkinnyNorms {
+  at::Tensor norm, g, scaled_weight;
+};
+SkinnyNorms skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale,
+                             const at::Tensor& magnitude = at::Tensor(), bool scaled_weight = false);
 
 // Input checks shared by every entry point; each message names the argument and the shapes it got.
 void check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

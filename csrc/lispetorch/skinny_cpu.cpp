@@ -13,7 +13,9 @@
 //                c   (N, d)  = mask ⊙ (a Q)       columns, 16 rows of out accumulate over N in registers; c, when
 //                                                 asked, is the product with Q (rp, d) from the same loads of a
 //   row_norms    ‖Wᵢ + Cᵢ A‖ (N)                 DoRA's norms: each row of the sum formed a vector at a time, never
-//                                                 stored, 8 rows at once against one vector of A
+//                                                 stored, 8 rows at once against one vector of A; with the
+//                                                 magnitude, g = m / n and the rows of W scaled by g, from the
+//                                                 same reads
 //
 // Every output element is summed in a fixed order whatever the number of threads (threads take whole row blocks or
 // whole column stripes), so results are reproducible run to run. Compiled for AVX-512 and for AVX2+FMA, chosen at
@@ -26,6 +28,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -270,11 +273,20 @@ LT_INLINE void columns_range(const float* a, int64_t N, int64_t rp, const float*
   }
 }
 
-// row_norms on rows [i0, i0 + RB): ‖Wᵢ + Cᵢ A‖² with C already scaled, the rows of the sum formed a vector at a time
-// and never stored; A (r, K) row-major, read from the L1 cache.
+// DoRA's row factor wanted with the norms: g = m / n (0 where n is 0) into g, and the rows of W scaled by it into Wg
+// when Wg is not null; m null: the norms alone.
+struct Scaled {
+  const float* m;
+  float* g;
+  float* Wg;
+};
+
+// row_norms on rows [i0, i0 + RB): ‖Wᵢ + Cᵢ A‖ with C already scaled, the rows of the sum formed a vector at a time
+// and never stored; A (r, K) row-major, read from the L1 cache. With sc.m, g and the scaled rows of W, from the RB
+// rows just read (still in the L1 cache).
 template <typename V, int W, int RB>
 LT_INLINE void norms_tile(const float* Wm, int64_t K, const float* C, const float* A, int64_t r, float* out,
-                          int64_t i0) {
+                          const Scaled& sc, int64_t i0) {
   V sq[RB];
   for (int ii = 0; ii < RB; ++ii) sq[ii] = V{};
   int64_t k = 0;
@@ -288,23 +300,32 @@ LT_INLINE void norms_tile(const float* Wm, int64_t K, const float* C, const floa
     for (int ii = 0; ii < RB; ++ii) sq[ii] += acc[ii] * acc[ii];
   }
   for (int ii = 0; ii < RB; ++ii) {
+    const int64_t i = i0 + ii;
     float lanes[W], total = 0.0f;
     store(lanes, sq[ii], W);
     for (int l = 0; l < W; ++l) total += lanes[l];
     for (int64_t kk = k; kk < K; ++kk) {  // the columns past the last whole vector
-      float v = Wm[(i0 + ii) * K + kk];
-      for (int64_t j = 0; j < r; ++j) v += C[(i0 + ii) * r + j] * A[j * K + kk];
+      float v = Wm[i * K + kk];
+      for (int64_t j = 0; j < r; ++j) v += C[i * r + j] * A[j * K + kk];
       total += v * v;
     }
-    out[i0 + ii] = total;
+    const float n = std::sqrt(total);
+    out[i] = n;
+    if (!sc.m) continue;
+    const float g = n > 0.0f ? sc.m[i] / n : 0.0f;
+    sc.g[i] = g;
+    if (!sc.Wg) continue;
+    int64_t kk = 0;
+    for (; kk + W <= K; kk += W) store(sc.Wg + i * K + kk, load<V>(Wm + i * K + kk) * g, W);
+    for (; kk < K; ++kk) sc.Wg[i * K + kk] = Wm[i * K + kk] * g;
   }
 }
 
 template <typename V, int W>
 LT_INLINE void row_norms_range(const float* Wm, int64_t N, int64_t K, const float* C, const float* A, int64_t r,
-                               float* out, int64_t b0, int64_t b1) {
+                               float* out, const Scaled& sc, int64_t b0, int64_t b1) {
   row_tiles<kRowBlock>(N, b0, b1, [&](auto rb, int64_t i0) __attribute__((always_inline)) {
-    norms_tile<V, W, decltype(rb)::value>(Wm, K, C, A, r, out, i0);
+    norms_tile<V, W, decltype(rb)::value>(Wm, K, C, A, r, out, sc, i0);
   });
 }
 
@@ -331,9 +352,9 @@ typedef uint32_t v8su __attribute__((vector_size(32)));
     columns_range<V, U, W>(a, N, rp, b, d, m, out, r, Q, c, s0, s1);                                           \
   }                                                                                                            \
   __attribute__((target(TGT))) void row_norms_##suffix(const float* Wm, int64_t N, int64_t K, const float* C,     \
-                                                       const float* A, int64_t r, float* out, int64_t b0,         \
-                                                       int64_t b1) {                                              \
-    row_norms_range<V, W>(Wm, N, K, C, A, r, out, b0, b1);                                                     \
+                                                       const float* A, int64_t r, float* out, const Scaled& sc,   \
+                                                       int64_t b0, int64_t b1) {                                  \
+    row_norms_range<V, W>(Wm, N, K, C, A, r, out, sc, b0, b1);                                                 \
   }
 
 LT_SKINNY_VARIANTS("avx512f", avx512, v16sf, v16su, 16)
@@ -460,28 +481,41 @@ SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r
   return res;
 }
 
-at::Tensor skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale) {
+SkinnyNorms skinny_row_norms(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A, double scale,
+                             const at::Tensor& magnitude, bool scaled_weight) {
   check_tall(weight, "row_norms' weight");
   check_tall(A, "row_norms' A");
   TORCH_CHECK(C.dim() == 2 && C.size(0) == weight.size(0) && C.size(1) == A.size(0) && A.size(1) == weight.size(1),
               "row_norms: C ", C.sizes(), " and A ", A.sizes(), " do not fit weight ", weight.sizes());
   const at::Tensor Cs = skinny_pack(C, C.size(0), C.size(1), scale);
   const int64_t N = weight.size(0), K = weight.size(1), r = A.size(0), blocks = (N + kRowBlock - 1) / kRowBlock;
-  at::Tensor out = at::empty({N}, weight.options());
+  SkinnyNorms res;
+  res.norm = at::empty({N}, weight.options());
+  Scaled sc{nullptr, nullptr, nullptr};
+  at::Tensor m;
+  if (magnitude.defined()) {
+    m = magnitude.contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.numel() == N, "row_norms: magnitude ", m.sizes(), " ",
+                m.scalar_type(), " does not fit weight ", weight.sizes());
+    res.g = at::empty({N}, weight.options());
+    if (scaled_weight) res.scaled_weight = at::empty({N, K}, weight.options());
+    sc = {m.const_data_ptr<float>(), res.g.mutable_data_ptr<float>(),
+          scaled_weight ? res.scaled_weight.mutable_data_ptr<float>() : nullptr};
+  }
   const auto fn = simd::isa() == Isa::avx512 ? &row_norms_avx512 : &row_norms_avx2;
   const float* wp = weight.const_data_ptr<float>();
   const float* cp = Cs.const_data_ptr<float>();
   const float* ap = A.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
+  float* op = res.norm.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kRowBlock * std::max<int64_t>(1, r)));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { fn(wp, N, K, cp, ap, r, op, b0, b1); });
-  return out.sqrt_();
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { fn(wp, N, K, cp, ap, r, op, sc, b0, b1); });
+  return res;
 }
 
 #else
 
 bool skinny_available(at::TensorList, int64_t, int64_t) { return false; }
-at::Tensor skinny_row_norms(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+SkinnyNorms skinny_row_norms(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&, bool) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
 at::Tensor skinny_pack(const at::Tensor&, int64_t, int64_t, double) {
