@@ -464,6 +464,24 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
         wrapper.enabled = enabled
 
 
+def set_dora_recompute(model: nn.Module, recompute: bool = True) -> None:
+    """DoRA's memory against its time, for every adapted layer of ``model``: the magnitude's gradient needs each
+    layer's pre-scaling output ``z = x Wᵀ + s·hr Bᵀ``. By default (``recompute=False``) it is read off the layer's
+    output, which autograd keeps; with ``recompute=True`` nothing is kept beyond what LoRA keeps and backward
+    computes ``x Wᵀ`` again, a product as large as the base layer's forward (see
+    :func:`lispetorch.ops.dora_linear`'s ``keep_output``). The gradients are the same up to rounding; plain LoRA
+    adapters are unaffected.
+
+    Raises:
+        TypeError: ``recompute`` not a bool. AdapterStateError: a model without adapters.
+    """
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {recompute!r}")
+    for layer in layers_or_raise(model).values():
+        if isinstance(layer, LoraLinear):
+            layer.dora_recompute = recompute
+
+
 def set_layer_enabled(layer: LoraLinear, enabled: bool) -> None:
     """One layer's part of :func:`set_enabled`: a merged adapter is unmerged when disabled and recorded in
     ``layer.merged_when_disabled``, then merged back when enabled (if it is still the layer's active adapter). A

@@ -77,13 +77,15 @@ def _(base: NF4Linear, x, A, B, R, scale: float, dropout: float, seed: int) -> t
 
 
 @functools.singledispatch
-def fused_dora_linear(base: nn.Module, x, A, B, R, m, scale: float, dropout: float, seed: int) -> torch.Tensor:
+def fused_dora_linear(base: nn.Module, x, A, B, R, m, scale: float, dropout: float, seed: int,
+                      keep_output: bool = True) -> torch.Tensor:
     """DoRA's ``g ⊙ (x Wᵀ + scale · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b`` over a dense base (``nn.Linear``, ``Conv1D``)."""
-    return ops.dora_linear(x, weight_out_in(base), base.bias, A, B, R, m, scale, dropout, seed)
+    return ops.dora_linear(x, weight_out_in(base), base.bias, A, B, R, m, scale, dropout, seed, keep_output)
 
 
 @fused_dora_linear.register
-def _(base: NF4Linear, x, A, B, R, m, scale: float, dropout: float, seed: int) -> torch.Tensor:
+def _(base: NF4Linear, x, A, B, R, m, scale: float, dropout: float, seed: int,
+      keep_output: bool = True) -> torch.Tensor:
     raise AdapterStateError(f"a DoRA adapter needs a dense base weight; this layer's is NF4 "
                             f"({base.out_features}×{base.in_features})")
 
@@ -216,6 +218,9 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
     # One dropout seed per sample of the next batches (set by a data-parallel trainer, which keys each on the
     # sample, so that every process count draws the same masks); None: one seed drawn per call from torch's RNG.
     dropout_seeds: list[int] | None = None
+    # DoRA adapters: True, backward computes the base product again for the magnitude's gradient instead of keeping
+    # the layer's output (see ops.dora_linear's keep_output); set by set_dora_recompute.
+    dora_recompute: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -567,7 +572,8 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
             return self._per_sample_forward(x, A, B, R, m, settings.scaling, p)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         if m is not None:
-            return fused_dora_linear(self.base_layer, x, A, B, R, m, settings.scaling, p, seed)
+            return fused_dora_linear(self.base_layer, x, A, B, R, m, settings.scaling, p, seed,
+                                     not self.dora_recompute)
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
 
     def _mixed_forward(self, x: torch.Tensor, names: tuple[str | None, ...]) -> torch.Tensor:
@@ -619,7 +625,7 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
         rows = x.shape[0] // len(seeds)
         def run(part: torch.Tensor, seed: int) -> torch.Tensor:
             if m is not None:  # DoRA: the same, with the magnitude
-                return fused_dora_linear(self.base_layer, part, A, B, R, m, scale, p, seed)
+                return fused_dora_linear(self.base_layer, part, A, B, R, m, scale, p, seed, not self.dora_recompute)
             return fused_linear(self.base_layer, part, A, B, R, scale, p, seed)
 
         return torch.cat([run(part, s) for part, s in zip(x.split(rows), seeds, strict=True)])
@@ -648,7 +654,7 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
                     h = F.linear(h, R)
                 y = g * (F.linear(x, w) + F.linear(h, B))
                 return y if self.base_layer.bias is None else y + self.base_layer.bias
-            return fused_dora_linear(self.base_layer, x, A, B, R, m, 1.0, 0.0, 0)
+            return fused_dora_linear(self.base_layer, x, A, B, R, m, 1.0, 0.0, 0, not self.dora_recompute)
         if p > 0:
             # The operator takes its dropout seed as a Python int, which a compiled graph cannot draw afresh at
             # each call: compiled, the same sum is written out with torch's own dropout.

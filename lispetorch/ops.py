@@ -160,6 +160,7 @@ def dora_linear(
     scale: float = 1.0,
     dropout: float = 0.0,
     seed: int = 0,
+    keep_output: bool = True,
 ) -> torch.Tensor:
     """DoRA's weight-decomposed linear (Liu et al., 2024), fused and differentiable:
     ``y = g ⊙ (x Wᵀ + scale · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b`` with ``g = m / ‖W + scale · B R A‖`` per output row.
@@ -172,6 +173,10 @@ def dora_linear(
 
     Args:
         magnitude (Tensor): ``m`` ``(out,)``.
+        keep_output (bool): the magnitude's gradient needs ``z = x Wᵀ + scale · hr Bᵀ``; True: it is read off the
+            output, which autograd keeps (the tensor the next layer receives, not a copy); False: nothing is kept
+            beyond what :func:`lora_linear` keeps, and backward computes ``x Wᵀ`` again (a product as large as the
+            base layer's). The results are the same up to rounding. Default True.
 
     Returns:
         Tensor: ``(..., out)``.
@@ -180,7 +185,7 @@ def dora_linear(
         RuntimeError: shapes, dtypes or devices that do not fit, named in the message.
     """
     return _ops.dora_linear(x, weight, bias, lora_A, lora_B, lora_R, magnitude, float(scale), float(dropout),
-                            int(seed))
+                            int(seed), bool(keep_output))
 
 
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_R: torch.Tensor | None = None,
@@ -561,7 +566,7 @@ def _(grad, x, weight, lora_A, lora_B, offsets, hr, scale, dropout, seed, output
 
 
 @torch.library.register_fake("lispetorch::dora_linear")
-def _(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed):
+def _(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed, keep_output=True):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -90,6 +90,53 @@ def test_zero_magnitude_rows_keep_their_gradient(batch):
     assert gm[1] != 0 and gm[4] != 0
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_without_the_output_kept_the_gradients_are_the_same(p, batch):
+    """keep_output=False: the magnitude's gradient from z computed again in backward, the others as before; checked
+    against the reference's autograd and numerically, with zero magnitude rows among the others."""
+    x, W, b, A, B, R, m = tensors(with_R=True, batch=batch)
+    with torch.no_grad():
+        m[2] = 0.0
+    y = ops.dora_linear(x, W, b, A, B, R, m, 0.7, p, 9, keep_output=False)
+    y_ref = reference(x, W, b, A, B, R, m, 0.7, p, 9)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    inputs = [x, W, b, A, B, R, m]
+    gy = torch.randn_like(y)
+    for ours, theirs in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(y_ref, inputs, gy), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, b, m: ops.dora_linear(x, W, b, A, B, R, m, 0.7, p, 5, keep_output=False), (x, b, m))
+
+
+def saved_storages(fn) -> set[int]:
+    """The data pointers of the tensors autograd saves during fn()."""
+    ptrs = set()
+
+    def pack(t):
+        ptrs.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return ptrs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_output_is_kept_only_when_asked(dtype):
+    x, W, b, A, B, _, _ = tensors(out=24, inp=16, r=4, dtype=dtype)
+    x, W, b = x.detach(), W.detach(), b.detach()
+    m = W.norm(dim=1).requires_grad_()
+    out = {}
+    for keep in (True, False):
+        def run(keep=keep):
+            out[keep] = ops.dora_linear(x, W, b, A, B, None, m, 0.5, 0.1, 3, keep_output=keep)
+        saved = saved_storages(run)
+        assert (out[keep].untyped_storage().data_ptr() in saved) == keep
+        assert x.untyped_storage().data_ptr() in saved
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=0)
+
+
 def test_norm_from_the_factors_equals_the_dense_norm():
     _, W, _, A, B, R, _ = tensors(out=40, inp=30, r=6, with_R=True)
     dense = (W + 0.3 * (B @ R) @ A).norm(dim=1)
@@ -103,6 +150,7 @@ def test_opcheck():
         args[i].requires_grad_()
     torch.library.opcheck(torch.ops.lispetorch.dora_linear, (*args, 0.5, 0.1, 3))
     torch.library.opcheck(torch.ops.lispetorch.dora_linear, (*args[:5], None, args[6], 0.5, 0.0, 0))
+    torch.library.opcheck(torch.ops.lispetorch.dora_linear, (*args, 0.5, 0.1, 3, False))
     torch.library.opcheck(torch.ops.lispetorch.dora_norm, (args[1].detach(), args[3].detach(), args[4].detach(),
                                                            None, 0.5))
 
@@ -347,6 +395,46 @@ def test_the_training_config_takes_use_dora(tmp_path):
     path.write_text(f"data: [{tmp_path}]\noutput_dir: {tmp_path / 'out'}\nlora: {{use_dora: 'yes'}}\n")
     with pytest.raises(ValueError, match="use_dora"):
         TrainConfig.from_yaml(path)
+
+
+def test_set_dora_recompute_keeps_less_and_gives_the_same_gradients():
+    model, targets = build("llama")
+    model = model.double().train()
+    lt.inject(model, lt.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=targets, use_dora=True))
+    perturb(model, 3)
+    ids = torch.randint(0, 64, (2, 12))
+    grads, saved = {}, {}
+    for recompute in (False, True):
+        lt.set_dora_recompute(model, recompute)
+        model.zero_grad()
+        torch.manual_seed(11)  # the same dropout seeds in both runs
+        out = {}
+
+        def forward(out=out):
+            out["loss"] = model(input_ids=ids, labels=ids).loss
+
+        saved[recompute] = saved_storages(forward)
+        out["loss"].backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(saved[True]) < len(saved[False])
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-10, atol=1e-12, msg=n)
+    with pytest.raises(TypeError, match="recompute"):
+        lt.set_dora_recompute(model, "yes")
+
+
+def test_the_training_config_takes_dora_recompute(tiny_default_model, corpus, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: [{tmp_path}]\noutput_dir: {tmp_path / 'out'}\nlora: {{dora_recompute: true}}\n")
+    with pytest.raises(ValueError, match="dora_recompute.*use_dora"):
+        TrainConfig.from_yaml(path).lora.adapter_config()
+    seen = []
+    cfg = {"model": str(tiny_default_model), "data": str(corpus), "output_dir": str(tmp_path / "run"),
+           "max_steps": 1, "batch_size": 2, "max_seq_length": 16, "plot": False,
+           "lora": {"rank": 4, "target_modules": ["q_proj"], "use_dora": True, "dora_recompute": True}}
+    engine.Trainer(cfg, progress=False, on_step=lambda t: seen.extend(
+        layer.dora_recompute for layer in lt.adapter_layers(t.model).values())).train()
+    assert seen and all(seen)
 
 
 def test_lora_config_converts_use_dora_both_ways():

@@ -101,9 +101,10 @@ def dora_reference(x, W, b, A, B, m, s, p, seed):
     return y + b if b is not None else y
 
 
+@pytest.mark.parametrize("keep_output", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "x".join(map(str, s)))
-def test_dora_operator_in_float32_is_float64_within_rounding(shape, p):
+def test_dora_operator_in_float32_is_float64_within_rounding(shape, p, keep_output):
     """DoRA's row norms from one pass over W and its magnitude's column sums from the pass over G that gives dL/dB:
     the output and every gradient (x, A, B, m, b) against float64, relative to each tensor's largest value."""
     n, inp, out, r = shape
@@ -116,7 +117,7 @@ def test_dora_operator_in_float32_is_float64_within_rounding(shape, p):
     s, seed = 0.7, 77
 
     def ours(x, A, B, m, b):
-        return ops.dora_linear(x, W.float(), b, A, B, None, m, s, p, seed)
+        return ops.dora_linear(x, W.float(), b, A, B, None, m, s, p, seed, keep_output=keep_output)
 
     def exact(x, A, B, m, b):
         return dora_reference(x, W, b, A, B, m, s, p, seed)

@@ -125,27 +125,32 @@ const auto& dora_backward_op() {
                        .typed<std::vector<at::Tensor>(
                            const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, double, double, int64_t, std::array<bool, 7>)>();
+                           const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, double, double, int64_t, std::array<bool, 7>)>();
   return op;
 }
 
-// DoRA: inputs x, weight, bias, A, B, R (bias and R optional), magnitude, then scale, dropout, seed. Saved: what
-// LoRA saves, the magnitude, the row norms (out) and the output itself (dL/dm reads z off it; see dora.cpp), which
-// is the tensor the next layer receives, not a copy.
+// DoRA: inputs x, weight, bias, A, B, R (bias and R optional), magnitude, then scale, dropout, seed, keep_output.
+// Saved: what LoRA saves, the magnitude, the row norms (out) and, with keep_output, the output itself (dL/dm reads z
+// off it; see dora.cpp), which is the tensor the next layer receives, not a copy; without, backward computes z
+// again from x.
 class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
-                            const at::Tensor& magnitude, double scale, double dropout, int64_t seed) {
+                            const at::Tensor& magnitude, double scale, double dropout, int64_t seed,
+                            bool keep_output) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, hr, norm] = dora_forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout,
                                                 seed);
     const at::Tensor R = lora_R.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
     const bool keep_x = lora_A.requires_grad() || weight.requires_grad() || magnitude.requires_grad() ||
                         (R.defined() && R.requires_grad());
-    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, b, lora_A, lora_B, R, magnitude, y, hr, norm});
+    // the output only where dL/dm or dL/db will read it
+    const bool keep_y = keep_output && magnitude.requires_grad();
+    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, b, lora_A, lora_B, R, magnitude,
+                            keep_y ? y : at::Tensor(), hr, norm});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["seed"] = seed;
@@ -167,27 +172,27 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
                                 has_R && ctx->needs_input_grad(4 + b),
                                 ctx->needs_input_grad(4 + b + r)};
     const at::Tensor& grad = grad_outputs[0];
-    if (!any_wanted(mask) || !grad.defined()) return variable_list(10);
+    if (!any_wanted(mask) || !grad.defined()) return variable_list(11);
     const auto grads = dora_backward_op().call(grad, opt(x), weight, opt(bias), lora_A, lora_B, opt(lora_R),
-                                               magnitude, y, hr, norm, ctx->saved_data["scale"].toDouble(),
+                                               magnitude, opt(y), hr, norm, ctx->saved_data["scale"].toDouble(),
                                                ctx->saved_data["dropout"].toDouble(), ctx->saved_data["seed"].toInt(),
                                                mask);
-    return place(mask, grads, 10);
+    return place(mask, grads, 11);
   }
 };
 
 at::Tensor dora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
-                                double dropout, int64_t seed) {
+                                double dropout, int64_t seed, bool keep_output) {
   return DoraLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B,
-                                   opt(lora_R.value_or(at::Tensor())), magnitude, scale, dropout, seed);
+                                   opt(lora_R.value_or(at::Tensor())), magnitude, scale, dropout, seed, keep_output);
 }
 
 at::Tensor dora_linear_no_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& lora_A, const at::Tensor& lora_B,
                                const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
-                               double dropout, int64_t seed) {
+                               double dropout, int64_t seed, bool /*keep_output: nothing is kept without grad*/) {
   return std::get<0>(dora_forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed));
 }
 
@@ -327,13 +332,13 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 
 at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
-                       const at::Tensor& magnitude, double scale, double dropout, int64_t seed) {
+                       const at::Tensor& magnitude, double scale, double dropout, int64_t seed, bool keep_output) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lispetorch::dora_linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                         const at::Tensor&, double, double, int64_t)>();
-  return op.call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed);
+                                         const at::Tensor&, double, double, int64_t, bool)>();
+  return op.call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed, keep_output);
 }
 
 at::Tensor lora_linear_grouped(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

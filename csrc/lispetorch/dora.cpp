@@ -9,12 +9,14 @@
 //   n² = ‖wᵢ‖² + 2s Cᵢ·Pᵢ + s² Cᵢ Q Cᵢᵀ,
 // one (out, in)×(in, r) product and a pass over W. A row whose norm is 0 (a zero row of W + s·B R A) has g = 0.
 //
-// Backward needs dL/dm = Σₙ Gₙᵢ zₙᵢ / nᵢ with z = x Wᵀ + s·hr Bᵀ; it reads z off the output, z = (y − b) / g, so it
-// keeps the output (which the next layer often keeps too), not a copy of z: dL/dm = Σₙ Gₙᵢ (yₙᵢ − bᵢ) / mᵢ. The
-// rows where m is 0 (there y − b is 0 and z is lost) recompute their columns of z. (The alternative to keeping
-// (N, out) values is a product as large as the base layer's own, (Gᵀ x) ⊙ W, at every step.) g is a constant to
-// the other gradients, so folding it into the rows of W and B makes them LoRA's, computed by LoRA's kernels.
-// Dropout applies to the low-rank branch's input, as in LoRA, and costs no memory.
+// Backward needs dL/dm = Σₙ Gₙᵢ zₙᵢ / nᵢ with z = x Wᵀ + s·hr Bᵀ. By default it reads z off the output,
+// z = (y − b) / g, so the output is kept (which the next layer often keeps too), not a copy of z:
+// dL/dm = Σₙ Gₙᵢ (yₙᵢ − bᵢ) / mᵢ; the rows where m is 0 (there y − b is 0 and z is lost) recompute their columns of
+// z. Without the output (keep_output false: what is kept is LoRA's), backward computes z again, a product as large
+// as the base layer's own. g is a constant to the other gradients, so folding it into the rows of W and B (or, for
+// batches of fewer rows than W has columns, into the rows of the output and the columns of its gradient) makes
+// them LoRA's, computed by LoRA's kernels. Dropout applies to the low-rank branch's input, as in LoRA, and costs no
+// memory.
 #include "lispetorch.h"
 #include "simd.h"
 
@@ -229,8 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
 std::vector<at::Tensor> dora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const at::Tensor& y, const at::Tensor& hr,
-    const at::Tensor& norm, double scale, double dropout, int64_t seed, std::array<bool, 7> output_mask) {
+    const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const std::optional<at::Tensor>& y,
+    const at::Tensor& hr, const at::Tensor& norm, double scale, double dropout, int64_t seed,
+    std::array<bool, 7> output_mask) {
   const auto [need_x, need_w, need_b, need_A, need_B, need_R, need_m] = output_mask;
   check_factors(weight, lora_A, lora_B, lora_R, scale);
   check_magnitude(weight, magnitude);
@@ -242,7 +245,9 @@ std::vector<at::Tensor> dora_linear_backward(
   const c10::ScalarType acc = norm.scalar_type();
   const at::Tensor g = dora_scale(magnitude, norm);                               // (out), accumulation dtype
   const at::Tensor g2 = grad.reshape({-1, out});                                  // (N, out)
-  const bool need_sums = need_m || need_b, weight_side = scales_weight(g2.size(0), in);
+  const bool need_sums = need_m || need_b, weight_side = scales_weight(g2.size(0), in), have_y = has(y);
+  TORCH_CHECK(have_y || !need_m || has(x), "the gradient of the magnitude needs the layer's output or its input; "
+              "neither was given");
   at::Tensor col_dot, col_sum;
   std::vector<at::Tensor> grads;
   const std::array<bool, 6> inner_mask{need_x, need_w, false, need_A, need_B, need_R};
@@ -252,18 +257,24 @@ std::vector<at::Tensor> dora_linear_backward(
   const at::Tensor Wi = weight_side && need_x ? scale_rows(weight, g) : weight;   // only dL/dx reads it
   const at::Tensor Bi = weight_side ? scale_rows(lora_B, g) : lora_B;
   // On the skinny CPU kernels the column sums come from the pass over G that gives dL/dB.
-  const bool sums_inside = need_sums && weight_side;
+  const bool sums_inside = need_sums && weight_side && have_y;
   auto fast = acc == at::kFloat && need_inner
                   ? lora_linear_backward_skinny(G, x, Wi, lora_A, Bi, lora_R, hr, scale, dropout, seed, inner_mask,
-                                                sums_inside ? std::optional<at::Tensor>(y) : std::nullopt)
+                                                sums_inside ? y : std::nullopt)
                   : std::nullopt;
   if (fast && sums_inside) {
     const at::Tensor sums = fast->back();
     fast->pop_back();
     col_dot = sums[0];
     col_sum = sums[1];
-  } else if (need_sums) {
-    std::tie(col_dot, col_sum) = column_dots(g2, y.reshape({-1, out}), acc);
+  } else if (need_sums && have_y) {
+    std::tie(col_dot, col_sum) = column_dots(g2, y->reshape({-1, out}), acc);
+  } else if (need_m) {  // without the output: z = x Wᵀ + s·hr Bᵀ again, a product as large as the base layer's
+    at::Tensor z = at::mm(x->reshape({-1, in}), weight.t());                    // (N, out)
+    z.addmm_(hr, lora_B.t(), 1.0, scale);
+    std::tie(col_dot, col_sum) = column_dots(g2, z, acc);                       // Σₙ Gₙᵢ zₙᵢ, Σₙ Gₙᵢ
+  } else if (need_b) {
+    col_sum = at::sum(g2, 0, false, acc);
   }
   if (need_inner) {
     const auto inner = fast ? std::move(*fast)
@@ -279,7 +290,9 @@ std::vector<at::Tensor> dora_linear_backward(
   } else if (need_b) {
     grads.push_back(col_sum.to(grad.scalar_type()));
   }
-  if (need_m) {
+  if (need_m && !have_y) {
+    grads.push_back(dora_scale(col_dot, norm).to(magnitude.scalar_type()));     // Σₙ Gₙᵢ zₙᵢ / nᵢ, 0 where n is 0
+  } else if (need_m) {
     const at::Tensor m = magnitude.to(acc);
     auto [grad_m, any_zero] = magnitude_grad(col_dot, col_sum, bias, m);        // Σₙ Gₙᵢ (yₙᵢ − bᵢ) / mᵢ
     if (any_zero) {

@@ -19,13 +19,13 @@ TORCH_LIBRARY(lispetorch, m) {
       "Tensor hr, float scale, float dropout, int seed, bool[6] output_mask) -> Tensor[]");
   m.def(
       "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
-      "Tensor magnitude, float scale, float dropout, int seed) -> Tensor");
+      "Tensor magnitude, float scale, float dropout, int seed, bool keep_output=True) -> Tensor");
   m.def(
       "dora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_R, "
       "Tensor magnitude, float scale, float dropout, int seed) -> (Tensor, Tensor, Tensor)");
   m.def(
       "dora_linear_backward(Tensor grad, Tensor? x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "Tensor? lora_R, Tensor magnitude, Tensor y, Tensor hr, Tensor norm, float scale, float dropout, int seed, "
+      "Tensor? lora_R, Tensor magnitude, Tensor? y, Tensor hr, Tensor norm, float scale, float dropout, int seed, "
       "bool[7] output_mask) -> Tensor[]");
   m.def(
       "lora_linear_grouped(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor group, "

@@ -67,10 +67,12 @@ at::Tensor lora_experts_linear(const at::Tensor& x, const at::Tensor& weight, co
 
 // DoRA (Liu et al. 2024), differentiable: y = g ⊙ (x Wᵀ + s · ((drop(x) Aᵀ) Rᵀ) Bᵀ) + b with g = m / n and
 // n = ‖W + s·B R A‖ per output row, a constant in backward (gradients for x, A, B, R, m and, if they require it,
-// W and b). magnitude m: (out). See dora.cpp.
+// W and b). magnitude m: (out). keep_output: backward reads the magnitude's gradient off the output, which is kept;
+// false: nothing is kept beyond what LoRA keeps, and backward computes x Wᵀ again. See dora.cpp.
 at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
-                       const at::Tensor& magnitude, double scale, double dropout, int64_t seed);
+                       const at::Tensor& magnitude, double scale, double dropout, int64_t seed,
+                       bool keep_output = true);
 
 // The row norms n = ‖W + s·B R A‖ (out) from the factors, never forming the (out, in) sum; float32 (float64 for
 // float64 weights).
@@ -226,7 +228,8 @@ at::Tensor dora_scale(const at::Tensor& magnitude, const at::Tensor& norm);
 void check_magnitude(const at::Tensor& weight, const at::Tensor& magnitude);
 
 // DoRA's kernels: forward returns (y, hr, n) (n the row norms, see dora_norm); backward the gradients whose
-// output_mask entry is true, in the order (x, weight, bias, A, B, R, magnitude). y is the forward's output.
+// output_mask entry is true, in the order (x, weight, bias, A, B, R, magnitude). y is the forward's output, or
+// absent: then z = x Wᵀ + s·hr Bᵀ is computed again for the magnitude's gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
@@ -234,8 +237,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
 std::vector<at::Tensor> dora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const at::Tensor& y, const at::Tensor& hr,
-    const at::Tensor& norm, double scale, double dropout, int64_t seed, std::array<bool, 7> output_mask);
+    const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, const std::optional<at::Tensor>& y,
+    const at::Tensor& hr, const at::Tensor& norm, double scale, double dropout, int64_t seed,
+    std::array<bool, 7> output_mask);
 
 // In-place dropout on a contiguous tensor whose flattened index is the mask's counter.
 void dropout_inplace_(at::Tensor& t, double p, int64_t seed);

@@ -48,6 +48,9 @@ class LoraSection:
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     modules_to_save: list[str] | None = None
     use_dora: bool = False  # DoRA (method lora, any init)
+    # with use_dora: backward computes each layer's base product again instead of keeping its output (the memory of
+    # LoRA's activations for about one more base product per layer; lispetorch.set_dora_recompute)
+    dora_recompute: bool = False
     # expert weights of a mixture-of-experts model, one adapter per expert (PEFT's field; method lora)
     target_parameters: list[str] | None = None
 
@@ -63,6 +66,8 @@ class LoraSection:
             raise ConfigError(f"'lora.{next(iter(selection))}' applies to method lora, not {self.method}")
         if self.use_dora and self.method != "lora":
             raise ConfigError(f"'lora.use_dora' applies to method lora, not {self.method}")
+        if self.dora_recompute and not self.use_dora:
+            raise ConfigError("'lora.dora_recompute' applies with 'lora.use_dora: true'")
         if self.use_dora:
             selection["use_dora"] = True
         if self.method == FULL:
@@ -345,7 +350,7 @@ _INDICES = "a layer index or a list of them"
 _LORA_FIELDS = {"rank": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": _NAMES, "init": _STR,
                 "calibration_batches": _INT, "method": _STR, "options": _MAPPING, "layers_to_transform": _INDICES,
                 "layers_pattern": "names", "rank_pattern": _MAPPING, "alpha_pattern": _MAPPING,
-                "modules_to_save": "names", "use_dora": _BOOL, "target_parameters": "names"}
+                "modules_to_save": "names", "use_dora": _BOOL, "dora_recompute": _BOOL, "target_parameters": "names"}
 _SELECTION = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save",
               "target_parameters")
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import analysis, atomic, default_model
 from .. import tasks as tasks_mod
-from ..adapters import active_adapter, adapter_layers, trainable_parameters
+from ..adapters import active_adapter, adapter_layers, set_dora_recompute, trainable_parameters
 from ..config import RotationalPiSSAConfig, TinyLoraConfig, method_of
 from ..devices import resolve_device
 from ..dispatch import inject
@@ -275,6 +275,8 @@ class Trainer:
                 micro = self.dataset.micro_batches(cfg.seed, 0, cfg.batch_size)[:lora.calibration_batches]
                 calibration = [self._collate(idx)["input_ids"].to(self.device) for idx in micro]
             inject(self.model, self.lora_config, calibration_batches=calibration)
+            if lora.dora_recompute:
+                set_dora_recompute(self.model)
             self.params = trainable_parameters(self.model)
         if cfg.gradient_checkpointing:
             self._enable_gradient_checkpointing()
