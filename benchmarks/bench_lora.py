@@ -438,9 +438,8 @@ def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]], shape:
     fns = [m for pair in models.values() for m in pair]
     for m in (*fns, recompute):
         m.train()
-    times = alternate(*map(train, fns), train(recompute), train(frozen), one_pass, warmup=10, reps=reps)
+    times = alternate(*map(train, fns), train(frozen), one_pass, warmup=10, reps=reps)
     t_pass = statistics.median(times.pop())
-    t_recompute = above(times.pop(-2), times[-1])
     t_floor = times[-1]
     for m in (*fns, frozen):
         m.eval()
@@ -480,9 +479,13 @@ def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]], shape:
     rows.append([f"one layer {label}, DoRA train step above the frozen layer, ours DoRA / ours LoRA", "q_proj",
                  us(above_train["DoRA"]), us(above_train["LoRA"]),
                  f"{ratio(above_train['DoRA'], above_train['LoRA']):.2f}", "≤ 1.2"])
+    # DoRA keeping LoRA's activations, in turns of its own (with our LoRA and the frozen layer): in the turns above
+    # its extra product and buffers would change the cache and the allocator's state the others meet
+    lora_rc, rc, frozen_rc = alternate(train(models["LoRA"][0]), train(recompute), train(frozen), warmup=10,
+                                       reps=reps // 2)
+    t_lora_rc, t_recompute = above(lora_rc, frozen_rc), above(rc, frozen_rc)
     rows.append([f"one layer {label}, DoRA with set_dora_recompute, train step above the frozen layer / ours LoRA",
-                 "q_proj", us(t_recompute), us(above_train["LoRA"]),
-                 f"{ratio(t_recompute, above_train['LoRA']):.2f}", "—"])
+                 "q_proj", us(t_recompute), us(t_lora_rc), f"{ratio(t_recompute, t_lora_rc):.2f}", "—"])
 
 
 def main(argv: list[str] | None = None) -> int:
