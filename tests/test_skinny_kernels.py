@@ -160,18 +160,18 @@ def test_dora_row_norms_are_the_norms_of_the_sum(shape, with_R):
 
 @pytest.mark.parametrize("shape", [(0, 32), (2, 0, 32)])
 def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(shape):
-    """No rows: every parameter's gradient is exactly 0 (sums over no rows), for LoRA and DoRA, each gradient asked
-    for alone too (the magnitude's alone takes the column sums' pass without dL/dB)."""
+    """No rows: every parameter's gradient is exactly 0 (sums over no rows), for LoRA and DoRA (keeping its output or
+    not), each gradient asked for alone too (the magnitude's alone takes the column sums' pass without dL/dB)."""
     gen = torch.Generator().manual_seed(5)
     W, A, B = (torch.randn(*s, generator=gen) for s in ((8, 32), (4, 32), (8, 4)))
     m, b = W.norm(dim=1), torch.randn(8, generator=gen)
-    for dora in (False, True):
+    for dora, keep in ((False, True), (True, True), (True, False)):
         params = [A, B, b] + ([m] if dora else [])
         for wanted in [params, *([p] for p in params)]:
             leaves = [p.clone().requires_grad_(any(p is w for w in wanted)) for p in params]
             x = torch.randn(*shape, requires_grad=True)
-            y = (ops.dora_linear(x, W, leaves[2], leaves[0], leaves[1], None, leaves[3], 0.5, 0.1, 3) if dora else
-                 ops.lora_linear(x, W, leaves[2], leaves[0], leaves[1], None, 0.5, 0.1, 3))
+            y = (ops.dora_linear(x, W, leaves[2], leaves[0], leaves[1], None, leaves[3], 0.5, 0.1, 3, keep) if dora
+                 else ops.lora_linear(x, W, leaves[2], leaves[0], leaves[1], None, 0.5, 0.1, 3))
             assert y.shape == (*shape[:-1], 8)
             y.sum().backward()
             for leaf in leaves:
