@@ -31,7 +31,11 @@ For each target set (q,k,v,o and all-linear) the script measures:
    training (forward + backward) and eval inference above the bare layer's, many alternated turns. In the whole
    model that cost is a few percent of a step, within this machine's noise; here it is measured precisely. Beside
    it, two references: the floor (the FLOPs of the adapter's products at the frozen layer's rate) and a pass over
-   x (a copy of it, in the same turns), the unit of the memory traffic the skinny products cost.
+   x (a copy of it, in the same turns), the unit of the memory traffic the skinny products cost. DoRA with
+   ``lt.set_dora_recompute`` (LoRA's activations, one more base product in backward) takes turns of its own with
+   our LoRA and the frozen layer, so that its extra product does not change the state the others meet.
+6. DoRA (``--parts dora``): our DoRA's step above the frozen model against our LoRA's and PEFT's DoRA's, its
+   adapter activations (also with ``lt.set_dora_recompute``) and its unmerged inference against PEFT's DoRA.
 
 Times use ``time.perf_counter``. The results are printed as Markdown tables (ratio = lispetorch / PEFT) and,
 with ``--out``, written to a file.
