@@ -147,7 +147,7 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
     const at::Tensor R = lora_R.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
     const bool keep_x = lora_A.requires_grad() || weight.requires_grad() || magnitude.requires_grad() ||
                         (R.defined() && R.requires_grad());
-    // the output only where dL/dm or dL/db will read it
+    // the output only where dL/dm will read it (dL/db is G's column sums)
     const bool keep_y = keep_output && magnitude.requires_grad();
     ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, b, lora_A, lora_B, R, magnitude,
                             keep_y ? y : at::Tensor(), hr, norm});

@@ -31,6 +31,20 @@ namespace lispetorch {
 
 namespace {
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// On the CPU in float32: the norms from one pass over W (skinny_row_norms), with g and g⊙W when given the
+// magnitude; nullopt where the kernels do not take these tensors.
+std::optional<detail::SkinnyNorms> skinny_norms(const at::Tensor& weight, const at::Tensor& lora_A,
+                                                const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                                                double scale, const at::Tensor& magnitude = at::Tensor(),
+                                                bool scaled_weight = false) {
+  if (!detail::skinny_available({weight, lora_A, lora_B, lora_R.value_or(at::Tensor()), magnitude}, weight.size(0),
+                                weight.size(1))) {
+    return std::nullopt;
+  }
+  const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;
+  return detail::skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale, magnitude, scaled_weight);
+}
 }  // namespace
 
 namespace detail {
@@ -64,12 +78,7 @@ at::Tensor dora_norm(const at::Tensor& weight, const at::Tensor& lora_A, const a
                      const std::optional<at::Tensor>& lora_R, double scale) {
   detail::check_factors(weight, lora_A, lora_B, lora_R, scale);
   const c10::ScalarType acc = detail::accumulate_type(weight.scalar_type());
-  if (detail::skinny_available({weight, lora_A, lora_B, lora_R.value_or(at::Tensor())}, weight.size(0),
-                               weight.size(1))) {
-    // float32 on CPU: the rows of W + s·C A formed a vector at a time in one pass over W, their norms summed
-    const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;
-    return detail::skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale).norm;
-  }
+  if (auto res = skinny_norms(weight, lora_A, lora_B, lora_R, scale)) return res->norm;
   const at::Tensor A = lora_A.to(acc);                                            // (r, in)
   at::Tensor C = lora_B.to(acc);                                                  // (out, r)
   if (has(lora_R)) C = at::mm(C, lora_R->to(acc));                                // B R
@@ -201,14 +210,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
   check_magnitude(weight, magnitude);
   const bool weight_side = scales_weight(rows_of(x, weight.size(1)), weight.size(1));
   at::Tensor norm, g, Wg;                                                         // (out), accumulation dtype
-  if (skinny_available({weight, lora_A, lora_B, lora_R.value_or(at::Tensor()), magnitude}, weight.size(0),
-                       weight.size(1))) {
-    check_factors(weight, lora_A, lora_B, lora_R, scale);
-    const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;
-    auto res = skinny_row_norms(weight.contiguous(), C, lora_A.contiguous(), scale, magnitude, weight_side);
-    norm = res.norm;
-    g = res.g;
-    Wg = res.scaled_weight;
+  if (auto res = skinny_norms(weight, lora_A, lora_B, lora_R, scale, magnitude, weight_side)) {
+    norm = res->norm;
+    g = res->g;
+    Wg = res->scaled_weight;
   } else {
     norm = dora_norm(weight, lora_A, lora_B, lora_R, scale);
     g = dora_scale(magnitude, norm);
