@@ -141,7 +141,10 @@ def _check_values(obj, where: str) -> None:
 
 
 def train_config(path: Path) -> None:
-    _check_values(TrainConfig.from_yaml(path), "config")
+    cfg = TrainConfig.from_yaml(path)
+    _check_values(cfg, "config")
+    if cfg.lora.dora_recompute and not cfg.lora.use_dora:
+        raise Wrong("lora.dora_recompute accepted without lora.use_dora")
 
 
 def combine_config(path: Path) -> None:

@@ -426,8 +426,8 @@ def test_set_dora_recompute_keeps_less_and_gives_the_same_gradients():
 def test_the_training_config_takes_dora_recompute(tiny_default_model, corpus, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(f"data: [{tmp_path}]\noutput_dir: {tmp_path / 'out'}\nlora: {{dora_recompute: true}}\n")
-    with pytest.raises(ValueError, match="dora_recompute.*use_dora"):
-        TrainConfig.from_yaml(path).lora.adapter_config()
+    with pytest.raises(ValueError, match=r"c\.yaml: 'lora\.dora_recompute' applies with 'lora\.use_dora: true'"):
+        TrainConfig.from_yaml(path)
     seen = []
     cfg = {"model": str(tiny_default_model), "data": str(corpus), "output_dir": str(tmp_path / "run"),
            "max_steps": 1, "batch_size": 2, "max_seq_length": 16, "plot": False,

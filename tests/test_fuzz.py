@@ -359,7 +359,8 @@ TRAIN_KEYS = {
     "lora": st.fixed_dictionaries({}, optional={"rank": hostile_scalars, "alpha": hostile_scalars,
                                                 "dropout": hostile_scalars, "target_modules": json_values,
                                                 "init": hostile_scalars, "method": hostile_scalars,
-                                                "options": json_values, "target_parameters": json_values}),
+                                                "options": json_values, "target_parameters": json_values,
+                                                "use_dora": hostile_scalars, "dora_recompute": hostile_scalars}),
     "nonsense_key": hostile_scalars,
 }
 

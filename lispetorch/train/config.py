@@ -66,8 +66,6 @@ class LoraSection:
             raise ConfigError(f"'lora.{next(iter(selection))}' applies to method lora, not {self.method}")
         if self.use_dora and self.method != "lora":
             raise ConfigError(f"'lora.use_dora' applies to method lora, not {self.method}")
-        if self.dora_recompute and not self.use_dora:
-            raise ConfigError("'lora.dora_recompute' applies with 'lora.use_dora: true'")
         if self.use_dora:
             selection["use_dora"] = True
         if self.method == FULL:
@@ -254,6 +252,8 @@ class TrainConfig:
         if lora.method == "tinylora" and lora.dropout != 0:
             raise ConfigError(f"{source}: 'lora.dropout' must be 0 for method tinylora (it has no dropout), got "
                               f"{lora.dropout}")
+        if lora.dora_recompute and not lora.use_dora:  # a training option, not part of the adapter's config
+            raise ConfigError(f"{source}: 'lora.dora_recompute' applies with 'lora.use_dora: true'")
         try:
             lora.adapter_config()
         except ValueError as e:
