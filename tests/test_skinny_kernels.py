@@ -74,23 +74,27 @@ def test_lora_operator_in_float32_is_float64_within_rounding(shape, bias, p):
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    """Threads take whole row blocks or column stripes, so each sum runs in one order: hr, dL/dA and dL/dB are the
-    same bit for bit on one thread or two (the frozen layer's products are BLAS's and not compared)."""
+    """Threads take whole row blocks, groups of them or column stripes, so each sum runs in one order: hr, dL/dA,
+    dL/dB, dL/db and DoRA's dL/dm are the same bit for bit on one thread or two (the frozen layer's products are
+    BLAS's and not compared). 777 rows: several groups of row blocks and a last one cut short."""
     gen = torch.Generator().manual_seed(3)
     x, W, A, B, g = (torch.randn(*s, generator=gen) for s in ((777, 200), (96, 200), (16, 200), (96, 16), (777, 96)))
+    b, m = torch.randn(96, generator=gen), torch.rand(96, generator=gen) + 0.5
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            _, hr = torch.ops.lispetorch.lora_linear_forward(x, W, None, A, B, None, 0.5, 0.2, 11)
-            dA, dB = torch.ops.lispetorch.lora_linear_backward(g, x, W, A, B, None, hr, 0.5, 0.2, 11,
-                                                               [False, False, False, True, True, False])
-            results.append((hr, dA, dB))
+            _, hr = torch.ops.lispetorch.lora_linear_forward(x, W, b, A, B, None, 0.5, 0.2, 11)
+            db, dA, dB = torch.ops.lispetorch.lora_linear_backward(g, x, W, A, B, None, hr, 0.5, 0.2, 11,
+                                                                   [False, False, True, True, True, False])
+            leaves = [t.clone().requires_grad_() for t in (b, A, B, m)]
+            y = ops.dora_linear(x, W, leaves[0], leaves[1], leaves[2], None, leaves[3], 0.5, 0.2, 11)
+            results.append((hr, db, dA, dB, *torch.autograd.grad(y, leaves, g)))
     finally:
         torch.set_num_threads(threads)
-    for one, two in zip(*results, strict=True):
-        assert torch.equal(one, two)
+    for k, (one, two) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(one, two), k
 
 
 def dora_reference(x, W, b, A, B, m, s, p, seed):

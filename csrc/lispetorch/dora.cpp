@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_forward(
 // Backward: LoRA's with g⊙W and g⊙B, whose gradients of x, A and R are DoRA's; those of W and B are DoRA's once
 // their rows are scaled by g. For fewer rows than W has columns, LoRA's with W, B and G's columns scaled by g
 // instead, whose gradients are all DoRA's. dL/dm from the output gradient and the output (the pass over G that
-// gives dL/dB, on the skinny kernels).
+// gives dL/dh, on the skinny kernels).
 std::vector<at::Tensor> dora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -261,7 +261,7 @@ std::vector<at::Tensor> dora_linear_backward(
   const at::Tensor G = weight_side || !need_inner ? grad : grad * g.to(grad.scalar_type());
   const at::Tensor Wi = weight_side && need_x ? scale_rows(weight, g) : weight;   // only dL/dx reads it
   const at::Tensor Bi = weight_side ? scale_rows(lora_B, g) : lora_B;
-  // On the skinny CPU kernels the column sums come from the pass over G that gives dL/dB.
+  // On the skinny CPU kernels the column sums come from the pass over G that gives dL/dh.
   const bool sums_inside = need_sums && weight_side && have_y;
   auto fast = acc == at::kFloat && need_inner
                   ? lora_linear_backward_skinny(G, x, Wi, lora_A, Bi, lora_R, hr, scale, dropout, seed, inner_mask,

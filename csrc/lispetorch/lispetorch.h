@@ -151,19 +151,24 @@ int64_t skinny_pad(int64_t r);
 at::Tensor skinny_pack(const at::Tensor& t, int64_t rows, int64_t cols, double scale);
 // (N, width) = drop(a) P: a (N, K), P (K, skinny_pad(r)), width ≤ P's columns (the padding's columns come out 0).
 at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed);
+// The same without a mask, and from the same pass over a the column sums (2, K) = (Σₙ aₙₖ yₙₖ, Σₙ aₙₖ) (the first
+// row 0 without y (N, K)).
+struct SkinnyPanel {
+  at::Tensor out, sums;
+};
+SkinnyPanel skinny_rows_panel_sums(const at::Tensor& a, const at::Tensor& P, int64_t width,
+                                   const std::optional<at::Tensor>& y);
 // (N, d) = bias + a Q: a (N, r), Q (r, d).
 at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias);
 // From a (N, rp) (rp = skinny_pad(r), padding columns 0) and b (N, d), in one pass over b: out = s · aᵀ drop(b)
 // (r, d), or its transpose (d, r), when want_out; c = mask ⊙ (a Q) (N, d) when Q (rp, d) is given (the mask of b's
-// elements; no mask when p is 0); with want_sums, sums (2, d) = (Σₙ bₙᵢ yₙᵢ, Σₙ bₙᵢ) of b before its mask (the
-// first row 0 without y (N, d)).
+// elements; no mask when p is 0).
 struct SkinnyColumns {
-  at::Tensor out, c, sums;
+  at::Tensor out, c;
 };
 SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r, double p, int64_t seed,
                              bool want_out, const std::optional<at::Tensor>& Q, bool transposed = false,
-                             double scale = 1.0, bool want_sums = false,
-                             const std::optional<at::Tensor>& y = std::nullopt);
+                             double scale = 1.0);
 // n = ‖Wᵢ + s·Cᵢ A‖ for the rows of weight (out, in): C (out, r), A (r, in) contiguous; one pass over W, the sum's
 // rows never stored. Given the magnitude m (out), also DoRA's g = m / n (0 where n is 0, as dora_scale) and, with
 // scaled_weight, the rows of W scaled by g (out, in), from the same reads of W.

@@ -67,9 +67,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   return {y.view(sizes), hr};
 }
 
-// Backward on the skinny kernels: dL/dhr = s·G B in one pass over G; dL/dA = dL/dhᵀ drop(x) and the adapter's part
-// of dL/dx, mask ⊙ (dL/dh A), in one pass over x (G Wᵀᵀ then accumulated into it by BLAS); dL/dB = s·(Gᵀ hr) in one
-// more pass over G, which also sums G's columns (dL/db) and, given y, Σₙ Gₙᵢ yₙᵢ.
+// Backward on the skinny kernels: dL/dhr = s·G B in one pass over G, which also sums G's columns (dL/db) and, given
+// y, Σₙ Gₙᵢ yₙᵢ; dL/dA = dL/dhᵀ drop(x) and the adapter's part of dL/dx, mask ⊙ (dL/dh A), in one pass over x (G Wᵀᵀ
+// then accumulated into it by BLAS); dL/dB = s·(Gᵀ hr) in one more pass over G.
 std::optional<std::vector<at::Tensor>> lora_linear_backward_skinny(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr, double scale,
@@ -84,25 +84,35 @@ std::optional<std::vector<at::Tensor>> lora_linear_backward_skinny(
     return std::nullopt;
   }
   std::vector<at::Tensor> grads;
-  at::Tensor gx, grad_A;
-  if (need_x || need_A) {
-    const at::Tensor gh = skinny_rows_panel(g2, pack_columns(lora_B, scale), rp, 0.0, 0);  // (N, rp), padding 0
+  at::Tensor gx, grad_A, sums;
+  const bool want_sums = has(y) || need_b;
+  if (need_x || need_A || want_sums) {
+    // the column sums read G row by row here, where G's rows are in the L1 cache (in dL/dB's pass, which reads G a
+    // column stripe at a time, y would cost twice a pass of its own)
+    at::Tensor gh;
+    if (want_sums) {
+      auto res = skinny_rows_panel_sums(g2, pack_columns(lora_B, scale), rp,
+                                        has(y) ? std::optional<at::Tensor>(y->reshape({-1, out}).contiguous())
+                                               : std::nullopt);
+      gh = res.out;
+      sums = res.sums;
+    } else {
+      gh = skinny_rows_panel(g2, pack_columns(lora_B, scale), rp, 0.0, 0);  // (N, rp), padding 0
+    }
     if (need_A) {
       auto res = skinny_columns(gh, x2, r, dropout, seed, true,
                                 need_x ? std::optional<at::Tensor>(pack_rows(lora_A)) : std::nullopt);
       grad_A = res.out;
       gx = res.c;
-    } else {  // x may be absent: the adapter's part of dL/dx, then its mask
+    } else if (need_x) {  // x may be absent: the adapter's part of dL/dx, then its mask
       gx = skinny_small_rows(gh, pack_rows(lora_A), std::nullopt);  // gh's padding columns are 0
       if (dropout > 0.0) dropout_inplace_(gx, dropout, seed);
     }
   }
-  SkinnyColumns last;
-  const bool want_sums = has(y) || need_b;
-  if (need_B || want_sums) {
+  at::Tensor grad_B;
+  if (need_B) {
     const at::Tensor hp = r == rp ? hr.contiguous() : pack_columns(hr, 1.0);
-    last = skinny_columns(hp, g2, r, 0.0, 0, need_B, std::nullopt, /*transposed=*/true, scale, want_sums,
-                          has(y) ? std::optional<at::Tensor>(y->reshape({-1, out}).contiguous()) : std::nullopt);
+    grad_B = skinny_columns(hp, g2, r, 0.0, 0, true, std::nullopt, /*transposed=*/true, scale).out;
   }
   if (need_x) {
     gx.addmm_(g2, weight);
@@ -111,10 +121,10 @@ std::optional<std::vector<at::Tensor>> lora_linear_backward_skinny(
     grads.push_back(gx.view(sizes));
   }
   if (need_w) grads.push_back(at::mm(g2.t(), x2));
-  if (need_b) grads.push_back(last.sums[1]);
+  if (need_b) grads.push_back(sums[1]);
   if (need_A) grads.push_back(grad_A);
-  if (need_B) grads.push_back(last.out);
-  if (has(y)) grads.push_back(last.sums);
+  if (need_B) grads.push_back(grad_B);
+  if (has(y)) grads.push_back(sums);
   return grads;
 }
 

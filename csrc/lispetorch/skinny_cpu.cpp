@@ -7,19 +7,23 @@
 // drop(x) (dL/dA and the adapter's part of dL/dx) share that pass. Four kernels:
 //
 //   rows_panel   out (N, r)  = drop(a) P          a (N, K) tall, P (K, rp) the factor packed: register tiles of
-//                                                 8 rows × one vector of columns, K accumulated in one sweep
+//                                                 8 rows × one vector of columns, K accumulated in one sweep; on
+//                sums (2, K) = Σₙ aₙ yₙ, Σₙ aₙ     request (no mask) the column sums of a and of a ⊙ y from the
+//                                                 same tiles, each tile's rows re-read from the L1 cache
 //   small_rows   out (N, d)  = bias + a Q         a (N, r), Q (r, d): tiles of 4 rows × 2 vectors of columns
 //   columns      out (r, d)  = aᵀ drop(b)         a (N, rp) padded, b (N, d) tall: per stripe of one vector of
 //                c   (N, d)  = mask ⊙ (a Q)       columns, 16 rows of out accumulate over N in registers; c, when
 //                                                 asked, is the product with Q (rp, d) from the same loads of a
+//                                                 (column sums are rows_panel's: read in stripes, y costs twice
+//                                                 a pass of its own)
 //   row_norms    ‖Wᵢ + Cᵢ A‖ (N)                 DoRA's norms: each row of the sum formed a vector at a time, never
 //                                                 stored, 8 rows at once against one vector of A; with the
 //                                                 magnitude, g = m / n and the rows of W scaled by g, from the
 //                                                 same reads
 //
-// Every output element is summed in a fixed order whatever the number of threads (threads take whole row blocks or
-// whole column stripes), so results are reproducible run to run. Compiled for AVX-512 and for AVX2+FMA, chosen at
-// run time; other processors take the ATen path in lora_linear.cpp.
+// Every output element is summed in a fixed order whatever the number of threads (threads take whole row blocks,
+// whole groups of them for rows_panel's sums, or whole column stripes), so results are reproducible run to run.
+// Compiled for AVX-512 and for AVX2+FMA, chosen at run time; other processors take the ATen path in lora_linear.cpp.
 #include "lispetorch.h"
 #include "mask.h"
 #include "simd.h"
@@ -51,12 +55,16 @@ struct Mask {
   float scale;
 };
 
-// columns' outputs: p = s · aᵀ drop(b), (r, d) or, transposed, (d, r), null when not wanted; with sum, the column
-// sums of b (d) and, with y (N, d), dot = Σₙ bₙᵢ yₙᵢ (d), both of b before its mask.
+// columns' output: p = s · aᵀ drop(b), (r, d) or, transposed, (d, r), null when not wanted.
 struct Out {
   float* p;
   bool transposed;
   float scale;
+};
+
+// rows_panel's column sums, when wanted (sum not null): sum += Σ aᵢ and, with y, dot += Σ aᵢ ⊙ yᵢ over the rows of
+// the group being summed (each group's own partial sums, K long).
+struct Sums {
   const float* y;
   float* dot;
   float* sum;
@@ -140,13 +148,41 @@ LT_INLINE void panel_tile(const float* a, int64_t K, const float* P, int64_t rp,
   }
 }
 
-// rows_panel on the row blocks [b0, b1).
+// The column sums of the RB rows of a from i0 (and of their products with y's), the tile's rows summed first, then
+// added to the group's partial sums.
+template <typename V, int W, int RB>
+LT_INLINE void sums_tile(const float* a, int64_t K, const Sums& sm, int64_t i0) {
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V dot{}, sum{};
+    for (int ii = 0; ii < RB; ++ii) {
+      const V av = load<V>(a + (i0 + ii) * K + k);
+      if (sm.y) dot += av * load<V>(sm.y + (i0 + ii) * K + k);
+      sum += av;
+    }
+    if (sm.y) store(sm.dot + k, load<V>(sm.dot + k) + dot, W);
+    store(sm.sum + k, load<V>(sm.sum + k) + sum, W);
+  }
+  for (; k < K; ++k) {  // the columns past the last whole vector
+    float dot = 0.0f, sum = 0.0f;
+    for (int ii = 0; ii < RB; ++ii) {
+      const float av = a[(i0 + ii) * K + k];
+      if (sm.y) dot += av * sm.y[(i0 + ii) * K + k];
+      sum += av;
+    }
+    if (sm.y) sm.dot[k] += dot;
+    sm.sum[k] += sum;
+  }
+}
+
+// rows_panel on the row blocks [b0, b1), with the column sums when sm.sum is set (no mask then).
 template <typename V, typename U, int W>
 LT_INLINE void rows_panel_range(const float* a, int64_t N, int64_t K, const float* P, int64_t rp, int64_t width,
-                                float* out, const Mask& m, int64_t b0, int64_t b1) {
+                                float* out, const Mask& m, const Sums& sm, int64_t b0, int64_t b1) {
   std::vector<float> buf(m.on ? static_cast<size_t>(kRowBlock * K) : 0);
   row_tiles<kRowBlock>(N, b0, b1, [&](auto rb, int64_t i0) __attribute__((always_inline)) {
     panel_tile<V, U, W, decltype(rb)::value>(a, K, P, rp, width, out, m, i0, buf.data());
+    if (sm.sum) sums_tile<V, W, decltype(rb)::value>(a, K, sm, i0);
   });
 }
 
@@ -199,18 +235,11 @@ LT_INLINE void columns_stripe(const float* a, int64_t N, int64_t rp, const float
   V total[kJ], acc[kJ];
   for (int j = 0; j < kJ; ++j) total[j] = acc[j] = V{};
   const bool first = jc == 0, last = jc + kJ >= rp;
-  const bool sums = first && out.sum;  // dot and sum, once per stripe
-  V dot_total{}, sum_total{}, dot{}, sum{};
   for (int64_t i = 0; i < N; ++i) {
     // The stripe steps d floats a row, past the hardware prefetchers' reach: fetched kAhead rows ahead instead.
     __builtin_prefetch(b + std::min(i + kAhead, N - 1) * d + o0);
     if (c && !first) __builtin_prefetch(c + std::min(i + kAhead, N - 1) * d + o0);
-    if (sums && out.y) __builtin_prefetch(out.y + std::min(i + kAhead, N - 1) * d + o0);
     V bv = load<V>(b + i * d + o0);
-    if (sums) {
-      if (out.y) dot += bv * load<V>(out.y + i * d + o0);
-      sum += bv;
-    }
     V mv{};
     if (m.on) {
       mv = multipliers<V, U, W>(m, static_cast<uint32_t>(i * d + o0));
@@ -237,9 +266,6 @@ LT_INLINE void columns_stripe(const float* a, int64_t N, int64_t rp, const float
         total[j] += acc[j];
         acc[j] = V{};
       }
-      dot_total += dot;
-      sum_total += sum;
-      dot = sum = V{};
     }
   }
   if (out.p && out.transposed) {
@@ -250,10 +276,6 @@ LT_INLINE void columns_stripe(const float* a, int64_t N, int64_t rp, const float
     }
   } else if (out.p) {
     for (int j = 0; j < kJ && jc + j < r; ++j) store(out.p + (jc + j) * d + o0, total[j] * out.scale, W);
-  }
-  if (sums) {
-    if (out.y) store(out.dot + o0, dot_total, W);
-    store(out.sum + o0, sum_total, W);
   }
 }
 
@@ -338,8 +360,8 @@ typedef uint32_t v8su __attribute__((vector_size(32)));
 #define LT_SKINNY_VARIANTS(TGT, suffix, V, U, W)                                                               \
   __attribute__((target(TGT))) void rows_panel_##suffix(const float* a, int64_t N, int64_t K, const float* P,     \
                                                         int64_t rp, int64_t w, float* out, const Mask& m,         \
-                                                        int64_t b0, int64_t b1) {                                 \
-    rows_panel_range<V, U, W>(a, N, K, P, rp, w, out, m, b0, b1);                                                \
+                                                        const Sums& sm, int64_t b0, int64_t b1) {                 \
+    rows_panel_range<V, U, W>(a, N, K, P, rp, w, out, m, sm, b0, b1);                                            \
   }                                                                                                            \
   __attribute__((target(TGT))) void small_rows_##suffix(const float* a, int64_t N, int64_t r, const float* Q,     \
                                                         int64_t d, const float* bias, float* out, int64_t b0,     \
@@ -408,7 +430,12 @@ bool skinny_available(at::TensorList operands, int64_t rows, int64_t cols) {
 
 int64_t skinny_pad(int64_t r) { return (r + kJ - 1) / kJ * kJ; }
 
-at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed) {
+namespace {
+constexpr int64_t kSumBlocks = 8;  // rows_panel's sums: row blocks per group, each group summed on its own
+
+// rows_panel, with the column sums of a (and of a ⊙ y) into sums (2, K) when sums is given (no mask then).
+at::Tensor rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed,
+                      const at::Tensor& y, at::Tensor* sums) {
   check_tall(a, "rows_panel's a");
   check_tall(P, "rows_panel's P");
   TORCH_CHECK(P.size(0) == a.size(1) && P.size(1) % kJ == 0 && P.size(1) >= width, "rows_panel: P ", P.sizes(),
@@ -420,9 +447,47 @@ at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t w
   const float* ap = a.const_data_ptr<float>();
   const float* pp = P.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kRowBlock)),
-                   [&](int64_t b0, int64_t b1) { fn(ap, N, K, pp, P.size(1), width, op, m, b0, b1); });
+  if (!sums) {
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * kRowBlock)),
+                     [&](int64_t b0, int64_t b1) { fn(ap, N, K, pp, P.size(1), width, op, m, {}, b0, b1); });
+    return out;
+  }
+  TORCH_CHECK(!m.on, "rows_panel: column sums are of the unmasked operand");
+  if (y.defined()) {
+    check_tall(y, "rows_panel's y");
+    TORCH_CHECK(y.sizes() == a.sizes(), "rows_panel: y ", y.sizes(), " is not shaped like a ", a.sizes());
+  }
+  // Each group of kSumBlocks row blocks sums into a partial of its own, the partials then added in order: the same
+  // sums whatever the number of threads, their error growing with N / (kSumBlocks · kRowBlock), not N.
+  const int64_t groups = (blocks + kSumBlocks - 1) / kSumBlocks;
+  at::Tensor partial = at::zeros({groups, 2, K}, a.options());
+  float* part = partial.mutable_data_ptr<float>();
+  const float* yp = y.defined() ? y.const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      float* dot = part + g * 2 * K;
+      fn(ap, N, K, pp, P.size(1), width, op, m, Sums{yp, dot, dot + K}, g * kSumBlocks,
+         std::min(blocks, (g + 1) * kSumBlocks));
+    }
+  });
+  *sums = at::zeros({2, K}, a.options());  // Σ a y (0 without y, or without rows), Σ a
+  float* total = sums->mutable_data_ptr<float>();
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t k = 0; k < 2 * K; ++k) total[k] += part[g * 2 * K + k];
+  }
   return out;
+}
+}  // namespace
+
+at::Tensor skinny_rows_panel(const at::Tensor& a, const at::Tensor& P, int64_t width, double p, int64_t seed) {
+  return rows_panel(a, P, width, p, seed, at::Tensor(), nullptr);
+}
+
+SkinnyPanel skinny_rows_panel_sums(const at::Tensor& a, const at::Tensor& P, int64_t width,
+                                   const std::optional<at::Tensor>& y) {
+  SkinnyPanel res;
+  res.out = rows_panel(a, P, width, 0.0, 0, y.value_or(at::Tensor()), &res.sums);
+  return res;
 }
 
 at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias) {
@@ -445,36 +510,28 @@ at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std
 }
 
 SkinnyColumns skinny_columns(const at::Tensor& a, const at::Tensor& b, int64_t r, double p, int64_t seed,
-                             bool want_out, const std::optional<at::Tensor>& Q, bool transposed, double scale,
-                             bool want_sums, const std::optional<at::Tensor>& y) {
+                             bool want_out, const std::optional<at::Tensor>& Q, bool transposed, double scale) {
   check_tall(a, "columns' a");
   check_tall(b, "columns' b");
   const int64_t N = b.size(0), d = b.size(1), rp = a.size(1);
   TORCH_CHECK(a.size(0) == N && rp % kJ == 0 && rp >= r, "columns: a ", a.sizes(), " does not fit b ", b.sizes(),
               " and r ", r);
-  const bool with_c = Q.has_value() && Q->defined(), with_y = y.has_value() && y->defined();
+  const bool with_c = Q.has_value() && Q->defined();
   if (with_c) {
     check_tall(*Q, "columns' Q");
     TORCH_CHECK(Q->size(0) == rp && Q->size(1) == d, "columns: Q ", Q->sizes(), " does not fit a ", a.sizes(),
                 " and b ", b.sizes());
   }
-  if (with_y) {
-    check_tall(*y, "columns' y");
-    TORCH_CHECK(y->sizes() == b.sizes(), "columns: y ", y->sizes(), " is not shaped like b ", b.sizes());
-  }
   SkinnyColumns res;
   if (want_out) res.out = at::empty(transposed ? at::IntArrayRef{d, r} : at::IntArrayRef{r, d}, b.options());
   if (with_c) res.c = at::empty({N, d}, b.options());
-  if (want_sums) res.sums = at::zeros({2, d}, b.options());  // Σ b y (0 without y, or without rows), Σ b
   const Mask m = make_mask(p, seed);
   const auto fn = simd::isa() == Isa::avx512 ? &columns_avx512 : &columns_avx2;
   const int64_t W = simd::isa() == Isa::avx512 ? 16 : 8, stripes = d / W + d % W;
   const float* ap = a.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   const float* qp = with_c ? Q->const_data_ptr<float>() : nullptr;
-  float* sp = want_sums ? res.sums.mutable_data_ptr<float>() : nullptr;
-  const Out o{want_out ? res.out.mutable_data_ptr<float>() : nullptr, transposed, static_cast<float>(scale),
-              with_y ? y->const_data_ptr<float>() : nullptr, sp, want_sums ? sp + d : nullptr};
+  const Out o{want_out ? res.out.mutable_data_ptr<float>() : nullptr, transposed, static_cast<float>(scale)};
   float* cp = with_c ? res.c.mutable_data_ptr<float>() : nullptr;
   at::parallel_for(0, stripes, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * W)),
                    [&](int64_t s0, int64_t s1) { fn(ap, N, rp, bp, d, m, o, r, qp, cp, s0, s1); });
@@ -525,11 +582,14 @@ int64_t skinny_pad(int64_t r) { return r; }
 at::Tensor skinny_rows_panel(const at::Tensor&, const at::Tensor&, int64_t, double, int64_t) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
+SkinnyPanel skinny_rows_panel_sums(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
+}
 at::Tensor skinny_small_rows(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
 SkinnyColumns skinny_columns(const at::Tensor&, const at::Tensor&, int64_t, double, int64_t, bool,
-                             const std::optional<at::Tensor>&, bool, double, bool, const std::optional<at::Tensor>&) {
+                             const std::optional<at::Tensor>&, bool, double) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
 
