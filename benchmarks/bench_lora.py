@@ -58,6 +58,7 @@ from collections.abc import Callable
 import peft
 import torch
 import transformers
+from peft.helpers import DoraCaching
 
 import lispetorch as lt
 
@@ -492,6 +493,63 @@ def bench_layer(tokens: int, reps: int, seed: int, rows: list[list[str]], shape:
                  "q_proj", us(t_recompute), us(t_lora_rc), f"{ratio(t_recompute, t_lora_rc):.2f}", "—"])
 
 
+def bench_decode(width: int, reps: int, seed: int, rows: list[list[str]]) -> None:
+    """Decoding one token through one DoRA layer (``width`` → ``width``, r 16), eval mode, no_grad: our DoRA and
+    PEFT's, each with the norms computed at every call and with them kept (``lt.dora_caching``, PEFT's
+    ``DoraCaching``), in turns with the plain layer; medians of the per-turn times above it."""
+    torch.manual_seed(seed)
+    base = OneLayer(width)
+    ours = copy.deepcopy(base)
+    lt.inject(ours, lt.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=["q_proj"], use_dora=True))
+    with torch.no_grad():
+        ours.q_proj.lora_B["default"].normal_(0, B_STD)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["q_proj"], use_dora=True))
+    layer = theirs.base_model.model.q_proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.q_proj.lora_A["default"])
+        layer.lora_B["default"].weight.copy_(ours.q_proj.lora_B["default"])
+        layer.lora_magnitude_vector["default"].weight.copy_(ours.q_proj.lora_magnitude_vector["default"])
+    cached = copy.deepcopy(ours)
+    lt.dora_caching(cached)
+    theirs_cached = copy.deepcopy(theirs)  # PEFT clears a layer's cache at every forward made without caching
+    for m in (ours, theirs, cached, theirs_cached, base):
+        m.eval()
+    token = torch.randn(1, 1, width)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(token), theirs(token), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached(token), theirs(token), rtol=1e-4, atol=1e-5)
+        with DoraCaching():
+            torch.testing.assert_close(theirs_cached(token), theirs(token), rtol=1e-4, atol=1e-5)
+
+    def infer(m):
+        def run() -> None:
+            with torch.no_grad():
+                m(token)
+        return run
+
+    def infer_peft_cached() -> None:
+        with torch.no_grad(), DoraCaching():
+            theirs_cached(token)
+
+    t_ours, t_cached, t_theirs, t_theirs_cached, t_base = alternate(
+        infer(ours), infer(cached), infer(theirs), infer_peft_cached, infer(base), warmup=20, reps=reps)
+    a_ours, a_cached, a_theirs, a_theirs_cached = (above(t, t_base) for t in (t_ours, t_cached, t_theirs,
+                                                                               t_theirs_cached))
+    log(f"decode one token, DoRA {width}: plain layer {statistics.median(t_base) * 1e6:.1f} µs; above it ours "
+        f"{a_ours * 1e6:.1f}, cached {a_cached * 1e6:.1f}, PEFT {a_theirs * 1e6:.1f}, PEFT DoraCaching "
+        f"{a_theirs_cached * 1e6:.1f} µs")
+    label = f"one layer {width}, DoRA decoding one token, above the plain layer's {statistics.median(t_base) * 1e6:.0f}"
+    rows += [
+        [f"{label} µs: ours / PEFT DoRA (norms at every call)", "q_proj", f"{a_ours * 1e6:.1f}",
+         f"{a_theirs * 1e6:.1f}", f"{ratio(a_ours, a_theirs):.2f}", "—"],
+        [f"{label} µs: ours with dora_caching / PEFT with DoraCaching", "q_proj", f"{a_cached * 1e6:.1f}",
+         f"{a_theirs_cached * 1e6:.1f}", f"{ratio(a_cached, a_theirs_cached):.2f}", "—"],
+        [f"{label} µs: ours with dora_caching / ours without", "q_proj", f"{a_cached * 1e6:.1f}",
+         f"{a_ours * 1e6:.1f}", f"{ratio(a_cached, a_ours):.2f}", "—"],
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -541,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         log("\n## one adapted layer")
         for shape in ((batch * seq, 512), (batch, seq, 512)):  # as the benchmark fed it, and as inside a model
             bench_layer(batch * seq, 20 if args.quick else 300, args.seed, rows, shape)
+        for width, reps in ((512, 2000), (2048, 200)):
+            bench_decode(width, 20 if args.quick else reps, args.seed, rows)
 
     table = markdown(["metric", "targets", "lispetorch", "PEFT", "ratio", "goal"], rows)
     mem_table = markdown(

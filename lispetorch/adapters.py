@@ -482,6 +482,46 @@ def set_dora_recompute(model: nn.Module, recompute: bool = True) -> None:
             layer.dora_recompute = recompute
 
 
+class DoraCaching:
+    """What :func:`dora_caching` returns: the change is made already; used as a context manager, leaving it puts
+    back each layer's setting as it was before and drops what was kept."""
+
+    def __init__(self, layers: list[LoraLinear], enabled: bool) -> None:
+        self.previous = [(layer, layer.dora_caching) for layer in layers]
+        for layer in layers:
+            layer.dora_caching = enabled
+            layer.dora_cache.clear()
+
+    def __enter__(self) -> DoraCaching:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, before in self.previous:
+            layer.dora_caching = before
+            layer.dora_cache.clear()
+
+
+def dora_caching(model: nn.Module, enabled: bool = True) -> DoraCaching:
+    """Keeps each DoRA layer's row scaling ``g = m / ‖W + s·B R A‖`` from one forward to the next where nothing
+    trains (evaluation, generation), so that a forward costs LoRA's: the norms are a pass over the weight, several
+    times the frozen product itself when decoding a token. Like PEFT's ``DoraCaching``, but safe against the
+    changes that go through torch (an optimizer's step, ``load_state_dict``, merging, a new factor): what is kept is
+    used only while W, A, B, R and m are the same tensors at the same versions. Writes through ``.data`` bypass
+    the versions: call ``dora_caching(model, False)`` after them. A forward that trains the adapter (the magnitude's
+    gradient flows through g), or in training mode, always computes the norms. One ``(out,)`` vector is kept per
+    layer and adapter.
+
+    Use as ``lt.dora_caching(model)`` (on until turned off) or ``with lt.dora_caching(model): ...`` (the settings
+    before it back on leaving).
+
+    Raises:
+        TypeError: ``enabled`` not a bool. AdapterStateError: a model without adapters.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    return DoraCaching([layer for layer in layers_or_raise(model).values() if isinstance(layer, LoraLinear)], enabled)
+
+
 def set_layer_enabled(layer: LoraLinear, enabled: bool) -> None:
     """One layer's part of :func:`set_enabled`: a merged adapter is unmerged when disabled and recorded in
     ``layer.merged_when_disabled``, then merged back when enabled (if it is still the layer's active adapter). A

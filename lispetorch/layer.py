@@ -13,6 +13,7 @@ import functools
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -221,6 +222,9 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
     # DoRA adapters: True, backward computes the base product again for the magnitude's gradient instead of keeping
     # the layer's output (see ops.dora_linear's keep_output); set by set_dora_recompute.
     dora_recompute: bool = False
+    # DoRA adapters: True, a forward that trains nothing keeps g = m / ‖W + s·B R A‖ for the next one, while the
+    # tensors it came from are unchanged (see dora_scale_cached); set by lispetorch.dora_caching.
+    dora_caching: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -259,6 +263,8 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
         # A mixed-adapter batch: the adapter of each sample (None: the base alone), set for one forward of the
         # model (see lispetorch.adapters.accept_adapter_names).
         self.batch_adapters: tuple[str | None, ...] | None = None
+        # DoRA's g by adapter name, with what it was computed from (dora_scale_cached).
+        self.dora_cache: dict[str, tuple[tuple, tuple, torch.Tensor]] = {}
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.train(base_layer.training)  # an adapter injected into a model in eval mode is in eval mode too
@@ -267,6 +273,12 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
     def state_changed(self) -> None:
         """A switch of adapter, or on/off: what the compiled forward reads (:meth:`compiled_view`)."""
         self.compiled_view()
+
+    def __getstate__(self) -> dict:
+        # the DoRA cache holds weak references (not picklable) to this layer's own tensors: copies start without it
+        state = self.__dict__.copy()
+        state["dora_cache"] = {}
+        return state
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -476,6 +488,7 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
             if name in d:
                 del d[name]
         self.settings.pop(name, None)
+        self.dora_cache.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.lora_A.keys()), None)
         self.compiled_view()
@@ -572,9 +585,44 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
             return self._per_sample_forward(x, A, B, R, m, settings.scaling, p)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         if m is not None:
+            g = self.dora_scale_cached(name, A, B, R, m) if self.dora_caching and not self.training else None
+            if g is not None:  # g ⊙ (x Wᵀ + s·hr Bᵀ) + b, the norms not computed again
+                y = fused_linear(self.base_layer, x, A, B, R, settings.scaling, 0.0, 0)
+                bias = self.base_layer.bias
+                return torch.addcmul(bias, y, g) if bias is not None else y * g
             return fused_dora_linear(self.base_layer, x, A, B, R, m, settings.scaling, p, seed,
                                      not self.dora_recompute)
         return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
+
+    def dora_scale_cached(self, name: str, A, B, R, m) -> torch.Tensor | None:
+        """DoRA's ``g = m / ‖W + s·B R A‖`` (0 where the norm is 0) of adapter ``name``, kept from the last forward
+        while the tensors it came from are the same objects over the same memory at the same versions; None where
+        it cannot be kept: a forward that trains the adapter (the magnitude's gradient flows through g), an R
+        computed at every forward, a tensor without a version counter (made under ``inference_mode``). In-place
+        changes (an optimizer's step, ``load_state_dict``, merging) move a tensor's version; writes through
+        ``.data`` do not, and need ``dora_caching(model, False)`` after them."""
+        if name in self.lora_R_fn or name in self.lora_nf4:
+            return None
+        params = (self.base_layer.weight, self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name],
+                  self.lora_R[name] if name in self.lora_R else None)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params[1:]):
+            return None
+        try:
+            stamps = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in params)
+        except RuntimeError:  # an inference tensor: no version counter
+            return None
+        scale = self.settings[name].scaling
+        hit = self.dora_cache.get(name)
+        if (hit is not None and hit[1] == (stamps, scale)
+                and all(ref is None if t is None else ref() is t for ref, t in zip(hit[0], params, strict=True))):
+            return hit[2]
+        with torch.no_grad():
+            w = self.base_weight()
+            n = ops.dora_norm(w, A, B, R, scale)
+            g = torch.where(n > 0, m.to(n.dtype) / torch.where(n > 0, n, 1.0), 0.0).to(w.dtype)
+        refs = tuple(None if t is None else weakref.ref(t) for t in params)
+        self.dora_cache[name] = (refs, (stamps, scale), g)
+        return g
 
     def _mixed_forward(self, x: torch.Tensor, names: tuple[str | None, ...]) -> torch.Tensor:
         """Each sample (first dimension of ``x``) through its own adapter, in one call of the grouped operator;

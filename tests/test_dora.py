@@ -549,3 +549,120 @@ def test_per_sample_dropout_seeds_keep_the_magnitude():
     expected = torch.cat([ops.dora_linear(x[i:i + 1], layer.base_layer.weight, layer.base_layer.bias, A, B, None, m,
                                           layer.settings["d"].scaling, 0.3, s) for i, s in enumerate([11, 22, 33])])
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def dora_model(kind: str, zero_row: bool = True):
+    model, targets = build(kind)
+    lt.inject(model, lt.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=targets, use_dora=True))
+    perturb(model, 5)
+    if zero_row:  # a zero magnitude: g is 0 on that row, cached or not
+        with torch.no_grad():
+            next(iter(lt.adapter_layers(model).values())).lora_magnitude_vector["default"][0] = 0.0
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("tokens", [12, 20], ids=["fewer-rows-than-inputs", "more-rows"])
+def test_dora_caching_gives_the_outputs_of_the_norms_computed_each_time(kind, tokens):
+    model = dora_model(kind)
+    ids = torch.randint(0, 64, (2, tokens), generator=torch.Generator().manual_seed(2))
+    layers = [layer for layer in lt.adapter_layers(model).values()]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with lt.dora_caching(model):
+            first = model(input_ids=ids).logits
+            kept = [layer.dora_cache["default"][2] for layer in layers]
+            second = model(input_ids=ids).logits
+            assert all(layer.dora_cache["default"][2] is g for layer, g in zip(layers, kept, strict=True))
+        assert all(not layer.dora_caching and not layer.dora_cache for layer in layers)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, second)
+
+
+def test_dora_caching_sees_every_change_made_through_torch(tmp_path):
+    model = dora_model("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    layers = list(lt.adapter_layers(model).values())
+    lt.dora_caching(model)
+
+    def check():
+        """The model's output with what its layers kept, against a copy's, which starts without it; then the
+        cache filled again for the next change."""
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+            want = copy.deepcopy(model)(input_ids=ids).logits
+            model(input_ids=ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert all("default" in layer.dora_cache or layer.active_adapter != "default" for layer in layers)
+        return got
+
+    before = check()
+    with torch.no_grad():
+        layers[0].lora_A["default"].mul_(1.5)  # in place: a new version
+    after = check()
+    assert not torch.allclose(before, after)
+    saved = copy.deepcopy(model.state_dict())
+    lt.save_adapter(model, tmp_path / "a")
+    perturb(model, 9)
+    check()
+    model.load_state_dict(saved)
+    torch.testing.assert_close(check(), after, rtol=1e-5, atol=1e-5)
+    lt.load_adapter(model, tmp_path / "a", adapter_name="other")
+    lt.set_adapter(model, "other")
+    torch.testing.assert_close(check(), after, rtol=1e-5, atol=1e-5)
+    lt.set_adapter(model, "default")
+    check()
+    model.train()  # a training step moves every factor's version
+    opt = torch.optim.SGD(lt.trainable_parameters(model), lr=0.1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    check()
+    layers[1].lora_B["default"] = torch.nn.Parameter(layers[1].lora_B["default"].detach() * 2)  # a new tensor
+    check()
+    with torch.no_grad():
+        layers[2].base_layer.weight.mul_(0.5)
+    check()
+    lt.merge(model)
+    lt.unmerge(model)
+    check()
+    model.double()
+    check()
+
+
+def test_dora_caching_is_not_used_where_the_adapter_trains():
+    model = dora_model("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    layers = list(lt.adapter_layers(model).values())
+    grads = {}
+    for enabled in (False, True):
+        lt.dora_caching(model, enabled)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()  # eval mode, gradients on
+        grads[enabled] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert not any(layer.dora_cache for layer in layers)
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, msg=n)
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not any(layer.dora_cache for layer in layers)
+
+
+def test_dora_caching_copies_pickles_and_refuses_bad_input(tmp_path):
+    model = dora_model("gpt2")
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(6))
+    lt.dora_caching(model)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (twin, loaded):
+        assert all(not layer.dora_cache for layer in lt.adapter_layers(other).values())
+        with torch.no_grad():
+            torch.testing.assert_close(other(input_ids=ids).logits, want)
+    with pytest.raises(TypeError, match="enabled"):
+        lt.dora_caching(model, 1)
+    with pytest.raises(AdapterStateError):
+        lt.dora_caching(torch.nn.Linear(2, 2))
