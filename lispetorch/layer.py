@@ -496,13 +496,21 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(A, B, R)`` of adapter ``name``; R is None without a core, and computed when it is parametrised;
         A and B dequantised when they are stored in NF4."""
-        A, B = self.lora_nf4[name].dequantize() if name in self.lora_nf4 else (self.lora_A[name], self.lora_B[name])
-        if name in self.lora_R_fn:
-            R = self.lora_R_fn[name]()
+        # The containers' own dicts, read directly (nn.Module's attribute lookup, at every forward of every adapted
+        # layer, is most of the cost of a forward that decodes one token).
+        mods = self._modules
+        nf4 = mods["lora_nf4"]._modules
+        if name in nf4:
+            A, B = nf4[name].dequantize()
+        else:
+            A, B = mods["lora_A"]._parameters[name], mods["lora_B"]._parameters[name]
+        cores = mods["lora_R_fn"]._modules
+        if name in cores:
+            R = cores[name]()
             if R.dtype != A.dtype:  # cores compute in float32; the factors may be kept in another dtype
                 R = R.to(A.dtype)
         else:
-            R = self.lora_R[name] if name in self.lora_R else None
+            R = mods["lora_R"]._parameters.get(name)
         return A, B, R
 
     @torch.no_grad()
@@ -570,9 +578,10 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
         if torch.compiler.is_compiling():
             return self._compiled_forward(x)
         name = self.active_adapter
+        base = self._modules["base_layer"]
         if not self.enabled or name is None or self.merged_adapter is not None:
-            return self.base_layer(x)
-        dtype = compute_dtype(self.base_layer)
+            return base(x)
+        dtype = compute_dtype(base)
         A, B, R = self.factors(name)
         if A.dtype != dtype or B.dtype != dtype or (R is not None and R.dtype != dtype):
             A, B, R = A.to(dtype), B.to(dtype), (R.to(dtype) if R is not None else None)  # compute in W's dtype
@@ -580,19 +589,19 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
             x = x.to(dtype)
         settings = self.settings[name]
         p = settings.dropout if self.training else 0.0
-        m = self.lora_magnitude_vector[name].to(dtype) if name in self.lora_magnitude_vector else None
+        m = self._modules["lora_magnitude_vector"]._parameters.get(name)
+        if m is not None and m.dtype != dtype:
+            m = m.to(dtype)
         if p > 0 and self.dropout_seeds is not None:
             return self._per_sample_forward(x, A, B, R, m, settings.scaling, p)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         if m is not None:
             g = self.dora_scale_cached(name, A, B, R, m) if self.dora_caching and not self.training else None
             if g is not None:  # g ⊙ (x Wᵀ + s·hr Bᵀ) + b, the norms not computed again
-                y = fused_linear(self.base_layer, x, A, B, R, settings.scaling, 0.0, 0)
-                bias = self.base_layer.bias
-                return torch.addcmul(bias, y, g) if bias is not None else y * g
-            return fused_dora_linear(self.base_layer, x, A, B, R, m, settings.scaling, p, seed,
-                                     not self.dora_recompute)
-        return fused_linear(self.base_layer, x, A, B, R, settings.scaling, p, seed)
+                y = fused_linear(base, x, A, B, R, settings.scaling, 0.0, 0)
+                return torch.addcmul(base.bias, y, g) if base.bias is not None else y * g
+            return fused_dora_linear(base, x, A, B, R, m, settings.scaling, p, seed, not self.dora_recompute)
+        return fused_linear(base, x, A, B, R, settings.scaling, p, seed)
 
     def dora_scale_cached(self, name: str, A, B, R, m) -> torch.Tensor | None:
         """DoRA's ``g = m / ‖W + s·B R A‖`` (0 where the norm is 0) of adapter ``name``, kept from the last forward
@@ -601,10 +610,11 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
         computed at every forward, a tensor without a version counter (made under ``inference_mode``). In-place
         changes (an optimizer's step, ``load_state_dict``, merging) move a tensor's version; writes through
         ``.data`` do not, and need ``dora_caching(model, False)`` after them."""
-        if name in self.lora_R_fn or name in self.lora_nf4:
+        mods = self._modules  # read directly, as in factors()
+        if name in mods["lora_R_fn"]._modules or name in mods["lora_nf4"]._modules:
             return None
-        params = (self.base_layer.weight, self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name],
-                  self.lora_R[name] if name in self.lora_R else None)
+        params = (mods["base_layer"].weight, mods["lora_A"]._parameters[name], mods["lora_B"]._parameters[name],
+                  mods["lora_magnitude_vector"]._parameters[name], mods["lora_R"]._parameters.get(name))
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params[1:]):
             return None
         try:
