@@ -463,11 +463,16 @@ def test_other_methods_train_resume_and_export_a_plain_lora(tiny_default_model, 
     ({"method": "rotational_pissa", "options": {"method": "way9"}}, "'lora.options': .*way9"),
     ({"method": "rotational_pissa", "options": {"wya": 1}}, "'lora.options': method 'rotational_pissa': .*wya"),
     ({"options": [1]}, "'lora.options' must be a mapping"),
+    ({"method": "tinylora", "dropout": 0, "use_dora": True}, ": 'lora.use_dora' applies to method lora, not tinylora$"),
+    ({"method": "tinylora", "dropout": 0, "rank_pattern": {"q": 2}},
+     ": 'lora.rank_pattern' applies to method lora, not tinylora$"),
 ])
 def test_unknown_init_or_method_is_reported(tiny_default_model, corpus, tmp_path, lora, message):
-    with pytest.raises(lt.train.ConfigError, match=message):
+    with pytest.raises(lt.train.ConfigError, match=message) as caught:
         lt.train.train(config(tiny_default_model, corpus, tmp_path / "o", lora=lora), progress=False)
     assert not (tmp_path / "o").exists()
+    if "options" not in lora:  # the key named once, not under 'lora.options'
+        assert "'lora.options'" not in str(caught.value)
 
 
 # --- gradient checkpointing, LoRA+ ---------------------------------------------------------------------------

@@ -54,6 +54,20 @@ class LoraSection:
     # expert weights of a mixture-of-experts model, one adapter per expert (PEFT's field; method lora)
     target_parameters: list[str] | None = None
 
+    def check_method_keys(self) -> dict:
+        """The keys of method lora given (the target selection and ``use_dora``), refused for another method; the
+        selection's keys given, with their values.
+
+        Raises:
+            ConfigError: such a key with another method, named.
+        """
+        selection = {key: getattr(self, key) for key in _SELECTION if getattr(self, key) not in (None, {})}
+        if selection and self.method != "lora":
+            raise ConfigError(f"'lora.{next(iter(selection))}' applies to method lora, not {self.method}")
+        if self.use_dora and self.method != "lora":
+            raise ConfigError(f"'lora.use_dora' applies to method lora, not {self.method}")
+        return selection
+
     def adapter_config(self):
         """The adapter config these keys describe (a ``LoraConfig``, ``RotationalPiSSAConfig`` or
         ``TinyLoraConfig``).
@@ -61,11 +75,7 @@ class LoraSection:
         Raises:
             ValueError: an unknown method or option, or a value out of range.
         """
-        selection = {key: getattr(self, key) for key in _SELECTION if getattr(self, key) not in (None, {})}
-        if selection and self.method != "lora":
-            raise ConfigError(f"'lora.{next(iter(selection))}' applies to method lora, not {self.method}")
-        if self.use_dora and self.method != "lora":
-            raise ConfigError(f"'lora.use_dora' applies to method lora, not {self.method}")
+        selection = self.check_method_keys()
         if self.use_dora:
             selection["use_dora"] = True
         if self.method == FULL:
@@ -254,6 +264,10 @@ class TrainConfig:
                               f"{lora.dropout}")
         if lora.dora_recompute and not lora.use_dora:  # a training option, not part of the adapter's config
             raise ConfigError(f"{source}: 'lora.dora_recompute' applies with 'lora.use_dora: true'")
+        try:
+            lora.check_method_keys()
+        except ConfigError as e:  # the message names its key
+            raise ConfigError(f"{source}: {e}") from None
         try:
             lora.adapter_config()
         except ValueError as e:
