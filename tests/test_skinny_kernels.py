@@ -133,6 +133,41 @@ def test_dora_operator_in_float32_is_float64_within_rounding(shape, p, keep_outp
         torch.testing.assert_close(gt.double(), wt, rtol=0, atol=1e-5 * wt.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("case", ["lora", "core", "dora", "conv1d", "blocks", "few-rows"])
+def test_inference_on_the_summed_weight_is_float64_within_rounding(case):
+    """Without gradients or dropout, a batch whose rows make the adapter's products cost more than forming the sum
+    (rows · (in + out) ≥ 3 · in · out) runs on W + s·B R A (each row times g for DoRA), formed a block of 2²⁰
+    elements at a time, in one product: against float64 within the rounding bound, with a core R, a zero magnitude,
+    W given transposed (a Conv1D's) and a weight of two blocks; and a batch too small for it (the kernels)."""
+    n, inp, out, r = {"blocks": (1400, 2048, 600, 8), "few-rows": (500, 512, 512, 16)}.get(case, (300, 96, 130, 12))
+    gen = torch.Generator().manual_seed(len(case))
+    x, W, A = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((n, inp), (out, inp), (r, inp)))
+    B = 0.3 * torch.randn(out, r, generator=gen, dtype=torch.float64)
+    R = torch.randn(r, r, generator=gen, dtype=torch.float64) if case == "core" else None
+    b = torch.randn(out, generator=gen, dtype=torch.float64)
+    s = 0.7
+    C = B @ R if R is not None else B
+    if case == "dora":
+        m = W.norm(dim=1) * (1 + 0.1 * torch.rand(out, generator=gen, dtype=torch.float64))
+        m[3] = 0.0
+        g = m / (W + s * C @ A).norm(dim=1)
+        want = g * (x @ W.T + s * (x @ A.T) @ C.T) + b
+        bound = g.abs() * (x.abs() @ W.abs().T + s * (x.abs() @ A.abs().T) @ C.abs().T) + b.abs()
+    else:
+        want = x @ W.T + s * (x @ A.T) @ C.T + b
+        bound = x.abs() @ W.abs().T + s * (x.abs() @ A.abs().T) @ C.abs().T + b.abs()
+    Wf = W.float().T.contiguous().T if case == "conv1d" else W.float()  # (out, in) as a transposed view
+    f = [t.float() if t is not None else None for t in (x, A, B, R, b)]
+    with torch.no_grad():
+        if case == "dora":
+            got = ops.dora_linear(f[0], Wf, f[4], f[1], f[2], f[3], m.float(), s, 0.0, 0)
+        else:
+            got = ops.lora_linear(f[0], Wf, f[4], f[1], f[2], f[3], s, 0.0, 0)
+    bounded(got, want, bound, case)
+    if case == "dora":
+        assert torch.equal(got[:, 3], f[4][3].expand(n))  # g = 0: the bias alone
+
+
 def test_avx2_kernels_and_aten_in_processes_of_their_own():
     """The kernels are chosen once per process: the AVX2 ones (LISPETORCH_ISA=avx2) run this file's float64 checks
     in a process of their own (this machine's own choice is the widest it has), and under LISPETORCH_ISA=aten the

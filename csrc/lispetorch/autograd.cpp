@@ -9,6 +9,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <functional>
+
 namespace lispetorch {
 namespace {
 
@@ -94,10 +97,21 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   }
 };
 
+// Whether autograd will want a gradient of any of these (grad mode on and one requires it).
+bool any_grad(std::initializer_list<std::reference_wrapper<const at::Tensor>> inputs) {
+  return at::GradMode::is_enabled() &&
+         std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.defined() && t.requires_grad(); });
+}
+
 at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 const std::optional<at::Tensor>& lora_R, double scale, double dropout,
                                 int64_t seed) {
+  const at::Tensor b = bias.value_or(at::Tensor()), R = lora_R.value_or(at::Tensor());
+  if (!any_grad({x, weight, b, lora_A, lora_B, R})) {  // nothing to save: the op below autograd (lora_linear_no_grad)
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lispetorch::lora_linear(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed);
+  }
   return LoraLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B,
                                    opt(lora_R.value_or(at::Tensor())), scale, dropout, seed);
 }
@@ -106,6 +120,7 @@ at::Tensor lora_linear_no_grad(const at::Tensor& x, const at::Tensor& weight, co
                                const at::Tensor& lora_A, const at::Tensor& lora_B,
                                const std::optional<at::Tensor>& lora_R, double scale, double dropout,
                                int64_t seed) {
+  if (auto y = detail::lora_linear_merged(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout)) return *y;
   return std::get<0>(forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout, seed));
 }
 
@@ -185,6 +200,12 @@ at::Tensor dora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, c
                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
                                 double dropout, int64_t seed, bool keep_output) {
+  const at::Tensor b = bias.value_or(at::Tensor()), R = lora_R.value_or(at::Tensor());
+  if (!any_grad({x, weight, b, lora_A, lora_B, R, magnitude})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lispetorch::dora_linear(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed,
+                                   keep_output);
+  }
   return DoraLinearFunction::apply(x, weight, opt(bias.value_or(at::Tensor())), lora_A, lora_B,
                                    opt(lora_R.value_or(at::Tensor())), magnitude, scale, dropout, seed, keep_output);
 }
@@ -193,6 +214,9 @@ at::Tensor dora_linear_no_grad(const at::Tensor& x, const at::Tensor& weight, co
                                const at::Tensor& lora_A, const at::Tensor& lora_B,
                                const std::optional<at::Tensor>& lora_R, const at::Tensor& magnitude, double scale,
                                double dropout, int64_t seed, bool /*keep_output: nothing is kept without grad*/) {
+  if (auto y = detail::dora_linear_merged(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout)) {
+    return *y;
+  }
   return std::get<0>(dora_forward_op().call(x, weight, bias, lora_A, lora_B, lora_R, magnitude, scale, dropout, seed));
 }
 

@@ -158,8 +158,9 @@ struct SkinnyPanel {
 };
 SkinnyPanel skinny_rows_panel_sums(const at::Tensor& a, const at::Tensor& P, int64_t width,
                                    const std::optional<at::Tensor>& y);
-// (N, d) = bias + a Q: a (N, r), Q (r, d).
-at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias);
+// (N, d) = base + bias + a Q: a (N, r), Q (r, d), base (N, d) contiguous when given.
+at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& base = at::Tensor());
 // From a (N, rp) (rp = skinny_pad(r), padding columns 0) and b (N, d), in one pass over b: out = s · aᵀ drop(b)
 // (r, d), or its transpose (d, r), when want_out; c = mask ⊙ (a Q) (N, d) when Q (rp, d) is given (the mask of b's
 // elements; no mask when p is 0).
@@ -196,6 +197,24 @@ std::vector<at::Tensor> lora_linear_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr,
     double scale, double dropout, int64_t seed, std::array<bool, 6> output_mask);
+
+// Inference without dropout, where no gradient is wanted: y = x (W + s·C A)ᵀ + b, with each row of the sum times
+// row_scale (out) when given (DoRA's g), the sum formed a block of rows at a time and the product BLAS's own. Taken
+// where it costs less than the adapter's products on the tokens (rows · (in + out) ≥ 3 · in · out) and the skinny
+// kernels would run (merges_for_inference): the sum is formed in float32, as the skinny products compute.
+at::Tensor merged_product(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& C, const at::Tensor& A, double scale, const at::Tensor& row_scale);
+bool merges_for_inference(at::TensorList operands, int64_t rows, int64_t in, int64_t out, double dropout);
+// lora_linear's output that way, or nullopt where it does not apply (the inputs checked as lora_linear_forward does).
+std::optional<at::Tensor> lora_linear_merged(const at::Tensor& x, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                             const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                                             double scale, double dropout);
+// dora_linear's the same way: y = x (g ⊙ (W + s·B R A))ᵀ + b.
+std::optional<at::Tensor> dora_linear_merged(const at::Tensor& x, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                             const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                                             const at::Tensor& magnitude, double scale, double dropout);
 
 // lora_linear_backward on the skinny CPU kernels (skinny_cpu.cpp) where they take these tensors, else nullopt. Given
 // y (shaped like grad), the column sums (2, out) = (Σₙ Gₙᵢ yₙᵢ, Σₙ Gₙᵢ) follow the gradients, from the same pass.

@@ -188,12 +188,12 @@ LT_INLINE void rows_panel_range(const float* a, int64_t N, int64_t K, const floa
 
 // small_rows on rows [i0, i0 + RB) and columns [o0, o0 + OB·W').
 template <typename V, int W, int RB, int OB>
-LT_INLINE void small_tile(const float* a, int64_t r, const float* Q, int64_t d, const float* bias, float* out,
-                          int64_t i0, int64_t o0) {
+LT_INLINE void small_tile(const float* a, int64_t r, const float* Q, int64_t d, const float* bias,
+                          const float* base, float* out, int64_t i0, int64_t o0) {
   V acc[RB][OB];
   for (int v = 0; v < OB; ++v) {
     const V b0 = bias ? load<V>(bias + o0 + v * W) : V{};
-    for (int ii = 0; ii < RB; ++ii) acc[ii][v] = b0;
+    for (int ii = 0; ii < RB; ++ii) acc[ii][v] = base ? b0 + load<V>(base + (i0 + ii) * d + o0 + v * W) : b0;
   }
   for (int64_t j = 0; j < r; ++j) {
     V q[OB];
@@ -208,12 +208,12 @@ LT_INLINE void small_tile(const float* a, int64_t r, const float* Q, int64_t d, 
 }
 
 template <typename V, int W, int RB>
-LT_INLINE void small_rows_block(const float* a, int64_t r, const float* Q, int64_t d, const float* bias, float* out,
-                                int64_t i0) {
+LT_INLINE void small_rows_block(const float* a, int64_t r, const float* Q, int64_t d, const float* bias,
+                                const float* base, float* out, int64_t i0) {
   int64_t o0 = 0;
-  for (; o0 + 2 * W <= d; o0 += 2 * W) small_tile<V, W, RB, 2>(a, r, Q, d, bias, out, i0, o0);
-  for (; o0 + W <= d; o0 += W) small_tile<V, W, RB, 1>(a, r, Q, d, bias, out, i0, o0);
-  for (; o0 < d; ++o0) small_tile<float, 1, RB, 1>(a, r, Q, d, bias, out, i0, o0);
+  for (; o0 + 2 * W <= d; o0 += 2 * W) small_tile<V, W, RB, 2>(a, r, Q, d, bias, base, out, i0, o0);
+  for (; o0 + W <= d; o0 += W) small_tile<V, W, RB, 1>(a, r, Q, d, bias, base, out, i0, o0);
+  for (; o0 < d; ++o0) small_tile<float, 1, RB, 1>(a, r, Q, d, bias, base, out, i0, o0);
 }
 
 constexpr int64_t kSmallRows = 4;  // small_rows' register tile
@@ -221,9 +221,9 @@ constexpr int64_t kSmallRows = 4;  // small_rows' register tile
 // small_rows on the row blocks [b0, b1).
 template <typename V, int W>
 LT_INLINE void small_rows_range(const float* a, int64_t N, int64_t r, const float* Q, int64_t d, const float* bias,
-                                float* out, int64_t b0, int64_t b1) {
+                                const float* base, float* out, int64_t b0, int64_t b1) {
   row_tiles<kSmallRows>(N, b0, b1, [&](auto rb, int64_t i0) __attribute__((always_inline)) {
-    small_rows_block<V, W, decltype(rb)::value>(a, r, Q, d, bias, out, i0);
+    small_rows_block<V, W, decltype(rb)::value>(a, r, Q, d, bias, base, out, i0);
   });
 }
 
@@ -364,9 +364,9 @@ typedef uint32_t v8su __attribute__((vector_size(32)));
     rows_panel_range<V, U, W>(a, N, K, P, rp, w, out, m, sm, b0, b1);                                            \
   }                                                                                                            \
   __attribute__((target(TGT))) void small_rows_##suffix(const float* a, int64_t N, int64_t r, const float* Q,     \
-                                                        int64_t d, const float* bias, float* out, int64_t b0,     \
-                                                        int64_t b1) {                                             \
-    small_rows_range<V, W>(a, N, r, Q, d, bias, out, b0, b1);                                                  \
+                                                        int64_t d, const float* bias, const float* base,          \
+                                                        float* out, int64_t b0, int64_t b1) {                     \
+    small_rows_range<V, W>(a, N, r, Q, d, bias, base, out, b0, b1);                                            \
   }                                                                                                            \
   __attribute__((target(TGT))) void columns_##suffix(const float* a, int64_t N, int64_t rp, const float* b,       \
                                                      int64_t d, const Mask& m, const Out& out, int64_t r,         \
@@ -490,10 +490,16 @@ SkinnyPanel skinny_rows_panel_sums(const at::Tensor& a, const at::Tensor& P, int
   return res;
 }
 
-at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias) {
+at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& base) {
   check_tall(a, "small_rows' a");
   check_tall(Q, "small_rows' Q");
   TORCH_CHECK(Q.size(0) == a.size(1), "small_rows: Q ", Q.sizes(), " does not fit a ", a.sizes());
+  if (base.defined()) {
+    check_tall(base, "small_rows' base");
+    TORCH_CHECK(base.size(0) == a.size(0) && base.size(1) == Q.size(1), "small_rows: base ", base.sizes(),
+                " does not fit a ", a.sizes(), " and Q ", Q.sizes());
+  }
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.numel() == Q.size(1)), "small_rows: bias ",
               b.sizes(), " does not fit Q ", Q.sizes());
@@ -503,9 +509,10 @@ at::Tensor skinny_small_rows(const at::Tensor& a, const at::Tensor& Q, const std
   const float* ap = a.const_data_ptr<float>();
   const float* qp = Q.const_data_ptr<float>();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const float* basep = base.defined() ? base.const_data_ptr<float>() : nullptr;
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d * kSmallRows)),
-                   [&](int64_t b0, int64_t b1) { fn(ap, N, r, qp, d, bp, op, b0, b1); });
+                   [&](int64_t b0, int64_t b1) { fn(ap, N, r, qp, d, bp, basep, op, b0, b1); });
   return out;
 }
 
@@ -585,7 +592,8 @@ at::Tensor skinny_rows_panel(const at::Tensor&, const at::Tensor&, int64_t, doub
 SkinnyPanel skinny_rows_panel_sums(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
-at::Tensor skinny_small_rows(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
+at::Tensor skinny_small_rows(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             const at::Tensor&) {
   TORCH_CHECK(false, "the skinny CPU kernels are not built for this processor");
 }
 SkinnyColumns skinny_columns(const at::Tensor&, const at::Tensor&, int64_t, double, int64_t, bool,
