@@ -597,8 +597,8 @@ class LoraLinear(AdapterSwitch, WrapsBaseLayer, nn.Module):
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         if m is not None:
             g = self.dora_scale_cached(name, A, B, R, m) if self.dora_caching and not self.training else None
-            if g is not None:  # g ⊙ (x Wᵀ + s·hr Bᵀ) + b, the norms not computed again
-                y = fused_linear(base, x, A, B, R, settings.scaling, 0.0, 0)
+            if g is not None:  # g ⊙ (x Wᵀ + s·hr Bᵀ) + b, the norms not computed again (a dense base: DoRA's)
+                y = ops.lora_linear(x, weight_out_in(base), None, A, B, R, settings.scaling, 0.0, 0)
                 return torch.addcmul(base.bias, y, g) if base.bias is not None else y * g
             return fused_dora_linear(base, x, A, B, R, m, settings.scaling, p, seed, not self.dora_recompute)
         return fused_linear(base, x, A, B, R, settings.scaling, p, seed)

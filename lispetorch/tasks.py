@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import atomic, default_model, validate
+from .adapters import adapter_layers, dora_caching
 from .errors import ConfigError, DataError
 
 KINDS = ("classification", "qa")
@@ -283,23 +285,28 @@ class Task:
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
         stops = {eos, *newline[-1:]}
         out = []
-        for rec in records:
-            ids = torch.tensor([prefix + tokenizer(self.prompt(rec), add_special_tokens=False)["input_ids"]],
-                               device=device)
-            new: list[int] = []
-            past = None
-            step_ids = ids
-            for _ in range(self.max_new_tokens):
-                res = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                nxt = int(res.logits[0, -1].argmax())
-                if nxt in stops:
-                    break
-                new.append(nxt)
-                step_ids = torch.tensor([[nxt]], device=device)
-            text = _answer_line(tokenizer.decode(new, skip_special_tokens=True))
-            out.append("" if normalize_answer(text) == NO_ANSWER else text)
+        # DoRA layers keep their row scaling from one token to the next (nothing changes while generating)
+        with dora_caching(model) if adapter_layers(model) else contextlib.nullcontext():
+            for rec in records:
+                out.append(self._generate_one(model, tokenizer, rec, prefix, device, stops))
         return out
+
+    def _generate_one(self, model, tokenizer, rec, prefix, device, stops) -> str:
+        """The greedy answer to one record, up to ``max_new_tokens`` or a stop token."""
+        step_ids = torch.tensor([prefix + tokenizer(self.prompt(rec), add_special_tokens=False)["input_ids"]],
+                                device=device)
+        new: list[int] = []
+        past = None
+        for _ in range(self.max_new_tokens):
+            res = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            if nxt in stops:
+                break
+            new.append(nxt)
+            step_ids = torch.tensor([[nxt]], device=device)
+        text = _answer_line(tokenizer.decode(new, skip_special_tokens=True))
+        return "" if normalize_answer(text) == NO_ANSWER else text
 
     def score(self, predictions: list[str], records: list[Record] | None = None) -> dict:
         records = self.eval_records() if records is None else records

@@ -555,6 +555,10 @@ def dora_model(kind: str, zero_row: bool = True):
     model, targets = build(kind)
     lt.inject(model, lt.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=targets, use_dora=True))
     perturb(model, 5)
+    with torch.no_grad():  # biases that are not 0 (GPT-2 starts with zeros): g must not scale them
+        for layer in lt.adapter_layers(model).values():
+            if layer.base_layer.bias is not None:
+                layer.base_layer.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
     if zero_row:  # a zero magnitude: g is 0 on that row, cached or not
         with torch.no_grad():
             next(iter(lt.adapter_layers(model).values())).lora_magnitude_vector["default"][0] = 0.0

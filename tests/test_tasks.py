@@ -4,6 +4,7 @@ tasks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -106,6 +107,34 @@ def test_verbalizer_scores_are_the_models_log_probabilities(tiny_default_model, 
         assert pred == max(scores, key=scores.get)
     m = task.evaluate(model, tok)
     assert 0 <= m["accuracy"] <= 100 and m["total"] == 4
+
+
+def test_answers_of_a_dora_model_are_generated_with_its_row_scaling_kept(tiny_default_model, tmp_path, monkeypatch):
+    """QA answers are generated token by token; a DoRA model's layers keep g between those forwards (lt.dora_caching)
+    and give the answers they give when computing the norms at every forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_default_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_default_model)
+    lt.inject(model, lt.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    with torch.no_grad():
+        for i, layer in enumerate(lt.adapter_layers(model).values()):
+            layer.lora_B["default"].normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    model.eval()
+    f = _write(tmp_path / "q.jsonl", [
+        {"question": "Who?", "context": "It was Ann.", "answers": {"text": ["Ann"], "answer_start": [7]}},
+        {"question": "What opens?", "context": "A file opens.", "answers": {"text": [], "answer_start": []}}])
+    task = tasks.load_task({"kind": "qa", "train_file": str(f), "eval_file": str(f), "max_new_tokens": 6})
+    layer = next(iter(lt.adapter_layers(model).values()))
+    kept = []
+    handle = layer.register_forward_hook(lambda module, args, out: kept.append(bool(module.dora_cache)))
+    answers = task.predict(model, tok)
+    assert kept and all(kept) and not layer.dora_cache and not layer.dora_caching
+    monkeypatch.setattr(tasks, "dora_caching", lambda m: contextlib.nullcontext())  # the norms at every forward
+    kept.clear()
+    assert task.predict(model, tok) == answers
+    assert kept and not any(kept)
+    handle.remove()
 
 
 def test_shipped_tasks_are_deterministic_and_split(tmp_path):

@@ -17,7 +17,8 @@ Examples::
     (torch_hf_lora_save \"m\" \"checkpoints/adapters_epoch_1.pt\")
 "
 
-(import os
+(import contextlib
+        os
         torch
         lispetorch :as lt
         lispetorch.atomic
@@ -327,7 +328,9 @@ Examples::
   (setv was-training e.model.training)
   (.eval e.model)
   (try
-    (setv out (e.model.generate prompt :attention-mask (torch.ones-like prompt) #** kwargs))
+    ;; DoRA layers keep their row scaling from one token to the next (nothing changes while generating)
+    (with [_ (if (lt.adapter-layers e.model) (lt.dora-caching e.model) (contextlib.nullcontext))]
+      (setv out (e.model.generate prompt :attention-mask (torch.ones-like prompt) #** kwargs)))
     (finally
       (.train e.model was-training)))
   (.tolist (get out 0)))

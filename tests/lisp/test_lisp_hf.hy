@@ -191,6 +191,30 @@
     (torch_hf_generate "hf_g" prompt 4)))
 
 
+(defn test-generate-with-dora-keeps-the-row-scaling-while-it-runs [tiny-default-model]
+  (torch_hf_load_model_lora "hf_gd" (str tiny-default-model) (dictionary "device" "cpu"))
+  (torch_hf_lora_init "hf_gd" 4 8 (strings "q_proj" "v_proj") "float32" 0.0 "lora" (dictionary "use_dora" true))
+  (setv model (torch_hf_model "hf_gd")
+        prompt [5 9 13 21]
+        eos model.generation-config.eos-token-id
+        layers (list (.values (lt.adapter-layers model))))
+  (with [_ (torch.no-grad)]
+    (for [layer layers]
+      (.normal- (get layer.lora-B "default") 0 0.05 :generator (.manual-seed (torch.Generator) 3))
+      (.normal- (. layer base-layer weight) 0 0.2 :generator (.manual-seed (torch.Generator) 4))))
+  (.eval model)
+  (setv expected (greedy-reference model prompt 16 eos))  ; the norms computed at every forward
+  (setv seen [])
+  (defn watch [module args output]
+    (.append seen (bool module.dora-cache)))
+  (setv hook (.register-forward-hook (get layers 0) watch))
+  (assert (= (torch_hf_generate "hf_gd" prompt 16 (dictionary "greedy" true)) expected))
+  (.remove hook)
+  ;; kept from the second forward on, and dropped after
+  (assert (and (> (len seen) 1) (all (cut seen 1 None))))
+  (assert (all (gfor layer layers (and (not layer.dora-caching) (not layer.dora-cache))))))
+
+
 (defn test-merge-and-unload-and-loraplus-optimizer [tiny-default-model tmp-path]
   (setv d (str tiny-default-model))
   (torch_hf_load_model_lora "hf_mu" d (dictionary "device" "cpu"))
