@@ -235,18 +235,13 @@ std::optional<at::Tensor> dora_linear_merged(const at::Tensor& x, const at::Tens
                                              const at::Tensor& magnitude, double scale, double dropout) {
   check_lora_inputs(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout);
   check_magnitude(weight, magnitude);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, in});
-  if (!merges_for_inference({x2, weight, lora_A, lora_B, lora_R.value_or(at::Tensor()), bias.value_or(at::Tensor()),
-                             magnitude}, x2.size(0), in, out, dropout)) {
+  if (!merges_for_inference({x, weight, lora_A, lora_B, lora_R.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                             magnitude}, x, weight, dropout)) {
     return std::nullopt;
   }
   const auto norms = skinny_norms(weight, lora_A, lora_B, lora_R, scale, magnitude, false);
   const at::Tensor g = norms ? norms->g : dora_scale(magnitude, dora_norm(weight, lora_A, lora_B, lora_R, scale));
-  const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;  // (out, r)
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = out;
-  return merged_product(x2, weight, bias, C, lora_A, scale, g).view(sizes);
+  return merged_product(x, weight, bias, lora_A, lora_B, lora_R, scale, g);
 }
 
 // Backward: LoRA's with g⊙W and g⊙B, whose gradients of x, A and R are DoRA's; those of W and B are DoRA's once

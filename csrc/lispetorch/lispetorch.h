@@ -198,13 +198,14 @@ std::vector<at::Tensor> lora_linear_backward(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R, const at::Tensor& hr,
     double scale, double dropout, int64_t seed, std::array<bool, 6> output_mask);
 
-// Inference without dropout, where no gradient is wanted: y = x (W + s·C A)ᵀ + b, with each row of the sum times
+// Inference without dropout, where no gradient is wanted: y = x (W + s·B R A)ᵀ + b, with each row of the sum times
 // row_scale (out) when given (DoRA's g), the sum formed a block of rows at a time and the product BLAS's own. Taken
 // where it costs less than the adapter's products on the tokens (rows · (in + out) ≥ 3 · in · out) and the skinny
 // kernels would run (merges_for_inference): the sum is formed in float32, as the skinny products compute.
-at::Tensor merged_product(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& C, const at::Tensor& A, double scale, const at::Tensor& row_scale);
-bool merges_for_inference(at::TensorList operands, int64_t rows, int64_t in, int64_t out, double dropout);
+at::Tensor merged_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                          double scale, const at::Tensor& row_scale);
+bool merges_for_inference(at::TensorList operands, const at::Tensor& x, const at::Tensor& weight, double dropout);
 // lora_linear's output that way, or nullopt where it does not apply (the inputs checked as lora_linear_forward does).
 std::optional<at::Tensor> lora_linear_merged(const at::Tensor& x, const at::Tensor& weight,
                                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,

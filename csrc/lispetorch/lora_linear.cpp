@@ -51,19 +51,22 @@ std::tuple<at::Tensor, at::Tensor> skinny_forward(const at::Tensor& x2, const at
 
 }  // namespace
 
-at::Tensor merged_product(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& C, const at::Tensor& A, double scale, const at::Tensor& row_scale) {
+at::Tensor merged_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
+                          double scale, const at::Tensor& row_scale) {
   constexpr int64_t kBlock = 1 << 20;  // elements of the sum formed at a time (4 MiB in float32)
   const int64_t out = weight.size(0), in = weight.size(1);
+  const at::Tensor x2 = x.reshape({-1, in});
+  const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;  // (out, r)
+  // the small-rows kernel, W's rows as the sum's start, where W and C are laid out for it; else ATen's addmm
+  const bool kernel = weight.is_contiguous() && C.is_contiguous() && C.size(1) <= kSkinnyMaxRank;
+  const at::Tensor sA = kernel ? skinny_pack(lora_A, lora_A.size(0), in, scale) : at::Tensor();  // s·A
   at::Tensor y = at::empty({x2.size(0), out}, x2.options());
   const int64_t rows = std::max<int64_t>(1, kBlock / std::max<int64_t>(1, in));
-  const at::Tensor sA = skinny_pack(A, A.size(0), in, scale);  // s·A, contiguous
   for (int64_t r0 = 0; r0 < out; r0 += rows) {
     const int64_t r1 = std::min(out, r0 + rows);
     const at::Tensor wr = weight.slice(0, r0, r1), Cr = C.slice(0, r0, r1);
-    at::Tensor w = wr.is_contiguous() && Cr.is_contiguous() && C.size(1) <= kSkinnyMaxRank  // (rows, in)
-                       ? skinny_small_rows(Cr, sA, std::nullopt, wr)  // W's rows in as the sum's start
-                       : at::addmm(wr, Cr, A, 1.0, scale);
+    at::Tensor w = kernel ? skinny_small_rows(Cr, sA, std::nullopt, wr) : at::addmm(wr, Cr, lora_A, 1.0, scale);
     if (row_scale.defined()) w.mul_(row_scale.slice(0, r0, r1).unsqueeze(1));
     at::Tensor block = y.slice(1, r0, r1);  // (N, rows), rows out apart: BLAS writes it in place
     if (has(bias)) {
@@ -72,13 +75,16 @@ at::Tensor merged_product(const at::Tensor& x2, const at::Tensor& weight, const 
       at::mm_out(block, x2, w.t());
     }
   }
-  return y;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = out;
+  return y.view(sizes);
 }
 
-bool merges_for_inference(at::TensorList operands, int64_t rows, int64_t in, int64_t out, double dropout) {
+bool merges_for_inference(at::TensorList operands, const at::Tensor& x, const at::Tensor& weight, double dropout) {
   // The sum costs a product of out·in·r and the adapter's on the tokens rows·(in + out)·r, but the latter is in the
   // skinny kernels and the former also a pass over W: measured (512 → 512, r 16) the sum wins from about three times
   // the FLOPs on (rows 1024: 191–220 µs above the plain layer against 243–284; rows 512: 160–176 against 153).
+  const int64_t out = weight.size(0), in = weight.size(1), rows = in > 0 ? x.numel() / in : 0;
   return dropout == 0.0 && rows > 0 && rows * (in + out) >= 3 * in * out && skinny_available(operands, rows, in);
 }
 
@@ -87,16 +93,11 @@ std::optional<at::Tensor> lora_linear_merged(const at::Tensor& x, const at::Tens
                                              const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_R,
                                              double scale, double dropout) {
   check_lora_inputs(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, in});
-  if (!merges_for_inference({x2, weight, lora_A, lora_B, lora_R.value_or(at::Tensor()), bias.value_or(at::Tensor())},
-                            x2.size(0), in, out, dropout)) {
+  if (!merges_for_inference({x, weight, lora_A, lora_B, lora_R.value_or(at::Tensor()), bias.value_or(at::Tensor())},
+                            x, weight, dropout)) {
     return std::nullopt;
   }
-  const at::Tensor C = has(lora_R) ? at::mm(lora_B, *lora_R) : lora_B;  // (out, r)
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = out;
-  return merged_product(x2, weight, bias, C, lora_A, scale, at::Tensor()).view(sizes);
+  return merged_product(x, weight, bias, lora_A, lora_B, lora_R, scale, at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
