@@ -522,6 +522,12 @@ def dora_caching(model: nn.Module, enabled: bool = True) -> DoraCaching:
     return DoraCaching([layer for layer in layers_or_raise(model).values() if isinstance(layer, LoraLinear)], enabled)
 
 
+def caching_while_generating(model: nn.Module) -> contextlib.AbstractContextManager:
+    """What generation runs under: :func:`dora_caching` where the model has adapters (nothing changes between the
+    tokens), else nothing."""
+    return dora_caching(model) if adapter_layers(model) else contextlib.nullcontext()
+
+
 def set_layer_enabled(layer: LoraLinear, enabled: bool) -> None:
     """One layer's part of :func:`set_enabled`: a merged adapter is unmerged when disabled and recorded in
     ``layer.merged_when_disabled``, then merged back when enabled (if it is still the layer's active adapter). A

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import collections
-import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import atomic, default_model, validate
-from .adapters import adapter_layers, dora_caching
+from .adapters import caching_while_generating
 from .errors import ConfigError, DataError
 
 KINDS = ("classification", "qa")
@@ -285,8 +284,7 @@ class Task:
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
         stops = {eos, *newline[-1:]}
         out = []
-        # DoRA layers keep their row scaling from one token to the next (nothing changes while generating)
-        with dora_caching(model) if adapter_layers(model) else contextlib.nullcontext():
+        with caching_while_generating(model):  # DoRA layers keep their row scaling from one token to the next
             for rec in records:
                 out.append(self._generate_one(model, tokenizer, rec, prefix, device, stops))
         return out

@@ -130,7 +130,7 @@ def test_answers_of_a_dora_model_are_generated_with_its_row_scaling_kept(tiny_de
     handle = layer.register_forward_hook(lambda module, args, out: kept.append(bool(module.dora_cache)))
     answers = task.predict(model, tok)
     assert kept and all(kept) and not layer.dora_cache and not layer.dora_caching
-    monkeypatch.setattr(tasks, "dora_caching", lambda m: contextlib.nullcontext())  # the norms at every forward
+    monkeypatch.setattr(tasks, "caching_while_generating", lambda m: contextlib.nullcontext())  # norms every forward
     kept.clear()
     assert task.predict(model, tok) == answers
     assert kept and not any(kept)

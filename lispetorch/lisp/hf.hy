@@ -17,10 +17,10 @@ Examples::
     (torch_hf_lora_save \"m\" \"checkpoints/adapters_epoch_1.pt\")
 "
 
-(import contextlib
-        os
+(import os
         torch
         lispetorch :as lt
+        lispetorch.adapters
         lispetorch.atomic
         lispetorch.hf [DTYPES]
         lispetorch.hf
@@ -328,8 +328,8 @@ Examples::
   (setv was-training e.model.training)
   (.eval e.model)
   (try
-    ;; DoRA layers keep their row scaling from one token to the next (nothing changes while generating)
-    (with [_ (if (lt.adapter-layers e.model) (lt.dora-caching e.model) (contextlib.nullcontext))]
+    ;; DoRA layers keep their row scaling from one token to the next
+    (with [_ (lispetorch.adapters.caching-while-generating e.model)]
       (setv out (e.model.generate prompt :attention-mask (torch.ones-like prompt) #** kwargs)))
     (finally
       (.train e.model was-training)))
