@@ -503,13 +503,7 @@ def bench_decode(width: int, reps: int, seed: int, rows: list[list[str]]) -> Non
     lt.inject(ours, lt.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=["q_proj"], use_dora=True))
     with torch.no_grad():
         ours.q_proj.lora_B["default"].normal_(0, B_STD)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["q_proj"], use_dora=True))
-    layer = theirs.base_model.model.q_proj
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(ours.q_proj.lora_A["default"])
-        layer.lora_B["default"].weight.copy_(ours.q_proj.lora_B["default"])
-        layer.lora_magnitude_vector["default"].weight.copy_(ours.q_proj.lora_magnitude_vector["default"])
+    theirs = make_peft(base, ["q_proj"], DROPOUT, ours, dora=True)
     cached = copy.deepcopy(ours)
     lt.dora_caching(cached)
     theirs_cached = copy.deepcopy(theirs)  # PEFT clears a layer's cache at every forward made without caching
