@@ -144,15 +144,15 @@ std::optional<std::vector<at::Tensor>> lora_linear_backward_skinny(
   if (need_x || need_A || want_sums) {
     // the column sums read G row by row here, where G's rows are in the L1 cache (in dL/dB's pass, which reads G a
     // column stripe at a time, y would cost twice a pass of its own)
-    at::Tensor gh;
+    const at::Tensor Bp = pack_columns(lora_B, scale);
+    at::Tensor gh;  // (N, rp), padding 0
     if (want_sums) {
-      auto res = skinny_rows_panel_sums(g2, pack_columns(lora_B, scale), rp,
-                                        has(y) ? std::optional<at::Tensor>(y->reshape({-1, out}).contiguous())
-                                               : std::nullopt);
+      const auto y2 = has(y) ? std::optional<at::Tensor>(y->reshape({-1, out}).contiguous()) : std::nullopt;
+      auto res = skinny_rows_panel_sums(g2, Bp, rp, y2);
       gh = res.out;
       sums = res.sums;
     } else {
-      gh = skinny_rows_panel(g2, pack_columns(lora_B, scale), rp, 0.0, 0);  // (N, rp), padding 0
+      gh = skinny_rows_panel(g2, Bp, rp, 0.0, 0);
     }
     if (need_A) {
       auto res = skinny_columns(gh, x2, r, dropout, seed, true,
